@@ -1,0 +1,204 @@
+"""The `engram` command. Heavy imports (torch, matplotlib) happen inside the subcommands,
+so `engram --help` answers at once and start-up costs only what a command needs."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
+
+MAIN_HELP = """\
+engram: make catastrophic forgetting happen, measure it, and compare the methods that fight it.
+
+Start here:
+  engram demo                      split digits, 5 class-incremental tasks, naive vs EWC vs
+                                   replay vs joint, 3 seeds; table + plots in runs/demo/
+  engram list                      every dataset, stream, model and method engram knows
+  engram run configs/X.yaml        run an experiment from a YAML config (see `engram run -h`)
+  engram plot runs/demo            redraw the plots of a run folder from its results.csv
+"""
+
+RUN_EPILOG = """\
+examples:
+  engram run configs/split_digits.yaml --out runs/split
+  engram run configs/split_digits.yaml train.epochs=5 seeds=[0,1,2] stream.scenario=task
+  engram run configs/split_digits.yaml --out runs/split --resume   # finish a killed run
+
+Overrides are dotted keys with YAML values; list entries by index (methods.1.strength=10).
+Results: OUT/results.csv (one tidy row per measured number, appended as measured),
+OUT/config.yaml (the resolved config), OUT/plots/*.png. A killed run keeps every row it
+wrote; --resume continues from the last finished task of each run with no duplicates.
+`engram run --help-config` lists every config key with its default; `engram list
+--params` lists each method's parameters.
+"""
+
+
+def _add_quiet(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="engram", description=MAIN_HELP,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"engram {_version()}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="watch catastrophic forgetting on handwritten digits (about a minute)",
+        description="Split digits into 5 class-incremental tasks (0/1, 2/3, ...), train naive "
+                    "fine-tuning, EWC, replay and joint training with 3 seeds each, print the "
+                    "comparison and write results.csv and plots. Runs offline on the CPU. "
+                    "Run it again to see the finished table without retraining.")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    demo.add_argument("--seeds", type=int, default=None, metavar="N",
+                      help="number of seeds (default: 3)")
+    _add_quiet(demo)
+
+    run = commands.add_parser(
+        "run", help="run an experiment from a YAML config",
+        description="Run every method x seed of a YAML config; print a summary table; write "
+                    "results.csv and plots into --out.",
+        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("config", nargs="?", help="YAML config file (see configs/)")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                     help="dotted config overrides, e.g. train.epochs=5")
+    run.add_argument("--out", help="run folder (default: runs/<config file name>)")
+    run.add_argument("--resume", action="store_true",
+                     help="finish the run in --out: skip finished runs, continue unfinished ones")
+    run.add_argument("--help-config", action="store_true",
+                     help="list every config key with its default and meaning, then exit")
+    _add_quiet(run)
+
+    plot = commands.add_parser(
+        "plot", help="redraw a run folder's plots from its results.csv",
+        description="Read RUN_DIR/results.csv and (re)write RUN_DIR/plots/*.png: the accuracy "
+                    "matrix of each method, each task's accuracy over training, and the method "
+                    "comparison with standard-error bars over seeds. Needs only the CSV.")
+    plot.add_argument("run_dir", help="a folder holding results.csv")
+
+    table = commands.add_parser(
+        "summary", help="print the comparison table of a run folder",
+        description="Read RUN_DIR/results.csv and print average accuracy, forgetting, backward "
+                    "and forward transfer per method: mean ± standard error over seeds.")
+    table.add_argument("run_dir", help="a folder holding results.csv")
+
+    listing = commands.add_parser(
+        "list", help="list registered datasets, streams, models and methods",
+        description="Print every registered dataset, stream, model and method, one per line: "
+                    "its registry name, a space, and a one-line description.")
+    listing.add_argument("--params", action="store_true",
+                         help="also list each method's parameters with defaults")
+    return parser
+
+
+def _version() -> str:
+    from engram import __version__
+    return __version__
+
+
+def cmd_list(args: argparse.Namespace) -> None:
+    import dataclasses
+
+    from engram.data import DATASETS, STREAMS
+    from engram.methods import METHODS
+    from engram.models import MODELS
+
+    for registry in (DATASETS, STREAMS, MODELS, METHODS):
+        for entry in registry.entries():
+            print(f"{entry.name} {entry.description}")
+            if args.params and registry is METHODS:
+                for f in dataclasses.fields(entry.obj.Params):
+                    print(f"    {f.name} = {f.default!r}: {f.metadata.get('doc', '')}")
+
+
+def _finish(out: Path, plots: bool) -> None:
+    """Print the summary table and draw the plots of a finished run folder."""
+    from engram.results import read_rows
+    from engram.summary import format_table, summary_table
+
+    rows = read_rows(out / "results.csv")
+    print(format_table(summary_table(rows)))
+    print(f"\nresults: {out / 'results.csv'}")
+    if plots:
+        from engram.plots import write_plots
+        written = write_plots(out)
+        print(f"plots:   {out / 'plots'}/ ({len(written)} PNG files)")
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from engram.config import describe_fields, load_config
+
+    if args.help_config:
+        print("\n".join(describe_fields()))
+        return
+    if args.config is None:
+        raise SystemExit("engram run: error: a CONFIG file is required (see configs/)")
+    cfg = load_config(args.config, args.overrides)
+    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    from engram.runner import run_experiment
+
+    run_experiment(cfg, out, resume=args.resume, show_progress=not args.quiet)
+    _finish(out, cfg.plots)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from engram.config import load_config
+    from engram.runner import run_experiment
+
+    overrides = [f"seeds={list(range(args.seeds))}"] if args.seeds else []
+    cfg = load_config(DEMO_CONFIG, overrides)
+    out = Path(args.out)
+    print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
+          f"{cfg.stream.n_tasks} class-incremental tasks -> {out}/")
+    run_experiment(cfg, out, resume=True, show_progress=not args.quiet)
+    _finish(out, cfg.plots)
+    print("\nNaive fine-tuning keeps only the last task (about 1/5 of all digits right); replay "
+          "keeps much more with 200 stored examples; joint training on everything is the ceiling.")
+
+
+def cmd_plot(args: argparse.Namespace) -> None:
+    from engram.plots import write_plots
+
+    for path in write_plots(args.run_dir):
+        print(path)
+
+
+def cmd_summary(args: argparse.Namespace) -> None:
+    from engram.errors import DataError
+    from engram.results import read_rows
+    from engram.summary import format_table, summary_table
+
+    path = Path(args.run_dir) / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
+    print(format_table(summary_table(read_rows(path))))
+
+
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "plot": cmd_plot, "summary": cmd_summary,
+            "list": cmd_list}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    from engram.errors import EngramError
+
+    try:
+        COMMANDS[args.command](args)
+    except EngramError as err:
+        print(f"engram: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\nengram: interrupted; every row measured so far is in results.csv. "
+              "Rerun with --resume to finish.", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,364 @@
+"""Typed, validated experiment configs: YAML in, dataclasses out, clear errors.
+
+A config is checked completely before any training starts. Every field below has a
+one-line doc (shown by `engram run --help-config`); unknown keys, wrong types,
+out-of-range values and unknown registry names stop with a message that names the key
+and the allowed values.
+
+    cfg = load_config("configs/demo.yaml", overrides=["train.epochs=5", "seeds=[0,1]"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from engram.errors import ConfigError
+
+
+def opt(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
+        registry: str | None = None) -> Any:
+    """A dataclass field with a doc line, an optional [low, high] range and registry check."""
+    meta = {"doc": doc, "low": low, "high": high, "registry": registry}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    source: str = opt("digits", "dataset to read (see `engram list`)", registry="datasets")
+    path: str | None = opt(None, "folder holding the dataset files (mnist, fashion_mnist, cifar10)")
+    test_fraction: float = opt(0.2, "fraction held out for testing when the source has no test split",
+                               low=0.01, high=0.9)
+    val_fraction: float = opt(0.0, "fraction of the training pool held out for validation",
+                              low=0.0, high=0.9)
+    limit: int | None = opt(None, "use at most this many training examples (before splitting tasks)",
+                            low=1)
+
+
+@dataclass
+class StreamConfig:
+    kind: str = opt("split", "how the dataset becomes a sequence of tasks", registry="streams")
+    scenario: Literal["task", "domain", "class"] = opt(
+        "class", "task-, domain- or class-incremental (van de Ven & Tolias 2019)")
+    n_tasks: int = opt(5, "number of tasks (split: at most n_classes / classes_per_task)", low=1)
+    classes_per_task: int = opt(2, "split only: classes in each task", low=1)
+    rotation_step: float = opt(30.0, "rotated only: degrees added per task", low=-360, high=360)
+
+
+@dataclass
+class ModelConfig:
+    kind: str = opt("mlp", "network body (see `engram list`)", registry="models")
+    hidden: list[int] = opt([256, 256], "mlp: hidden layer widths")
+    channels: list[int] = opt([16, 32], "cnn: output channels of each 3x3 conv block")
+    activation: Literal["relu", "tanh", "sigmoid", "leaky_relu"] = opt("relu", "hidden activation")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = opt(20, "passes over each task's training data", low=1)
+    batch_size: int = opt(32, "examples per optimizer step", low=1)
+    optimizer: Literal["sgd", "adam"] = opt("sgd", "optimizer, re-created at the start of each task")
+    lr: float = opt(0.05, "learning rate", low=0.0)
+    momentum: float = opt(0.0, "sgd momentum", low=0.0, high=0.999)
+    weight_decay: float = opt(0.0, "L2 weight decay of the optimizer", low=0.0)
+    eval_every: int = opt(0, "also evaluate every N epochs inside a task (0: only after each task)",
+                          low=0)
+    eval_splits: list[Literal["val", "test"]] = opt(["test"], "splits evaluated at each evaluation")
+
+
+@dataclass
+class MethodSpec:
+    """One method to run: its registry name and its validated parameters."""
+    name: str
+    params: Any  # the method's own Params dataclass
+
+    def label(self) -> str:
+        """Short display name, e.g. `ewc(strength=100)`; parameters left at defaults are omitted."""
+        changed = {k: v for k, v in params_dict(self.params).items()
+                   if v != getattr(type(self.params)(), k)}
+        inner = ",".join(f"{k}={v}" for k, v in changed.items())
+        return f"{self.name}({inner})" if inner else self.name
+
+
+@dataclass
+class RunConfig:
+    name: str = opt("run", "a name for this experiment, shown in tables and plots")
+    seeds: list[int] = opt([0], "random seeds; every method runs once per seed")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    threads: int = opt(1, "CPU threads for torch (0: torch's default); 1 is fastest for small models",
+                       low=0)
+    plots: bool = opt(True, "write PNG plots next to results.csv when the run finishes")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "where examples come from"})
+    stream: StreamConfig = field(default_factory=StreamConfig, metadata={"doc": "the task sequence"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the network"})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "the training loop"})
+    methods: list[MethodSpec] = field(
+        default_factory=lambda: [MethodSpec("naive", None)],
+        metadata={"doc": "methods to compare: a list of {name: NAME, param: value, ...}"})
+
+    def __post_init__(self) -> None:
+        # The default method list needs the method registry, which is imported lazily.
+        self.methods = [m if m.params is not None else parse_method(m.name, {}, "methods[0]")
+                        for m in self.methods]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " or ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the type annotation `tp`; return it converted (int -> float)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: "
+                              + ", ".join(repr(a) for a in allowed))
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        (inner,) = typing.get_args(tp)
+        return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        return parse_dataclass(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in engram
+
+
+def _check_range(value: Any, meta: dict, key: str) -> None:
+    low, high = meta.get("low"), meta.get("high")
+    items = value if isinstance(value, list) else [value]
+    for item in items:
+        if not isinstance(item, (int, float)) or isinstance(item, bool):
+            continue
+        if (low is not None and item < low) or (high is not None and item > high):
+            bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
+            raise ConfigError(f"{key}: {item!r} is out of range; allowed: {bounds}")
+
+
+def _check_registry(value: Any, registry: str, key: str) -> None:
+    names = registry_names(registry)
+    if value not in names:
+        raise ConfigError(f"{key}: unknown {registry[:-1]} {value!r}; choose one of: "
+                          + ", ".join(names))
+
+
+def registry_names(registry: str) -> list[str]:
+    """Names in one of engram's registries, imported only when a config needs them."""
+    if registry == "datasets":
+        from engram.data import DATASETS as reg
+    elif registry == "streams":
+        from engram.data import STREAMS as reg
+    elif registry == "models":
+        from engram.models import MODELS as reg
+    elif registry == "methods":
+        from engram.methods import METHODS as reg
+    else:
+        raise ValueError(registry)
+    return reg.names()
+
+
+def parse_dataclass(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, rejecting unknown keys and checking every value."""
+    prefix = f"{where}." if where else ""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {data!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(f"unknown key {prefix}{unknown[0]}; allowed keys in "
+                          f"{where or 'the top level'}: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = prefix + name
+        if cls is RunConfig and name == "methods":
+            kwargs[name] = _parse_methods(value)
+            continue
+        converted = _convert(value, hints[name], key)
+        meta = fields[name].metadata
+        _check_range(converted, meta, key)
+        if meta.get("registry"):
+            _check_registry(converted, meta["registry"], key)
+        kwargs[name] = converted
+    return cls(**kwargs)
+
+
+def _parse_methods(value: Any) -> list[MethodSpec]:
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list) or not value:
+        raise ConfigError("methods: expected a non-empty list of {name: METHOD, ...} entries")
+    specs = []
+    for i, entry in enumerate(value):
+        where = f"methods[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: each method needs a name, e.g. {{name: ewc}}; got {entry!r}")
+        params = {k: v for k, v in entry.items() if k != "name"}
+        specs.append(parse_method(entry["name"], params, where))
+    return specs
+
+
+def parse_method(name: Any, params: dict, where: str) -> MethodSpec:
+    """Validate one method entry against that method's own Params dataclass."""
+    _check_registry(name, "methods", f"{where}.name")
+    from engram.methods import METHODS
+
+    method_cls = METHODS.get(name)
+    return MethodSpec(name, parse_dataclass(method_cls.Params, params, f"{where}({name})"))
+
+
+def params_dict(params: Any) -> dict[str, Any]:
+    return dataclasses.asdict(params) if params is not None else {}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _load_yaml_text(text: str, source: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Apply one `dotted.key=value` override (value parsed as YAML) to a raw config dict.
+
+    List entries are addressed by index: `methods.1.strength=100`.
+    """
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like dotted.key=value")
+    dotted, raw = override.split("=", 1)
+    value = _load_yaml_text(raw, f"override {override!r}")
+    node: Any = tree
+    parts = dotted.strip().split(".")
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {dotted}: {part!r} is not an index of a "
+                                  f"{len(node)}-entry list")
+            if last:
+                node[int(part)] = value
+            else:
+                node = node[int(part)]
+        elif isinstance(node, dict):
+            if last:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+        else:
+            raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth])} is not a mapping")
+
+
+def load_config_dict(raw: Any, overrides: list[str] = (), source: str = "config") -> RunConfig:
+    """Validate a raw (YAML-decoded) config dict after applying dotted overrides."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_dataclass(RunConfig, raw)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (safe loader only), apply overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = _load_yaml_text(path.read_text(), str(path))
+    return load_config_dict(raw, overrides, str(path))
+
+
+def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
+    """The plain-dict form of a config (what `config.yaml` in a run folder holds)."""
+    out = dataclasses.asdict(cfg)
+    out["methods"] = [{"name": m.name, **params_dict(m.params)} for m in cfg.methods]
+    return out
+
+
+def run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
+    """Hash of everything that determines one run's numbers (not name, plots or threads)."""
+    canonical = {
+        "data": dataclasses.asdict(cfg.data),
+        "stream": dataclasses.asdict(cfg.stream),
+        "model": dataclasses.asdict(cfg.model),
+        "train": dataclasses.asdict(cfg.train),
+        "method": {"name": method.name, **params_dict(method.params)},
+        "seed": seed,
+    }
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def describe_fields(cls: type = RunConfig, prefix: str = "") -> list[str]:
+    """One line per config key with its default and doc, for `--help-config`."""
+    lines = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if dataclasses.is_dataclass(hints[f.name]):
+            lines.append(f"{key}: {f.metadata.get('doc', '')}")
+            lines.extend(describe_fields(hints[f.name], key + "."))
+            continue
+        if f.name == "methods":
+            lines.append(f"{key}: {f.metadata['doc']}")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {key} = {json.dumps(default)}  ({_type_name(hints[f.name])}): "
+                     f"{f.metadata.get('doc', '')}")
+    return lines

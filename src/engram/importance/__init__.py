@@ -1,0 +1,5 @@
+"""Weight-importance measures: pure functions (model, data) -> {parameter name: tensor}."""
+
+from engram.importance.fisher import FISHER_ESTIMATORS, fisher_diagonal
+
+__all__ = ["FISHER_ESTIMATORS", "fisher_diagonal"]

@@ -1,0 +1,22 @@
+"""Methods against forgetting: one file each, one registry line each.
+
+A method class has a `Params` dataclass (its validated config keys) and overrides the
+hooks of `engram.methods.base.Method` that it needs.
+"""
+
+from __future__ import annotations
+
+from engram.methods.base import Batch, Context, Method
+from engram.methods.ewc import EWC
+from engram.methods.joint import Joint
+from engram.methods.naive import Naive
+from engram.methods.replay import Replay
+from engram.registry import Registry
+
+METHODS: Registry = Registry("method")
+METHODS.add("naive", Naive, "fine-tune on each task in turn; the lower bound")
+METHODS.add("joint", Joint, "train on all tasks seen so far; the upper bound")
+METHODS.add("ewc", EWC, "elastic weight consolidation with a named Fisher estimator (Kirkpatrick et al. 2017)")
+METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+
+__all__ = ["METHODS", "Batch", "Context", "Method"]

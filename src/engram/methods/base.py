@@ -1,0 +1,101 @@
+"""The Method interface: small hooks the runner calls around its one training loop.
+
+The runner owns the step (see `engram.runner.train_task`):
+
+    method.before_task(ctx)
+    data = method.training_data(task.train, ctx)
+    for batch in batches(data):
+        batch = method.make_batch(batch, ctx)
+        loss = cross_entropy(model(batch.x, batch.task), batch.y)
+        penalty = method.penalty(ctx)            # None means "no penalty"
+        if penalty is not None: loss = loss + penalty
+        optimizer.zero_grad(); loss.backward()
+        method.after_backward(ctx); optimizer.step(); method.after_step(batch, ctx)
+    method.after_task(ctx)
+
+A method never calls `optimizer.step()` itself, so methods compose. All of its state that
+matters for resuming lives in `state_dict()` (tensors, numbers, strings, lists and dicts
+only: checkpoints are loaded with `torch.load(weights_only=True)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from engram.config import TrainConfig
+from engram.data.streams import Stream, Task, TensorSet
+
+Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B,), task (B,)
+
+
+@dataclass
+class Context:
+    """What a hook may read. The runner updates `task` and `step`; hooks do not write here."""
+    model: nn.Module
+    stream: Stream
+    train_cfg: TrainConfig
+    generator: torch.Generator  # CPU generator: all of a run's randomness after init
+    device: torch.device
+    task: Task | None = None
+    step: int = 0
+    seen_tasks: list[Task] = field(default_factory=list)  # tasks started so far, current last
+
+
+@dataclass
+class NoParams:
+    """This method has no parameters."""
+
+
+class Method:
+    """Base class: every hook does nothing. Subclasses override the hooks they need."""
+
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, params: Any = None) -> None:
+        self.params = params if params is not None else self.Params()
+
+    def before_task(self, ctx: Context) -> None:
+        pass
+
+    def training_data(self, data: TensorSet, ctx: Context) -> TensorSet:
+        return data
+
+    def make_batch(self, batch: Batch, ctx: Context) -> Batch:
+        return batch
+
+    def penalty(self, ctx: Context) -> torch.Tensor | None:
+        return None
+
+    def after_backward(self, ctx: Context) -> None:
+        pass
+
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        pass
+
+    def after_task(self, ctx: Context) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def extra_bytes(self) -> int:
+        """Bytes of tensors the method keeps between tasks (anchors, Fishers, buffers)."""
+        return sum(t.numel() * t.element_size() for t in _tensors(self.state_dict()))
+
+
+def _tensors(tree: Any):
+    if isinstance(tree, torch.Tensor):
+        yield tree
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _tensors(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _tensors(value)

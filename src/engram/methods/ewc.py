@@ -1,0 +1,91 @@
+"""EWC: elastic weight consolidation (Kirkpatrick et al. 2017, PNAS 114(13):3521-3526).
+
+After each task k, store the parameters theta*_k and a diagonal Fisher F_k. While learning
+later tasks, add the quadratic penalty of the original ("offline") EWC, one term per
+earlier task:
+
+    L(theta) = L_task(theta) + (lambda / 2) * sum_k sum_i F_k,i (theta_i - theta*_k,i)^2
+
+Implementation note: a sum of quadratics is one quadratic, so instead of T anchors engram
+keeps A = sum_k F_k and the precision-weighted anchor mu = (sum_k F_k theta*_k) / A:
+
+    sum_k F_k (theta - theta*_k)^2 = A (theta - mu)^2 + const
+
+which has exactly the same value (const is kept) and gradient at 2P floats of memory
+instead of 2PT. The Fisher estimator is a named choice (see `engram.importance.fisher`):
+"exact" (expectation over labels, the default), "sample", "empirical" (true label) or
+"batch" (squared mini-batch mean gradient). It is computed in eval mode on the task's
+training data at the end of the task, through the head(s) the scenario uses.
+
+Hyperparameters: strength = lambda; fisher = estimator; fisher_samples = how many training
+examples to use (None: all); fisher_batch_size = mini-batch size of the "batch" estimator.
+lambda does not transfer between estimators: "batch" needs a larger one (van de Ven 2025).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+from engram.config import opt
+from engram.importance.fisher import fisher_diagonal
+from engram.methods.base import Context, Method
+
+
+@dataclass
+class EWCParams:
+    strength: float = opt(100.0, "lambda: weight of the quadratic penalty", low=0.0)
+    fisher: Literal["exact", "sample", "empirical", "batch"] = opt(
+        "exact", "Fisher estimator: exact (expectation over labels), sample, empirical (true label), batch")
+    fisher_samples: int | None = opt(None, "training examples used for the Fisher (null: all)", low=1)
+    fisher_batch_size: int = opt(32, "mini-batch size of the 'batch' estimator", low=1)
+
+
+class EWC(Method):
+    """Offline EWC with a named Fisher estimator (see the module docstring)."""
+
+    Params = EWCParams
+
+    def __init__(self, params: EWCParams | None = None) -> None:
+        super().__init__(params)
+        self.precision: dict[str, torch.Tensor] = {}  # A = sum_k F_k
+        self.anchor: dict[str, torch.Tensor] = {}     # mu = sum_k F_k theta*_k / A
+        self.constant = 0.0                           # sum_k F_k theta*_k^2 - A mu^2, summed
+
+    def penalty(self, ctx: Context) -> torch.Tensor | None:
+        if not self.precision:
+            return None
+        total = sum((self.precision[name] * (p - self.anchor[name]).pow(2)).sum()
+                    for name, p in ctx.model.named_parameters())
+        return 0.5 * self.params.strength * (total + self.constant)
+
+    def after_task(self, ctx: Context) -> None:
+        data = ctx.task.train
+        if self.params.fisher_samples is not None and self.params.fisher_samples < len(data):
+            pick = torch.randperm(len(data), generator=ctx.generator)[: self.params.fisher_samples]
+            data = type(data)(*(part[pick.to(part.device)] for part in data))
+        fisher = fisher_diagonal(ctx.model, data.x, data.y, data.task, self.params.fisher,
+                                 batch_size=self.params.fisher_batch_size, generator=ctx.generator)
+        constant = 0.0
+        for name, p in ctx.model.named_parameters():
+            theta = p.detach()
+            old_a = self.precision.get(name, torch.zeros_like(theta))
+            old_weighted = old_a * self.anchor.get(name, torch.zeros_like(theta))
+            a = old_a + fisher[name]
+            weighted = old_weighted + fisher[name] * theta
+            # mu = weighted / A where A > 0; where A == 0 the term vanishes whatever mu is
+            mu = torch.where(a > 0, weighted / a.clamp_min(1e-30), theta)
+            old_sq = old_a * self.anchor.get(name, torch.zeros_like(theta)).pow(2)
+            constant += float((old_sq + fisher[name] * theta.pow(2) - a * mu.pow(2)).sum())
+            self.precision[name], self.anchor[name] = a, mu
+        # A_old mu_old^2 + F theta*^2 - A mu^2 is what merging the new term leaves over
+        self.constant += constant
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"precision": self.precision, "anchor": self.anchor, "constant": self.constant}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.precision, self.anchor = dict(state["precision"]), dict(state["anchor"])
+        self.constant = float(state["constant"])

@@ -1,0 +1,377 @@
+"""Continual-learning metrics: pure functions of the accuracy matrix.
+
+Conventions
+-----------
+``R`` is a ``(T, T)`` numpy array (anything ``np.asarray`` turns into one is accepted)::
+
+    R[i, j] = accuracy on task j (0-based) after training task i (0-based)
+
+so row ``i`` is the evaluation made after the (i+1)-th task has been trained, the
+diagonal ``R[j, j]`` is the accuracy on a task right after learning it, the last row
+``R[T-1, :]`` is the final evaluation, and ``R[j-1, j]`` (just above the diagonal) is the
+accuracy on task j *before* it has been trained.
+
+``baseline`` (``b``) is a length-T vector: ``b[j]`` is the accuracy on task j of the
+same-seed model before any training (the evaluation GEM and Mammoth make at
+initialisation).  It is only needed for forward transfer.
+
+Accuracies may be fractions or percentages; the functions do not rescale, so the
+outputs are in the same unit as ``R``.
+
+Sign conventions (state them next to any number you report)
+------------------------------------------------------------
+* Forgetting > 0 means the network got worse on old tasks.
+* Backward transfer < 0 means the network got worse on old tasks (forgetting).
+* Forward transfer > 0 means earlier tasks helped a task before it was trained.
+* Forgetting takes the maximum over *earlier rows only* (rows 0..T-2, excluding the
+  final row), as in Chaudhry et al.'s A-GEM code, so it can be negative.  Mammoth's
+  forgetting includes the final row in the maximum (so it is >= 0) and Avalanche's uses
+  the diagonal instead of the maximum; neither is what is computed here.
+* Backward and forward transfer use the GEM paper's 1/(T-1) denominator.  GEM's own
+  code (and MER, which copies it) averages over T with a zero entry, reporting
+  (T-1)/T times these values.
+
+With a single task (T == 1) forgetting, backward transfer and forward transfer are
+undefined and are returned as ``float("nan")``.
+
+Invalid input (not 2-D, not square, empty, non-finite, wrong baseline length) raises
+``ValueError`` with a message naming the problem.
+
+The statistics helpers (:func:`mean_and_standard_error`, :func:`t_interval`) summarise
+one number per seed; see the reference sheet's advice to use the t interval, not
++/-1 SE, with 3..10 seeds.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "average_accuracy",
+    "average_accuracy_curve",
+    "learning_accuracy",
+    "average_forgetting",
+    "backward_transfer",
+    "forward_transfer",
+    "mean_and_standard_error",
+    "t_interval",
+    "summarize",
+]
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_accuracy_matrix(R: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Return R as a finite, square, 2-D float array with T >= 1, or raise ValueError."""
+    try:
+        arr = np.asarray(R, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"accuracy matrix must be a 2-D array of numbers, could not convert it: {exc}"
+        ) from None
+    if arr.ndim != 2:
+        raise ValueError(
+            f"accuracy matrix must be 2-D (T, T), got {arr.ndim}-D array of shape {arr.shape}"
+        )
+    if arr.shape[0] != arr.shape[1]:
+        raise ValueError(f"accuracy matrix must be square, got shape {arr.shape}")
+    if arr.shape[0] < 1:
+        raise ValueError(f"accuracy matrix must have at least one task, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        bad = [tuple(int(k) for k in idx) for idx in np.argwhere(~np.isfinite(arr))[:5]]
+        raise ValueError(
+            f"accuracy matrix must be finite, found NaN/inf at (row, column) {bad}"
+        )
+    return arr
+
+
+def _as_baseline(baseline: np.ndarray | Sequence[float], T: int) -> np.ndarray:
+    """Return the baseline as a finite 1-D float array of length T, or raise ValueError."""
+    try:
+        b = np.asarray(baseline, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"baseline must be a 1-D array of numbers, could not convert it: {exc}"
+        ) from None
+    if b.ndim != 1:
+        raise ValueError(f"baseline must be 1-D of length T={T}, got shape {b.shape}")
+    if b.shape[0] != T:
+        raise ValueError(
+            f"baseline must have length T={T} (one entry per task), got length {b.shape[0]}"
+        )
+    if not np.all(np.isfinite(b)):
+        bad = [int(k) for k in np.flatnonzero(~np.isfinite(b))[:5]]
+        raise ValueError(f"baseline must be finite, found NaN/inf at index {bad}")
+    return b
+
+
+def _as_values(values: np.ndarray | Sequence[float]) -> np.ndarray:
+    """Return per-seed values as a finite, non-empty 1-D float array, or raise ValueError."""
+    try:
+        v = np.asarray(values, dtype=float)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            f"values must be a 1-D array of numbers, could not convert them: {exc}"
+        ) from None
+    if v.ndim != 1:
+        raise ValueError(f"values must be 1-D (one number per seed), got shape {v.shape}")
+    if v.shape[0] < 1:
+        raise ValueError("values must contain at least one number, got an empty array")
+    if not np.all(np.isfinite(v)):
+        bad = [int(k) for k in np.flatnonzero(~np.isfinite(v))[:5]]
+        raise ValueError(f"values must be finite, found NaN/inf at index {bad}")
+    return v
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def average_accuracy(R: np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Average accuracy over all tasks after training the last task.
+
+    Formula: ACC = (1/T) * sum_{j=0..T-1} R[T-1, j]
+
+    Source: Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
+    NeurIPS 2017 (ACC); equals A_T of Chaudhry et al., "Riemannian Walk for
+    Incremental Learning", ECCV 2018.
+    """
+    arr = _as_accuracy_matrix(R)
+    return float(np.mean(arr[-1, :]))
+
+
+def average_accuracy_curve(R: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+    """Average accuracy on the tasks seen so far, after each task.
+
+    Formula: A_k = (1/k) * sum_{j=0..k-1} R[k-1, j],  for k = 1..T
+    (element k-1 of the returned length-T array; the last element equals
+    :func:`average_accuracy`).
+
+    Source: Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018.
+    """
+    arr = _as_accuracy_matrix(R)
+    T = arr.shape[0]
+    return np.array([arr[k - 1, :k].mean() for k in range(1, T + 1)], dtype=float)
+
+
+def learning_accuracy(R: np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Mean accuracy on each task right after learning it (mean of the diagonal).
+
+    Formula: LA = (1/T) * sum_{j=0..T-1} R[j, j]
+
+    Source: Riemer et al., "Learning to Learn without Forgetting by Maximizing
+    Transfer and Minimizing Interference" (MER), ICLR 2019.  For plasticity studies
+    also look at R[j, j] against j: loss of plasticity shows as a falling diagonal.
+    """
+    arr = _as_accuracy_matrix(R)
+    return float(np.mean(np.diag(arr)))
+
+
+def average_forgetting(R: np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Average forgetting at the end of training (Chaudhry's max-over-earlier-rows form).
+
+    Formula:
+        f_j = max_{l in 0..T-2} R[l, j] - R[T-1, j],   for j = 0..T-2
+        F   = (1/(T-1)) * sum_{j=0..T-2} f_j
+
+    The maximum runs over all earlier rows l = 0..T-2 (including rows before task j
+    was trained) and excludes the final row, exactly as ``utils.compute_fgt`` in
+    Chaudhry et al.'s A-GEM code.  Hence forgetting can be *negative* when the final
+    accuracy on an old task exceeds every earlier accuracy on it.
+
+    Sign: F > 0 means the network got worse on old tasks.
+    Returns ``nan`` for T == 1 (no old task to forget).
+
+    Source: Chaudhry et al., "Riemannian Walk for Incremental Learning", ECCV 2018
+    (F_k with k = T); code: Chaudhry et al., A-GEM (ICLR 2019), utils.compute_fgt.
+    """
+    arr = _as_accuracy_matrix(R)
+    T = arr.shape[0]
+    if T == 1:
+        return float("nan")
+    best_before_end = arr[: T - 1, : T - 1].max(axis=0)
+    final = arr[T - 1, : T - 1]
+    return float(np.mean(best_before_end - final))
+
+
+def backward_transfer(R: np.ndarray | Sequence[Sequence[float]]) -> float:
+    """Backward transfer: how training later tasks changed accuracy on earlier ones.
+
+    Formula: BWT = (1/(T-1)) * sum_{j=0..T-2} (R[T-1, j] - R[j, j])
+
+    Sign: BWT < 0 means forgetting (old tasks got worse); BWT > 0 means later
+    training improved old tasks.
+    Returns ``nan`` for T == 1.
+
+    This is the GEM paper's definition with the T-1 denominator (as Mammoth
+    implements it).  GEM's released code (metrics.py, copied by MER) averages a
+    length-T vector whose last entry is 0, so it reports (T-1)/T times this value.
+
+    Source: Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
+    NeurIPS 2017.
+    """
+    arr = _as_accuracy_matrix(R)
+    T = arr.shape[0]
+    if T == 1:
+        return float("nan")
+    return float(np.mean(arr[T - 1, : T - 1] - np.diag(arr)[: T - 1]))
+
+
+def forward_transfer(
+    R: np.ndarray | Sequence[Sequence[float]],
+    baseline: np.ndarray | Sequence[float],
+) -> float:
+    """Forward transfer: accuracy on a task before training it, relative to the baseline.
+
+    Formula: FWT = (1/(T-1)) * sum_{j=1..T-1} (R[j-1, j] - baseline[j])
+
+    ``baseline[j]`` is the accuracy on task j of the same-seed model before any
+    training; ``baseline[0]`` is required for the shape check but not used.
+    Sign: FWT > 0 means earlier tasks helped task j before it was trained.
+    Returns ``nan`` for T == 1.
+
+    As with :func:`backward_transfer`, this uses the paper's T-1 denominator; GEM's
+    code reports (T-1)/T times this value.
+
+    Source: Lopez-Paz & Ranzato, "Gradient Episodic Memory for Continual Learning",
+    NeurIPS 2017.
+    """
+    arr = _as_accuracy_matrix(R)
+    T = arr.shape[0]
+    b = _as_baseline(baseline, T)
+    if T == 1:
+        return float("nan")
+    above_diagonal = np.diag(arr, k=1)  # R[j-1, j] for j = 1..T-1
+    return float(np.mean(above_diagonal - b[1:]))
+
+
+def summarize(
+    R: np.ndarray | Sequence[Sequence[float]],
+    baseline: np.ndarray | Sequence[float] | None = None,
+) -> dict[str, float]:
+    """All scalar metrics of one accuracy matrix in a dict.
+
+    Keys: "average_accuracy", "average_forgetting", "backward_transfer",
+    "forward_transfer" (only when ``baseline`` is given) and "learning_accuracy".
+    Conventions as in the module docstring (forgetting > 0 and BWT < 0 mean worse;
+    T-1 denominators; nan for the transfer/forgetting metrics when T == 1).
+    """
+    arr = _as_accuracy_matrix(R)
+    out: dict[str, float] = {
+        "average_accuracy": average_accuracy(arr),
+        "average_forgetting": average_forgetting(arr),
+        "backward_transfer": backward_transfer(arr),
+    }
+    if baseline is not None:
+        out["forward_transfer"] = forward_transfer(arr, baseline)
+    out["learning_accuracy"] = learning_accuracy(arr)
+    return out
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def mean_and_standard_error(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
+    """Sample mean and standard error of the mean over seeds.
+
+    Formula: mean = (1/n) * sum_i x_i;  SE = s / sqrt(n), with s the sample standard
+    deviation (ddof=1): s^2 = (1/(n-1)) * sum_i (x_i - mean)^2.
+
+    Returns (mean, SE); SE is ``nan`` when n == 1.  With few seeds a +/-1 SE band
+    covers the true mean only ~58% (n=3) to ~66% (n=10) of the time; prefer
+    :func:`t_interval`.
+
+    Source: standard; reference sheet section 6 (Dohare et al. 2024 shade +/-1 SE).
+    """
+    v = _as_values(values)
+    n = v.shape[0]
+    mean = float(np.mean(v))
+    if n == 1:
+        return mean, float("nan")
+    return mean, float(np.std(v, ddof=1) / math.sqrt(n))
+
+
+# Two-sided Student t quantiles t_{1-(1-c)/2, df} for df = 1..30 (standard tables;
+# identical to scipy.stats.t.ppf rounded to 3 decimals).  Used only when scipy is
+# unavailable.
+_T_TABLE: dict[float, tuple[float, ...]] = {
+    0.90: (
+        6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
+        1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
+        1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
+    ),
+    0.95: (
+        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
+        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
+        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+    ),
+    0.99: (
+        63.657, 9.925, 5.841, 4.604, 4.032, 3.707, 3.499, 3.355, 3.250, 3.169,
+        3.106, 3.055, 3.012, 2.977, 2.947, 2.921, 2.898, 2.878, 2.861, 2.845,
+        2.831, 2.819, 2.807, 2.797, 2.787, 2.779, 2.771, 2.763, 2.756, 2.750,
+    ),
+}
+
+
+def _t_quantile_fallback(confidence: float, df: int) -> float:
+    """Two-sided t quantile without scipy: table for df <= 30, expansion above."""
+    if df > 30:
+        # Cornish-Fisher expansion of the t quantile around the normal quantile z
+        # (Abramowitz & Stegun 26.7.5); error < 1e-4 for df > 30 at usual levels.
+        from statistics import NormalDist
+
+        z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
+        g1 = (z**3 + z) / 4.0
+        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96.0
+        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384.0
+        g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160.0
+        return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
+    for level, table in _T_TABLE.items():
+        if math.isclose(confidence, level, rel_tol=0.0, abs_tol=1e-12):
+            return table[df - 1]
+    raise ValueError(
+        f"scipy is not installed and confidence={confidence} is not tabulated for "
+        f"{df} degrees of freedom; use one of {sorted(_T_TABLE)} or install scipy"
+    )
+
+
+def t_interval(
+    values: np.ndarray | Sequence[float], confidence: float = 0.95
+) -> tuple[float, float]:
+    """Student t confidence interval for the mean over seeds.
+
+    Formula: mean +/- t_{1-(1-confidence)/2, n-1} * s / sqrt(n), with s the sample
+    standard deviation (ddof=1).  For 95% and n = 3 the multiplier is 4.303.
+
+    Returns (mean, half_width); the interval is [mean - half_width, mean + half_width].
+    half_width is ``nan`` when n == 1.  The quantile comes from
+    ``scipy.stats.t.ppf`` when scipy imports, otherwise from a standard table for
+    n-1 = 1..30 at confidence 0.90/0.95/0.99 (and a Cornish-Fisher expansion for
+    n-1 > 30).
+
+    Source: standard Student t interval; reference sheet section 6 (the t interval
+    keeps ~95% coverage at n = 3..10 where +/-1 SE and the percentile bootstrap do not).
+    """
+    if (
+        isinstance(confidence, bool)
+        or not isinstance(confidence, numbers.Real)
+        or not 0.0 < float(confidence) < 1.0
+    ):
+        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
+    confidence = float(confidence)
+    v = _as_values(values)
+    mean, se = mean_and_standard_error(v)
+    n = v.shape[0]
+    if n == 1:
+        return mean, float("nan")
+    df = n - 1
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        q = _t_quantile_fallback(confidence, df)
+    else:
+        q = float(student_t.ppf(1.0 - (1.0 - confidence) / 2.0, df))
+    return mean, float(q * se)

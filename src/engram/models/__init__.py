@@ -1,0 +1,16 @@
+"""Networks: a body (MLP or small CNN) and a linear output that may hold one head per task.
+
+    MODELS.get("mlp")(input_shape, cfg) -> nn.Module mapping (B, C, H, W) -> (B, features)
+    ContinualNet(body, n_features, n_heads, head_dim) -> model(x, task) -> (B, head_dim)
+"""
+
+from __future__ import annotations
+
+from engram.models.nets import ContinualNet, build_model, cnn_body, mlp_body
+from engram.registry import Registry
+
+MODELS: Registry = Registry("model")
+MODELS.add("mlp", mlp_body, "fully connected ReLU network on flattened pixels (model.hidden widths)")
+MODELS.add("cnn", cnn_body, "small CNN: 3x3 conv + ReLU + 2x2 max-pool blocks (model.channels), then a linear head")
+
+__all__ = ["MODELS", "ContinualNet", "build_model"]

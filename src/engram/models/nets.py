@@ -1,0 +1,71 @@
+"""The two network bodies and the (multi-)head wrapper every method trains."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engram.config import ModelConfig
+
+ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "leaky_relu": nn.LeakyReLU}
+
+
+def mlp_body(input_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """Flatten, then Linear + activation for each width in cfg.hidden. Returns (body, features)."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = math.prod(input_shape)
+    for hidden in cfg.hidden:
+        layers += [nn.Linear(width, hidden), ACTIVATIONS[cfg.activation]()]
+        width = hidden
+    return nn.Sequential(*layers), width
+
+
+def cnn_body(input_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[nn.Module, int]:
+    """3x3 conv (padding 1) + activation + 2x2 max-pool per entry of cfg.channels, then flatten."""
+    channels, height, width = input_shape
+    layers: list[nn.Module] = []
+    for out_channels in cfg.channels:
+        layers += [nn.Conv2d(channels, out_channels, 3, padding=1), ACTIVATIONS[cfg.activation]()]
+        if min(height, width) >= 2:  # 8x8 digits allow three halvings, 28x28 MNIST more
+            layers.append(nn.MaxPool2d(2))
+            height, width = height // 2, width // 2
+        channels = out_channels
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers), channels * height * width
+
+
+class ContinualNet(nn.Module):
+    """A body followed by one linear layer holding `n_heads` heads of `head_dim` outputs each.
+
+    With one head (domain- and class-incremental) `forward(x, task)` ignores `task`. With one
+    head per task (task-incremental, multi-head) the linear layer computes every head at once,
+    (B, n_heads * head_dim), and each example keeps the head of its own task, (B, head_dim).
+    """
+
+    def __init__(self, body: nn.Module, n_features: int, n_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.body = body
+        self.head = nn.Linear(n_features, n_heads * head_dim)
+        self.n_heads, self.head_dim = n_heads, head_dim
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        logits = self.head(self.body(x))
+        if self.n_heads == 1:
+            return logits
+        if task is None:
+            raise ValueError("a multi-head model needs the task id of every example")
+        per_head = logits.view(len(x), self.n_heads, self.head_dim)  # (B, H, K)
+        return per_head[torch.arange(len(x), device=x.device), task]  # (B, K)
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_heads: int,
+                head_dim: int) -> ContinualNet:
+    from engram.models import MODELS
+
+    body, n_features = MODELS.get(cfg.kind)(input_shape, cfg)
+    return ContinualNet(body, n_features, n_heads, head_dim)

@@ -1,0 +1,256 @@
+"""The one training loop, and the code that runs every (method, seed) of a config.
+
+Read `train_task` top to bottom: it is the whole optimisation. Everything else here is
+bookkeeping: building data and models, evaluating, writing rows, checkpointing at task
+boundaries so that `--resume` continues a killed run exactly where its last finished task
+left off (same tensors, same random state, so the same numbers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, run_id
+from engram.data.streams import Stream, TensorSet
+from engram.errors import ConfigError, DivergenceError, EngramError
+from engram.methods.base import Context, Method
+from engram.results import ResultWriter
+
+EVAL_CHUNK = 4096  # examples per forward pass when evaluating
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available, else CPU; anything else must be usable."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for CUDA but torch sees no CUDA device; use auto or cpu")
+    return device
+
+
+def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
+    """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares."""
+    cfg, model = ctx.train_cfg, ctx.model
+    optimizer = make_optimizer(model, cfg)  # fresh each task: no momentum carried across tasks
+    model.train()
+    method.before_task(ctx)
+    data = method.training_data(ctx.task.train, ctx)  # joint training widens this
+    n = len(data)
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(n, generator=ctx.generator).to(ctx.device)
+        loss_sum = torch.zeros((), device=ctx.device)
+        for start in range(0, n, cfg.batch_size):
+            index = order[start:start + cfg.batch_size]
+            task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
+            batch = method.make_batch(task_batch, ctx)  # replay mixes memory in here
+            loss = F.cross_entropy(model(batch.x, batch.task), batch.y)
+            penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
+            total = loss if penalty is None else loss + penalty
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            method.after_backward(ctx)  # gradient projections
+            optimizer.step()
+            method.after_step(task_batch, ctx)  # buffer updates, path integrals
+            loss_sum += loss.detach()
+            ctx.step += 1
+        mean_loss = float(loss_sum) / -(-n // cfg.batch_size)  # one sync per epoch
+        if not torch.isfinite(torch.tensor(mean_loss)):
+            raise DivergenceError(
+                f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
+                f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
+        on_epoch(epoch, mean_loss)
+    method.after_task(ctx)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TensorSet) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `data`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0.0, 0.0
+    for start in range(0, len(data), EVAL_CHUNK):
+        x, y, task = (part[start:start + EVAL_CHUNK] for part in data)
+        logits = model(x, task)
+        correct += float((logits.argmax(dim=1) == y).sum())
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    return correct / len(data), loss_sum / len(data)
+
+
+@dataclass
+class RunIdentity:
+    """The columns every row of one run shares."""
+    run_id: str
+    cfg: RunConfig
+    method: MethodSpec
+    seed: int
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "name": self.cfg.name, "seed": self.seed,
+            "method": self.method.name, "label": self.method.label(),
+            "params": json.dumps(params_dict(self.method.params), sort_keys=True),
+            "dataset": self.cfg.data.source, "stream": self.cfg.stream.kind,
+            "scenario": self.cfg.stream.scenario, "task_eval": "", "split": "", **fields}
+
+
+def _evaluation_rows(ident: RunIdentity, ctx: Context, task_trained: int, epoch: int) -> list[dict]:
+    rows = []
+    for task in ctx.stream.tasks:
+        for split in ctx.train_cfg.eval_splits:
+            data = task.val if split == "val" else task.test
+            if data is None or len(data) == 0:
+                continue
+            accuracy, loss = evaluate(ctx.model, data)
+            common = dict(task_trained=task_trained, epoch=epoch, step=ctx.step,
+                          task_eval=task.index + 1, split=split)
+            rows.append(ident.row(metric="accuracy", value=accuracy, **common))
+            rows.append(ident.row(metric="loss", value=loss, **common))
+    return rows
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
+
+
+def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer: ResultWriter,
+            checkpoint_dir: Path, device: torch.device, progress: Any = None) -> str:
+    """Train one method with one seed through the whole stream; return its run id."""
+    from engram.methods import METHODS
+    from engram.models import build_model
+
+    ident = RunIdentity(run_id(cfg, spec, seed), cfg, spec, seed)
+    if ident.run_id in writer.completed_runs:
+        return ident.run_id
+    torch.manual_seed(seed)  # model initialisation; everything later uses ctx.generator
+    model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim).to(device)
+    method: Method = METHODS.get(spec.name)(spec.params)
+    ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
+                  generator=torch.Generator().manual_seed(seed), device=device)
+    checkpoint = checkpoint_dir / f"{ident.run_id}.pt"
+    tasks_done = 0
+    if checkpoint.exists():
+        try:
+            state = torch.load(checkpoint, map_location=device, weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+            raise EngramError(f"checkpoint {checkpoint} cannot be read ({err}); delete it to "
+                              "restart this run from its first task") from None
+        model.load_state_dict(state["model"])
+        method.load_state_dict(state["method"])
+        ctx.generator.set_state(state["generator"])
+        ctx.step, tasks_done = state["step"], state["tasks_done"]
+    else:
+        writer.write(_evaluation_rows(ident, ctx, task_trained=0, epoch=0))  # the untrained baseline
+
+    epochs = cfg.train.epochs
+    if progress is not None:
+        progress.reset(total=len(stream) * epochs)
+        progress.set_description(f"{spec.label()} seed {seed}")
+        progress.update(tasks_done * epochs)
+    ctx.seen_tasks = list(stream.tasks[:tasks_done])
+    for task in stream.tasks[tasks_done:]:
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        started = time.perf_counter()
+        number = task.index + 1
+
+        def on_epoch(epoch: int, mean_loss: float) -> None:
+            writer.write([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
+                                    metric="train_loss", value=mean_loss)])
+            if cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and epoch < epochs:
+                writer.write(_evaluation_rows(ident, ctx, number, epoch))
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(task=f"{number}/{len(stream)}", loss=f"{mean_loss:.3f}")
+
+        train_task(ctx, method, on_epoch)
+        seconds = time.perf_counter() - started
+        rows = _evaluation_rows(ident, ctx, number, epochs)
+        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
+                              metric="train_seconds", value=seconds))
+        writer.write(rows)
+        _save_checkpoint(checkpoint, {
+            "model": model.state_dict(), "method": method.state_dict(),
+            "generator": ctx.generator.get_state(), "step": ctx.step, "tasks_done": number})
+    writer.write([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
+                            metric="run_complete", value=1)])
+    writer.completed_runs.add(ident.run_id)
+    checkpoint.unlink(missing_ok=True)
+    return ident.run_id
+
+
+def prepare_out_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
+    """Create the run folder; refuse to mix a different config into existing results."""
+    import yaml
+
+    results = out / "results.csv"
+    config_file = out / "config.yaml"
+    wanted = config_to_dict(cfg)
+    if results.exists() and results.stat().st_size > 0:
+        if not resume:
+            raise EngramError(f"{out} already holds results; pass --resume to finish that run, "
+                              "or choose another --out")
+        if config_file.exists():
+            stored = yaml.safe_load(config_file.read_text())
+            stored_runs = {k: v for k, v in stored.items() if k not in ("plots", "threads", "device")}
+            wanted_runs = {k: v for k, v in wanted.items() if k not in ("plots", "threads", "device")}
+            if stored_runs != wanted_runs:
+                changed = sorted(k for k in set(stored_runs) | set(wanted_runs)
+                                 if stored_runs.get(k) != wanted_runs.get(k))
+                raise EngramError(f"--resume: the config differs from the one in {config_file} "
+                                  f"(in: {', '.join(changed)}); resume with the same config, "
+                                  "or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
+
+
+def run_experiment(cfg: RunConfig, out: str | Path, *, resume: bool = False,
+                   show_progress: bool = True) -> Path:
+    """Run every method x seed of `cfg` into `out/results.csv`; return the CSV path."""
+    from engram.data import DATASETS, build_stream
+
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    prepare_out_dir(cfg, out, resume)
+    source = DATASETS.get(cfg.data.source)(cfg.data.path)
+    checkpoint_dir = out / "checkpoints"
+    checkpoint_dir.mkdir(exist_ok=True)
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=0, unit="epoch", dynamic_ncols=True, leave=False)
+    try:
+        with ResultWriter(out / "results.csv") as writer:
+            for seed in cfg.seeds:
+                stream = build_stream(source, cfg.data, cfg.stream, seed, device)
+                for spec in cfg.methods:
+                    run_one(cfg, spec, seed, stream, writer, checkpoint_dir, device, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    if not any(checkpoint_dir.iterdir()):
+        checkpoint_dir.rmdir()
+    return out / "results.csv"
