@@ -96,6 +96,9 @@ class RunConfig:
     threads: int = opt(1, "CPU threads for torch (0: torch's default); 1 is fastest for small models",
                        low=0)
     plots: bool = opt(True, "write PNG plots next to results.csv when the run finishes")
+    checkpoint_seconds: float = opt(
+        10.0, "at a task's end, save a resume checkpoint if this many seconds passed since the "
+        "last one (0: after every task)", low=0.0)
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "where examples come from"})
     stream: StreamConfig = field(default_factory=StreamConfig, metadata={"doc": "the task sequence"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the network"})

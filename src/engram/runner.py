@@ -25,6 +25,8 @@ from engram.methods.base import Context, Method
 from engram.results import ResultWriter
 
 EVAL_CHUNK = 4096  # examples per forward pass when evaluating
+# Config keys that change how a run is carried out but not its numbers: --resume may differ.
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,6 +171,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         progress.set_description(f"{spec.label()} seed {seed}")
         progress.update(tasks_done * epochs)
     ctx.seen_tasks = list(stream.tasks[:tasks_done])
+    last_checkpoint = time.perf_counter()
     for task in stream.tasks[tasks_done:]:
         ctx.task = task
         ctx.seen_tasks.append(task)
@@ -190,9 +193,15 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
                               metric="train_seconds", value=seconds))
         writer.write(rows)
-        _save_checkpoint(checkpoint, {
-            "model": model.state_dict(), "method": method.state_dict(),
-            "generator": ctx.generator.get_state(), "step": ctx.step, "tasks_done": number})
+        # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
+        # so save one only when enough work would otherwise be lost. A run killed without one
+        # resumes from its previous checkpoint (or its start): the same numbers, re-measured.
+        due = time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+        if due and number < len(stream):
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "method": method.state_dict(),
+                "generator": ctx.generator.get_state(), "step": ctx.step, "tasks_done": number})
+            last_checkpoint = time.perf_counter()
     writer.write([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
                             metric="run_complete", value=1)])
     writer.completed_runs.add(ident.run_id)
@@ -213,8 +222,8 @@ def prepare_out_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
                               "or choose another --out")
         if config_file.exists():
             stored = yaml.safe_load(config_file.read_text())
-            stored_runs = {k: v for k, v in stored.items() if k not in ("plots", "threads", "device")}
-            wanted_runs = {k: v for k, v in wanted.items() if k not in ("plots", "threads", "device")}
+            stored_runs = {k: v for k, v in stored.items() if k not in NOT_RESULT_KEYS}
+            wanted_runs = {k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}
             if stored_runs != wanted_runs:
                 changed = sorted(k for k in set(stored_runs) | set(wanted_runs)
                                  if stored_runs.get(k) != wanted_runs.get(k))

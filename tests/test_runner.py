@@ -1,0 +1,161 @@
+"""The runner: rows as measured, resume after a real kill, and the errors users meet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from engram.config import config_to_dict
+from engram.errors import ConfigError, DivergenceError, EngramError
+from engram.results import COLUMNS, ResultWriter, read_rows, row_key
+from engram.runner import resolve_device, run_experiment
+from engram.summary import accuracy_matrices
+from tests.conftest import tiny_config
+
+
+def _comparable(rows):
+    """Rows without wall-clock timings, sorted by key, for run-to-run comparison."""
+    kept = [r for r in rows if r["metric"] != "train_seconds"]
+    return sorted(kept, key=lambda r: (row_key(r), r["value"]))
+
+
+def test_rows_build_a_full_accuracy_matrix_and_untrained_baseline(tmp_path):
+    cfg = tiny_config(train={"eval_every": 1, "epochs": 2, "eval_splits": ["val", "test"]},
+                      data={"val_fraction": 0.1})
+    run_experiment(cfg, tmp_path, show_progress=False)
+    rows = read_rows(tmp_path / "results.csv")
+    assert set(rows[0]) == set(COLUMNS)
+    assert len({row_key(r) for r in rows}) == len(rows), "duplicate rows"
+    (matrix,) = accuracy_matrices(rows)
+    assert matrix.complete and matrix.R.shape == (3, 3)
+    assert not torch.isnan(torch.tensor(matrix.R)).any()
+    assert not torch.isnan(torch.tensor(matrix.baseline)).any()
+    # the in-task evaluation (epoch 1) is a curve point, the end-of-task one fills R
+    assert {r["epoch"] for r in rows if r["metric"] == "accuracy" and r["task_trained"] == "1"} \
+        == {"1", "2"}
+    assert {r["split"] for r in rows if r["metric"] == "accuracy"} == {"val", "test"}
+
+
+def _write_config(tmp_path: Path, cfg) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config_to_dict(cfg)))
+    return path
+
+
+def _engram(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "engram", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+@pytest.mark.parametrize("checkpoint_seconds", [0.0, 1000.0], ids=["from-checkpoint", "from-start"])
+def test_resume_after_kill_matches_an_uninterrupted_run(tmp_path, checkpoint_seconds):
+    """Kill `engram run` half way with SIGKILL, resume it, compare with a clean run."""
+    cfg = tiny_config(methods=["naive", "replay"], seeds=[0, 1],
+                      train={"epochs": 15, "eval_every": 5}, checkpoint_seconds=checkpoint_seconds,
+                      data={"limit": 600})
+    config = _write_config(tmp_path, cfg)
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    process = _engram("run", str(config), "--out", str(killed), "-q")
+    results = killed / "results.csv"
+    deadline = time.time() + 60
+    total_runs = 4
+    while time.time() < deadline:  # wait until about half the runs are done, then kill
+        if results.exists():
+            text = results.read_text()
+            if text.count("run_complete") >= total_runs // 2 and text.count("\n") > 5:
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    partial = read_rows(results)
+    assert 0 < sum(r["metric"] == "run_complete" for r in partial) < total_runs, \
+        "the kill should land half way; make the runs longer if this fails"
+
+    resumed = _engram("run", str(config), "--out", str(killed), "--resume", "-q")
+    assert resumed.wait(120) == 0, resumed.stderr.read().decode()
+    uninterrupted = _engram("run", str(config), "--out", str(clean), "-q")
+    assert uninterrupted.wait(120) == 0, uninterrupted.stderr.read().decode()
+
+    after_resume = read_rows(results)
+    assert len({row_key(r) for r in after_resume}) == len(after_resume), "duplicates after resume"
+    assert _comparable(after_resume) == _comparable(read_rows(clean / "results.csv"))
+    for row in partial:  # nothing written before the kill was lost or changed
+        assert row in after_resume
+    assert not (killed / "checkpoints").exists()
+
+
+def test_completed_runs_are_skipped_on_resume(tmp_path):
+    cfg = tiny_config()
+    run_experiment(cfg, tmp_path, show_progress=False)
+    before = (tmp_path / "results.csv").read_text()
+    run_experiment(cfg, tmp_path, resume=True, show_progress=False)
+    assert (tmp_path / "results.csv").read_text() == before
+
+
+def test_existing_results_need_resume(tmp_path):
+    cfg = tiny_config()
+    run_experiment(cfg, tmp_path, show_progress=False)
+    with pytest.raises(EngramError, match="already holds results; pass --resume"):
+        run_experiment(cfg, tmp_path, show_progress=False)
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path):
+    run_experiment(tiny_config(), tmp_path, show_progress=False)
+    with pytest.raises(EngramError, match=r"config differs .* \(in: train\)"):
+        run_experiment(tiny_config(train={"lr": 0.01}), tmp_path, resume=True, show_progress=False)
+
+
+def test_half_written_last_line_is_cut_before_appending(tmp_path):
+    path = tmp_path / "results.csv"
+    cfg = tiny_config()
+    run_experiment(cfg, tmp_path, show_progress=False)
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    path.write_text("".join(lines[:5]) + lines[5][:10])  # killed in the middle of a row
+    with ResultWriter(path) as writer:
+        assert len(writer.keys) == 4
+    assert path.read_text() == "".join(lines[:5])
+
+
+def test_unreadable_checkpoint_names_the_file(tmp_path):
+    cfg = tiny_config()
+    from engram.config import run_id
+    (tmp_path / "checkpoints").mkdir(parents=True)
+    bad = tmp_path / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(EngramError, match=r"checkpoint .*\.pt cannot be read"):
+        run_experiment(cfg, tmp_path, show_progress=False)
+
+
+def test_divergence_stops_with_a_clear_message(tmp_path):
+    # lambda * F * lr far above 2: the quadratic penalty makes SGD oscillate and blow up
+    cfg = tiny_config(methods=[{"name": "ewc", "strength": 1e9}])
+    with pytest.raises(DivergenceError, match=r"diverged on task 2 .* lower train.lr"):
+        run_experiment(cfg, tmp_path, show_progress=False)
+    # rows measured before the divergence (the untrained evaluation) are kept
+    assert any(r["task_trained"] == "0" for r in read_rows(tmp_path / "results.csv"))
+
+
+def test_device_errors_name_the_key():
+    with pytest.raises(ConfigError, match="device: 'gpu0' is not a device"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runs_on_cuda_with_data_on_the_device(tmp_path):
+    cfg = tiny_config(device="cuda", methods=["naive", "ewc", "replay", "joint"])
+    run_experiment(cfg, tmp_path, show_progress=False)
+    assert sum(r["metric"] == "run_complete" for r in read_rows(tmp_path / "results.csv")) == 4
