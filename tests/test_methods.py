@@ -32,29 +32,23 @@ def _context(cfg, seed=0):
 
 
 def _train_two_tasks(name, scenario="class"):
+    """Train a fresh model with the method's defaults on tasks 1 and 2 of a tiny stream."""
     cfg = tiny_config(stream={"scenario": scenario})
     ctx = _context(cfg)
+    initial = [p.detach().clone() for p in ctx.model.parameters()]
     method = METHODS.get(name)(parse_method(name, {}, "test").params)
     losses = []
     for task in ctx.stream.tasks[:2]:
         ctx.task = task
         ctx.seen_tasks.append(task)
         train_task(ctx, method, lambda epoch, loss: losses.append(loss))
-    return ctx, method, losses
+    return ctx, method, losses, initial
 
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 @pytest.mark.parametrize("scenario", ["task", "domain", "class"])
 def test_method_trains_with_finite_loss_and_changes_parameters(name, scenario):
-    cfg = tiny_config(stream={"scenario": scenario})
-    ctx = _context(cfg)
-    before = [p.detach().clone() for p in ctx.model.parameters()]
-    method = METHODS.get(name)(parse_method(name, {}, "test").params)
-    losses = []
-    for task in ctx.stream.tasks[:2]:
-        ctx.task = task
-        ctx.seen_tasks.append(task)
-        train_task(ctx, method, lambda epoch, loss: losses.append(loss))
+    ctx, method, losses, before = _train_two_tasks(name, scenario)
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     changed = [not torch.equal(b, p) for b, p in zip(before, ctx.model.parameters())]
     assert any(changed), f"{name} left every parameter unchanged"
@@ -62,7 +56,7 @@ def test_method_trains_with_finite_loss_and_changes_parameters(name, scenario):
 
 @pytest.mark.parametrize("name", ALL_METHODS)
 def test_method_state_round_trips_through_weights_only_load(name):
-    ctx, method, _ = _train_two_tasks(name)
+    ctx, method, _, _ = _train_two_tasks(name)
     buffer = io.BytesIO()
     torch.save(method.state_dict(), buffer)
     buffer.seek(0)
