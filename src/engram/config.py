@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,8 @@ class RunConfig:
         metadata={"doc": "methods to compare: a list of {name: NAME, param: value, ...}"})
 
     def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ConfigError("seeds: give at least one seed, e.g. seeds: [0]")
         # The default method list needs the method registry, which is imported lazily.
         self.methods = [m if m.params is not None else parse_method(m.name, {}, "methods[0]")
                         for m in self.methods]
@@ -181,7 +184,8 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
     for item in items:
         if not isinstance(item, (int, float)) or isinstance(item, bool):
             continue
-        if (low is not None and item < low) or (high is not None and item > high):
+        if ((low is not None or high is not None) and math.isnan(item)) or \
+                (low is not None and item < low) or (high is not None and item > high):
             bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
             raise ConfigError(f"{key}: {item!r} is out of range; allowed: {bounds}")
 
@@ -302,7 +306,9 @@ def apply_override(tree: dict, override: str) -> None:
             if last:
                 node[part] = value
             else:
-                node = node.setdefault(part, {})
+                if node.get(part) is None:  # an empty YAML section (`data:`) is null
+                    node[part] = {}
+                node = node[part]
         else:
             raise ConfigError(f"override {dotted}: {'.'.join(parts[:depth])} is not a mapping")
 

@@ -148,7 +148,7 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
         return x.clone()
     angle = math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
-    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype)
+    theta = torch.tensor([[cos, -sin, 0.0], [sin, cos, 0.0]], dtype=x.dtype, device=x.device)
     grid = F.affine_grid(theta.expand(len(x), 2, 3), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
@@ -177,6 +177,10 @@ def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, se
     head_dim = max(len(classes) for _, classes, *_ in raw_tasks)
     tasks, offset = [], 0
     for index, (name, classes, train, val, test) in enumerate(raw_tasks):
+        # Checked first: a task with no classes would break the label lookup table below.
+        if len(train[1]) == 0:
+            raise ConfigError(f"task {index + 1} ({name}) has no training examples; "
+                              "raise data.limit or lower stream.n_tasks")
         # source label -> within-task label 0..K-1 via a lookup table
         local = torch.full((int(max(classes)) + 1,), -1, dtype=torch.long)
         local[torch.tensor(classes)] = torch.arange(len(classes))
@@ -189,9 +193,6 @@ def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, se
             if cfg.scenario == "class":
                 label = label + offset
             return TensorSet(x, label, torch.full_like(label, index)).to(device)
-        if len(train[1]) == 0:
-            raise ConfigError(f"task {index + 1} ({name}) has no training examples; "
-                              "raise data.limit or lower stream.n_tasks")
         tasks.append(Task(index, name, list(classes), targets(train), targets(val), targets(test)))
         offset += len(classes)
     n_heads = len(tasks) if cfg.scenario == "task" else 1
