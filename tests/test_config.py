@@ -386,3 +386,8 @@ def test_describe_fields_shows_defaults_and_types():
     assert any(ln.strip().startswith("data.limit = null  (int or null): ") for ln in lines)
     assert any(ln.strip().startswith("stream.scenario = \"class\"  ('task' or 'domain' or 'class')")
                for ln in lines)
+
+
+def test_empty_seed_list_is_refused():
+    with pytest.raises(ConfigError, match=r"seeds: give at least one seed"):
+        load_config_dict({"seeds": []})
