@@ -82,6 +82,28 @@ def test_int_is_accepted_for_float_and_converted():
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
 
 
+@pytest.mark.parametrize("text, value", [
+    ("1e-3", 1e-3), ("1E-3", 1e-3), ("5e2", 500.0), ("+2e1", 20.0), ("1.0e3", 1000.0),
+    (".5e-1", 0.05), ("1.5e-2", 0.015), ("0.05", 0.05), ("3", 3.0),
+])
+def test_exponent_floats_are_numbers(tmp_path, text, value):
+    """YAML 1.1 (PyYAML) reads `1e-3` and `1.0e3` as strings; engram reads them as floats."""
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  lr: {text}\n")
+    assert load_config(path).train.lr == pytest.approx(value)
+    assert load_config_dict({}, [f"train.lr={text}"]).train.lr == pytest.approx(value)
+    assert load_config_dict({}, [f"methods=[{{name: ewc, strength: {text}}}]"]
+                            ).methods[0].params.strength == pytest.approx(value)
+
+
+def test_exponent_float_is_still_not_an_integer():
+    with pytest.raises(ConfigError, match=r"train\.epochs: expected an integer, got 1000\.0"):
+        load_config_dict({}, ["train.epochs=1e3"])
+    # words that merely contain an e stay strings
+    with pytest.raises(ConfigError, match=r"train\.lr: expected a number, got 'e3'"):
+        load_config_dict({}, ["train.lr=e3"])
+
+
 def test_single_method_may_be_a_string():
     cfg = cfg_from(methods="ewc")
     assert [m.name for m in cfg.methods] == ["ewc"]
@@ -216,6 +238,9 @@ def test_section_must_be_a_mapping():
     ({"train": {"momentum": 1.0}}, r"train\.momentum: 1\.0 is out of range; allowed: \[0\.0, 0\.999\]"),
     ({"data": {"limit": 0}}, r"data\.limit: 0 is out of range; allowed: >= 1"),
     ({"train": {"lr": float("nan")}}, r"train\.lr: nan is out of range; allowed: >= 0\.0"),
+    # list entries are checked one by one (these used to reach torch as a RuntimeError)
+    ({"model": {"hidden": [16, 0]}}, r"model\.hidden: 0 is out of range; allowed: >= 1"),
+    ({"model": {"channels": [-4]}}, r"model\.channels: -4 is out of range; allowed: >= 1"),
 ])
 def test_out_of_range(raw, pattern):
     with pytest.raises(ConfigError, match=pattern):
@@ -334,7 +359,8 @@ def test_run_id_changes_with_seed_and_method():
     assert run_id(cfg, cfg.methods[0], 0) != run_id(cfg, cfg.methods[1], 0)
 
 
-@pytest.mark.parametrize("override", ["name=other", "plots=false", "threads=4"])
+@pytest.mark.parametrize("override", ["name=other", "plots=false", "threads=4",
+                                      "checkpoint_seconds=0", "device=cpu"])
 def test_run_id_ignores_presentation_keys(override):
     base = load_config(DEMO)
     changed = load_config(DEMO, [override])
@@ -391,3 +417,10 @@ def test_describe_fields_shows_defaults_and_types():
 def test_empty_seed_list_is_refused():
     with pytest.raises(ConfigError, match=r"seeds: give at least one seed"):
         load_config_dict({"seeds": []})
+
+
+def test_repeated_seed_and_empty_eval_splits_are_refused():
+    with pytest.raises(ConfigError, match=r"seeds: \[0, 0\] repeats a seed"):
+        load_config_dict({"seeds": [0, 0]})
+    with pytest.raises(ConfigError, match=r"train.eval_splits: give at least one split"):
+        load_config_dict({"train": {"eval_splits": []}})

@@ -284,17 +284,69 @@ def test_split_needs_enough_classes(digits):
         build(digits, kind="split", n_tasks=6, classes_per_task=2)
 
 
-def test_split_with_tiny_limit_has_too_few_classes(digits):
-    with pytest.raises(ConfigError, match=r"stream\.n_tasks=5 x stream\.classes_per_task=2 "
-                                          r"needs 10 classes but the dataset has [1-3]$"):
+def test_split_with_tiny_limit_names_the_empty_task(digits):
+    # The groups come from the dataset's classes, not from the few kept training examples,
+    # so a tiny limit leaves some task empty (and says which) instead of miscounting classes.
+    with pytest.raises(ConfigError, match=r"^task \d \(\d/\d\) has no training examples; "
+                                          r"raise data\.limit or lower stream\.n_tasks$"):
         build(digits, kind="split", limit=3)
 
 
 def test_task_without_training_examples(digits):
-    # one training example: "ab" puts its single class in task B, leaving task A empty
-    with pytest.raises(ConfigError, match=r"task 1 \(.*\) has no training examples; "
-                                          r"raise data\.limit or lower stream\.n_tasks"):
+    # one training example: "ab" still splits the ten digits 0-4 / 5-9, so one task is empty
+    with pytest.raises(ConfigError, match=r"task [12] \((0/1/2/3/4|5/6/7/8/9)\) has no training "
+                                          r"examples; raise data\.limit or lower stream\.n_tasks"):
         build(digits, kind="ab", limit=1)
+
+
+@pytest.mark.parametrize("kind", STREAMS.names())
+def test_empty_training_pool_is_a_config_error(digits, kind):
+    # limit 1 with val_fraction 0.9: the single kept example goes to validation
+    with pytest.raises(ConfigError, match=r"^task 1 \(.*\) has no training examples"):
+        build(digits, kind=kind, limit=1, val_fraction=0.9, n_tasks=2)
+
+
+def test_rotate_empty_batch():
+    x = torch.zeros(0, 1, 8, 8)
+    assert rotate_images(x, 30).shape == (0, 1, 8, 8)
+
+
+# A limit of 20 with seed 0 keeps no training example of digit 2 (checked in the tests).
+MISSING = {"limit": 20, "seed": 0}
+
+
+def _train_digits(stream):
+    return set(torch.cat([t.train.y for t in stream.tasks]).remainder(10).tolist())
+
+
+@pytest.mark.parametrize("kind", ["permuted", "rotated"])
+def test_limit_missing_a_class_keeps_every_target_valid(digits, kind, plain):
+    """Regression: classes came from the limited training pool only, so the whole val/test
+    pools of permuted/rotated held digits without a target (-1, which in class-IL became the
+    previous task's last class, or an IndexError)."""
+    s = build(digits, kind=kind, scenario="class", n_tasks=3, val_fraction=0.2, **MISSING)
+    assert 2 not in _train_digits(s)  # the situation this test is about
+    assert s.head_dim == 30
+    test_digits = plain.tasks[0].test.y  # same seed, same test pool, unpermuted
+    for t, task in enumerate(s.tasks):
+        assert task.classes == list(range(10))
+        assert torch.equal(task.test.y, 10 * t + test_digits)
+        for part in (task.train, task.val, task.test):
+            assert part.y.min() >= 10 * t and part.y.max() < 10 * (t + 1)
+    d = build(digits, kind=kind, scenario="domain", n_tasks=2, **MISSING)
+    assert d.head_dim == 10 and torch.equal(d.tasks[1].test.y, test_digits)
+
+
+def test_limit_missing_a_class_keeps_the_split_groups(digits, split_class):
+    """Regression: with digit 2 absent from the limited training pool the groups used to be
+    recounted (an error: "needs 10 classes but the dataset has 9")."""
+    s = build(digits, kind="split", scenario="class", n_tasks=5, **MISSING)
+    assert 2 not in _train_digits(s)
+    assert [t.classes for t in s.tasks] == [[2 * i, 2 * i + 1] for i in range(5)]
+    assert s.head_dim == 10
+    # the test pool is not limited: task 2 (2/3) is still tested on both digits
+    assert sorted(torch.unique(s.tasks[1].test.y).tolist()) == [2, 3]
+    assert sum(len(t.test) for t in s.tasks) == round(N_DIGITS * 0.2)
 
 
 # ----------------------------------------------------------------------------- every stream

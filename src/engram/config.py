@@ -11,6 +11,7 @@ and the allowed values.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -57,8 +58,8 @@ class StreamConfig:
 @dataclass
 class ModelConfig:
     kind: str = opt("mlp", "network body (see `engram list`)", registry="models")
-    hidden: list[int] = opt([256, 256], "mlp: hidden layer widths")
-    channels: list[int] = opt([16, 32], "cnn: output channels of each 3x3 conv block")
+    hidden: list[int] = opt([256, 256], "mlp: hidden layer widths", low=1)
+    channels: list[int] = opt([16, 32], "cnn: output channels of each 3x3 conv block", low=1)
     activation: Literal["relu", "tanh", "sigmoid", "leaky_relu"] = opt("relu", "hidden activation")
 
 
@@ -111,6 +112,10 @@ class RunConfig:
     def __post_init__(self) -> None:
         if not self.seeds:
             raise ConfigError("seeds: give at least one seed, e.g. seeds: [0]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: {self.seeds} repeats a seed; a seed would run twice")
+        if not self.train.eval_splits:
+            raise ConfigError("train.eval_splits: give at least one split: [test], [val] or [val, test]")
         # The default method list needs the method registry, which is imported lazily.
         self.methods = [m if m.params is not None else parse_method(m.name, {}, "methods[0]")
                         for m in self.methods]
@@ -272,11 +277,30 @@ def params_dict(params: Any) -> dict[str, Any]:
 
 # ----------------------------------------------------------------------------- loading
 
+# PyYAML follows YAML 1.1, where a float needs a dot and a signed exponent: `lr: 1e-3` and
+# `1.0e3` would be strings and then fail as "expected a number". YAML 1.2 reads them as floats.
+_EXPONENT_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
+
+
+@functools.cache
+def _yaml_loader() -> type:
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT),
+                                 list("-+0123456789."))
+    return Loader
+
+
 def _load_yaml_text(text: str, source: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: no arbitrary objects
     except yaml.YAMLError as err:
         raise ConfigError(f"{source} is not valid YAML: {err}") from None
 

@@ -67,14 +67,22 @@ class Stream:
 
 
 class _Pools(NamedTuple):
-    """The source split once into train/val/test pools (x, source labels)."""
+    """The source split once into train/val/test pools (x, source labels).
+
+    `classes` holds every label of the source, taken before `data.limit` drops examples, so
+    a small limit can neither shift the split groups nor leave val/test examples whose class
+    has no target (permuted and rotated keep the val/test pools whole).
+    """
     train: tuple[torch.Tensor, torch.Tensor]
     val: tuple[torch.Tensor, torch.Tensor] | None
     test: tuple[torch.Tensor, torch.Tensor]
+    classes: list[int]
 
 
 def _split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator) -> _Pools:
     x, y = source.x_train, source.y_train
+    labels = y if source.y_test is None else torch.cat([y, source.y_test])
+    classes = sorted(torch.unique(labels).tolist())
     order = torch.randperm(len(y), generator=generator)
     x, y = x[order], y[order]
     if source.x_test is None:
@@ -87,7 +95,7 @@ def _split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator
         x, y = x[: cfg.limit], y[: cfg.limit]
     n_val = round(len(y) * cfg.val_fraction)
     val = (x[:n_val], y[:n_val]) if n_val > 0 else None
-    return _Pools((x[n_val:], y[n_val:]), val, test)
+    return _Pools((x[n_val:], y[n_val:]), val, test, classes)
 
 
 # A task builder turns the pools into per-task (x, source label) triples plus the task's
@@ -95,7 +103,7 @@ def _split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator
 #   builder(pools, cfg, generator) -> list[(name, classes, train, val, test)]
 
 def split_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
-    classes = sorted(torch.unique(pools.train[1]).tolist())
+    classes = pools.classes
     needed = cfg.n_tasks * cfg.classes_per_task
     if needed > len(classes):
         raise ConfigError(
@@ -107,7 +115,7 @@ def split_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) ->
 
 
 def ab_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
-    classes = sorted(torch.unique(pools.train[1]).tolist())
+    classes = pools.classes
     half = len(classes) // 2
     return [_class_subset(pools, classes[:half]), _class_subset(pools, classes[half:])]
 
@@ -117,15 +125,15 @@ def _class_subset(pools: _Pools, group: list[int]) -> tuple:
         if pair is None:
             return None
         x, y = pair
-        mask = torch.isin(y, torch.tensor(group))
+        mask = torch.isin(y, torch.tensor(group, dtype=torch.long))
         return x[mask], y[mask]
     name = "/".join(str(c) for c in group)
     return name, group, keep(pools.train), keep(pools.val), keep(pools.test)
 
 
 def permuted_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
-    classes = sorted(torch.unique(pools.train[1]).tolist())
-    n_pixels = pools.train[0][0, 0].numel()
+    classes = pools.classes
+    n_pixels = math.prod(pools.train[0].shape[2:])  # H * W, even for an empty pool
     tasks = []
     for t in range(cfg.n_tasks):
         # Task 1 keeps the original images, so its accuracy is comparable with split runs.
@@ -135,7 +143,7 @@ def permuted_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator)
             if pair is None:
                 return None
             x, y = pair
-            flat = x.reshape(len(x), x.shape[1], -1)[:, :, perm]  # same permutation per channel
+            flat = x.flatten(2)[:, :, perm]  # same permutation per channel
             return flat.reshape(x.shape), y
         tasks.append((f"perm {t + 1}", classes, permute(pools.train), permute(pools.val),
                       permute(pools.test)))
@@ -144,7 +152,7 @@ def permuted_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator)
 
 def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate (N, C, H, W) images about their centre (bilinear, zeros outside)."""
-    if degrees % 360 == 0:
+    if degrees % 360 == 0 or len(x) == 0:  # grid_sample refuses an empty batch
         return x.clone()
     angle = math.radians(degrees)
     cos, sin = math.cos(angle), math.sin(angle)
@@ -154,7 +162,7 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
 
 
 def rotated_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
-    classes = sorted(torch.unique(pools.train[1]).tolist())
+    classes = pools.classes
     tasks = []
     for t in range(cfg.n_tasks):
         degrees = t * cfg.rotation_step
