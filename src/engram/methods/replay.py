@@ -59,8 +59,11 @@ class Replay(Method):
         # Algorithm R, one batch at a time: example number p (0-based count of examples
         # offered before it) goes to slot p while the buffer fills, afterwards to a slot
         # j ~ U{0..p} if j < memory.
+        # The uniforms are float64: float32 ones have 2**24 values, so once about a million
+        # examples were offered some slots would be measurably likelier than others, and past
+        # 2**25 half of them could never be drawn again.
         position = self.n_seen + torch.arange(n)
-        draw = (torch.rand(n, generator=ctx.generator) * (position + 1)).long()
+        draw = (torch.rand(n, generator=ctx.generator, dtype=torch.float64) * (position + 1)).long()
         slot = torch.where(position < memory, position, draw)
         keep = slot < memory
         if keep.any():
