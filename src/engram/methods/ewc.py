@@ -15,7 +15,9 @@ which has exactly the same value (const is kept) and gradient at 2P floats of me
 instead of 2PT. The Fisher estimator is a named choice (see `engram.importance.fisher`):
 "exact" (expectation over labels, the default), "sample", "empirical" (true label) or
 "batch" (squared mini-batch mean gradient). It is computed in eval mode on the task's
-training data at the end of the task, through the head(s) the scenario uses.
+training data at the end of the task, through the head(s) the scenario uses. In the
+class-incremental scenario the softmax spans the whole output, classes of later tasks
+included (van de Ven's code restricts it to the classes seen so far; not done here yet).
 
 Hyperparameters: strength = lambda; fisher = estimator; fisher_samples = how many training
 examples to use (None: all); fisher_batch_size = mini-batch size of the "batch" estimator.
