@@ -1,0 +1,456 @@
+"""Figures of a run folder, drawn from its `results.csv` alone.
+
+Two layers:
+
+* pure drawing functions, ``(data, ax) -> ax``, that touch no files and no global state:
+  :func:`plot_accuracy_matrix`, :func:`plot_task_curves` (fed by :func:`task_curves`) and
+  :func:`plot_method_comparison` (fed by :func:`engram.summary.summary_table`);
+* :func:`write_plots`, which reads ``RUN_DIR/results.csv`` and writes ``RUN_DIR/plots/*.png``.
+
+matplotlib is imported inside the functions, so ``import engram.plots`` (and the CLI's
+``--help``) stays cheap. Figures are built as ``matplotlib.figure.Figure`` with the Agg
+canvas, never through pyplot: no display is needed, and no figure lingers in pyplot's
+global registry of open figures.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from engram.errors import DataError
+
+if TYPE_CHECKING:  # for annotations only: importing matplotlib here would make the module heavy
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
+
+DPI = 100
+METRIC_NAMES = {
+    "average_accuracy": "average accuracy",
+    "average_forgetting": "average forgetting",
+    "backward_transfer": "backward transfer",
+    "forward_transfer": "forward transfer",
+}
+# A few words per metric saying which way is better, shown under the panel's title.
+METRIC_HINTS = {
+    "average_accuracy": "after the last task; higher is better",
+    "average_forgetting": "> 0: old tasks got worse; lower is better",
+    "backward_transfer": "< 0: old tasks got worse",
+    "forward_transfer": "> 0: earlier tasks helped",
+}
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class TaskCurve:
+    """Accuracy on one task over training, aggregated over the runs (seeds) of one label.
+
+    Point k is one moment of the training schedule (tasks trained, epochs within the
+    current task), in schedule order. ``steps[k]`` is the optimizer step of that moment,
+    averaged over the runs that reached it (runs of one config whose tasks hold different
+    numbers of batches reach it a few steps apart); ``mean[k]`` and ``se[k]`` are the mean
+    and standard error (sample sd / sqrt(n)) of the accuracy over those ``n[k]`` runs;
+    ``se[k]`` is nan when n[k] == 1.
+    """
+    steps: np.ndarray  # (K,) float
+    mean: np.ndarray   # (K,) float
+    se: np.ndarray     # (K,) float
+    n: np.ndarray      # (K,) int
+
+
+@dataclass
+class TaskCurves:
+    """What :func:`plot_task_curves` draws for one method label.
+
+    ``tasks`` maps the 1-based evaluated task to its :class:`TaskCurve`; ``boundaries``
+    maps the 1-based trained task to the optimizer step at which its training ended,
+    averaged over runs (only tasks known to have ended); ``n_seeds`` counts the runs that
+    contributed; ``scenario`` is the scenario the rows were restricted to, if any.
+    """
+    label: str
+    split: str
+    n_seeds: int
+    scenario: str | None = None
+    tasks: dict[int, TaskCurve] = field(default_factory=dict)
+    boundaries: dict[int, float] = field(default_factory=dict)
+
+
+def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
+                scenario: str | None = None) -> TaskCurves:
+    """Accuracy-vs-step curves of every task for the method `label`, mean ± SE over seeds.
+
+    Every accuracy row of the label on `split` is used: the untrained evaluation (step 0),
+    the evaluations inside a task (``train.eval_every``) and those at the end of each task.
+    Each run id counts as one sample; runs need not be complete, so a killed run still
+    shows how far it got. `scenario`, when given, keeps only that scenario's rows (the same
+    label may have been run in several).
+
+    Seeds are matched by the point of the schedule, (task_trained, epoch), not by the raw
+    step: with a seed-dependent split the tasks of two seeds differ by a few batches, so
+    their steps drift apart and a per-step mean would average nothing (each step would
+    hold one seed, and the line would zig-zag between seeds). When all seeds share their
+    steps, the two are the same.
+
+    Task boundaries come from the ``train_seconds`` rows (written when a task's training
+    ends); for a run without one, the last step of that task's rows is used when the run
+    has started a later task, since only then is the task known to have ended.
+    """
+    picked = [r for r in rows if r["label"] == label
+              and (scenario is None or r["scenario"] == scenario)]
+    # task_eval -> (task_trained, epoch) -> run_id -> (step, accuracy); (run, task_trained,
+    # epoch, task_eval) is unique in a results file, so nothing is overwritten in practice.
+    points: dict[int, dict[tuple[int, int], dict[str, tuple[int, float]]]] = \
+        defaultdict(lambda: defaultdict(dict))
+    runs: set[str] = set()
+    ended: dict[tuple[str, int], int] = {}       # (run, task) -> step, from train_seconds
+    last_step: dict[tuple[str, int], int] = {}   # (run, task_trained) -> last step seen
+    for r in picked:
+        trained, step = int(r["task_trained"]), int(r["step"])
+        key = (r["run_id"], trained)
+        last_step[key] = max(step, last_step.get(key, step))
+        if r["metric"] == "train_seconds":
+            ended[key] = step
+        elif r["metric"] == "accuracy" and r["split"] == split:
+            runs.add(r["run_id"])
+            when = (trained, int(r["epoch"]))
+            points[int(r["task_eval"])][when][r["run_id"]] = (step, float(r["value"]))
+
+    curves = TaskCurves(label=label, split=split, n_seeds=len(runs), scenario=scenario)
+    for task in sorted(points):
+        order = sorted(points[task])  # schedule order: (task_trained, epoch)
+        stats = [_mean_se([v for _, v in points[task][w].values()]) for w in order]
+        curves.tasks[task] = TaskCurve(
+            steps=np.array([np.mean([s for s, _ in points[task][w].values()]) for w in order],
+                           dtype=float),
+            mean=np.array([m for m, _ in stats], dtype=float),
+            se=np.array([e for _, e in stats], dtype=float),
+            n=np.array([len(points[task][w]) for w in order], dtype=int))
+
+    ends: dict[int, list[int]] = defaultdict(list)
+    for (run, task), step in last_step.items():
+        if (run, task) in ended:
+            ends[task].append(ended[(run, task)])
+        elif task >= 1 and (run, task + 1) in last_step:
+            ends[task].append(step)
+    curves.boundaries = {task: float(np.mean(ends[task])) for task in sorted(ends)}
+    return curves
+
+
+def _seeds(n: int) -> str:
+    return f"{n} seed{'s' if n != 1 else ''}"
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and standard error (ddof=1); SE is nan for a single value."""
+    v = np.asarray(values, dtype=float)
+    if len(v) < 2:
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
+
+
+# --------------------------------------------------------------------------- drawing
+
+
+def plot_accuracy_matrix(R: np.ndarray, ax: "Axes", title: str = "",
+                         colorbar: bool = True) -> "Axes":
+    """Heatmap of an accuracy matrix: row i = after training task i, column j = task j.
+
+    The colour scale is fixed to 0..1 so that heatmaps of different methods compare at a
+    glance; every cell carries its value with 2 decimals, in black or white, whichever
+    reads better on the cell's colour. NaN cells (never measured) stay blank. `colorbar`
+    adds a colour bar beside the axes (taking room from them in ``ax.figure``).
+    """
+    R = np.asarray(R, dtype=float)
+    if R.ndim != 2 or R.shape[0] != R.shape[1] or R.size == 0:
+        raise ValueError(f"accuracy matrix must be square and non-empty, got shape {R.shape}")
+    T = R.shape[0]
+    image = ax.imshow(np.ma.masked_invalid(R), cmap="viridis", vmin=0.0, vmax=1.0,
+                      aspect="equal", interpolation="nearest")
+    # Size the "0.00" labels to the cells: estimate a cell's side in points from the figure
+    # size (the axes take roughly 3/4 of it) so big matrices in big figures stay legible.
+    width, height = ax.figure.get_size_inches()
+    cell = 72 * 0.75 * min(width, height) / T
+    fontsize = float(np.clip(0.3 * cell, 5.0, 10.0))
+    for i in range(T):
+        for j in range(T):
+            value = R[i, j]
+            if not np.isfinite(value):
+                continue
+            r, g, b, _ = image.cmap(image.norm(value))
+            luminance = 0.299 * r + 0.587 * g + 0.114 * b  # perceived brightness of the cell
+            ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=fontsize,
+                    color="black" if luminance > 0.5 else "white")
+    ticks = np.arange(T)
+    ax.set_xticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_yticks(ticks, [str(t + 1) for t in ticks])
+    ax.set_xlabel("accuracy on task j")
+    ax.set_ylabel("after training task i")
+    ax.xaxis.set_label_position("top")  # reads like a table: header on top
+    ax.xaxis.tick_top()
+    if colorbar:
+        ax.figure.colorbar(image, ax=ax, fraction=0.046, pad=0.04).set_label("accuracy")
+    if title:
+        ax.set_title(title, pad=12)
+    return ax
+
+
+def _task_colours(n: int) -> list:
+    from matplotlib import colormaps
+
+    if n <= 10:
+        return [colormaps["tab10"](i) for i in range(n)]
+    return [colormaps["viridis"](i / max(n - 1, 1)) for i in range(n)]
+
+
+def plot_task_curves(curves: TaskCurves, ax: "Axes",
+                     task_boundaries: Mapping[int, float] | Sequence[float] | None = None,
+                     ) -> "Axes":
+    """One line per evaluated task (accuracy vs optimizer step), ±1 SE band over seeds.
+
+    Dashed vertical lines mark where each task's training ended; the top axis names the
+    task trained in each span ("T i", in that task's colour), so one sees each curve rise
+    while its own task trains and fall (or not) afterwards. `task_boundaries` overrides
+    ``curves.boundaries``: a mapping {1-based task: step its training ended} or a sequence
+    of end steps, task 1's first; ``None`` uses those :func:`task_curves` found.
+    """
+    if task_boundaries is None:
+        boundaries = dict(curves.boundaries)
+    elif isinstance(task_boundaries, Mapping):
+        boundaries = {int(t): float(s) for t, s in sorted(task_boundaries.items())}
+    else:
+        boundaries = {i: float(s) for i, s in enumerate(task_boundaries, start=1)}
+    tasks = sorted(curves.tasks)
+    colours = dict(zip(tasks, _task_colours(len(tasks))))
+    for task in tasks:
+        c = curves.tasks[task]
+        ax.plot(c.steps, c.mean, color=colours[task], marker="o", markersize=2.5,
+                linewidth=1.4, label=f"task {task}")
+        if np.any(c.n > 1):  # a band needs at least two seeds at some step
+            ax.fill_between(c.steps, c.mean - c.se, c.mean + c.se, color=colours[task],
+                            alpha=0.2, linewidth=0)
+    start, centres, names = 0, [], []
+    for task, end in boundaries.items():
+        ax.axvline(end, color="0.45", linestyle="--", linewidth=0.8, label="_task end")
+        if end > start:
+            centres.append((start + end) / 2)
+            names.append(task)
+        start = end
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_xlim(left=0)
+    if centres:
+        # Span names on a top axis rather than inside the plot, where curves near 1.0 run.
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, [f"T{t}" for t in names], fontsize=8)
+        top.tick_params(length=0)
+        for text, task in zip(top.get_xticklabels(), names):
+            text.set_color(colours.get(task, "0.3"))
+    ax.set_xlabel("optimizer step (dashed: a task's training ends; Ti on top: training task i)",
+                  fontsize=9)
+    ax.set_ylabel(f"{curves.split} accuracy")
+    ax.grid(True, axis="y", alpha=0.3)
+    if tasks:
+        ax.legend(title="evaluated on", loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                  fontsize=8, title_fontsize=8, frameon=False)
+    band = "mean ± 1 SE over" if curves.n_seeds > 1 else "from"
+    name = curves.label
+    if curves.scenario is not None:
+        name += f", {curves.scenario}-incremental"
+    ax.set_title(f"{name}: accuracy on each task during training "
+                 f"({band} {_seeds(curves.n_seeds)})",
+                 fontsize=10)
+    return ax
+
+
+def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
+                           metric: str = "average_accuracy") -> "Axes":
+    """Bars of the mean of `metric` per method label, ±1 SE error bars, seed counts shown.
+
+    `table` is :func:`engram.summary.summary_table`'s output. With several scenarios the
+    bars are grouped by scenario (a gap between groups, one colour per scenario, a
+    name on the top axis); with one, each method gets its own colour and the scenario goes
+    in the title.
+    """
+    from matplotlib import colormaps
+
+    name = METRIC_NAMES.get(metric, metric.replace("_", " "))
+    scenarios = list(dict.fromkeys(str(e["scenario"]) for e in table))
+    grouped = len(scenarios) > 1
+    x, ticks, heights, centres = 0.0, [], [], []
+    for s_index, scenario in enumerate(scenarios):
+        entries = [e for e in table if str(e["scenario"]) == scenario]
+        first = x
+        for m_index, entry in enumerate(entries):
+            mean, se = entry[metric]
+            colour = colormaps["tab10"]((s_index if grouped else m_index) % 10)
+            ax.bar(x, mean, width=0.7, color=colour)
+            if np.isfinite(se):
+                ax.errorbar(x, mean, yerr=se, color="black", capsize=4, linewidth=1)
+            heights.append((x, mean, se if np.isfinite(se) else 0.0))
+            ticks.append((x, f"{_wrap(str(entry['label']))}\n{_seeds(int(entry['n_seeds']))}"))
+            x += 1.0
+        centres.append((first + x - 1.0) / 2)
+        x += 0.6  # gap between scenario groups
+    ax.set_xticks([t for t, _ in ticks], [s for _, s in ticks], fontsize=8)
+    if grouped:
+        # Group names on a top axis: outside the bars, and no legend box to place.
+        top = ax.secondary_xaxis("top")
+        top.set_xticks(centres, [f"{s}-incremental" for s in scenarios], fontsize=9)
+        top.tick_params(length=0)
+        for s_index, text in enumerate(top.get_xticklabels()):
+            text.set_color(colormaps["tab10"](s_index % 10))
+    # Values above the bars (or below, for negative ones) so no one has to read the axis.
+    span = max([abs(m) + s for _, m, s in heights] + [1e-9])
+    for xpos, mean, se in heights:
+        offset = (se + 0.02 * span) * (1 if mean >= 0 else -1)
+        ax.text(xpos, mean + offset, f"{mean:.2f}", ha="center",
+                va="bottom" if mean >= 0 else "top", fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    if metric == "average_accuracy":
+        ax.set_ylim(0, 1.1)
+    else:
+        low = min([m - s for _, m, s in heights] + [0.0])
+        high = max([m + s for _, m, s in heights] + [0.0])
+        pad = 0.15 * max(high - low, 0.05)
+        ax.set_ylim(low - (pad if low < 0 else 0), high + pad)
+    ax.set_ylabel(f"{name} (mean ± 1 SE)")
+    hint = METRIC_HINTS.get(metric, "")
+    where = "" if grouped or not scenarios else f", {scenarios[0]}-incremental"
+    ax.set_title(f"{name}{where}\n{hint}" if hint else f"{name}{where}", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    return ax
+
+
+def _wrap(label: str) -> str:
+    """Break a long label like ``ewc(strength=10,gamma=0.9)`` into short lines for a tick."""
+    if len(label) <= 12:
+        return label
+    return label.replace("(", "\n(", 1).replace(",", ",\n")
+
+
+# --------------------------------------------------------------------------- files
+
+
+def _new_figure(width: float, height: float) -> "Figure":
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)  # attaches itself as fig.canvas
+    return fig
+
+
+def _save(fig: "Figure", path: Path) -> Path:
+    """Write a PNG atomically (a killed process leaves the old file or the new one)."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=DPI)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        fig.clear()  # free the artists now; nothing else references the figure
+    return path
+
+
+def safe_name(label: str) -> str:
+    """A file-name-safe form of a method label: ``ewc(strength=10)`` -> ``ewc_strength_10``."""
+    name = re.sub(r"[^A-Za-z0-9.-]+", "_", label).strip("._-")
+    return name[:80] or "method"
+
+
+def _pick_split(rows: Sequence[dict[str, str]]) -> str | None:
+    """test if the file has test accuracies, else val, else whatever split it has."""
+    splits = {r["split"] for r in rows if r["metric"] == "accuracy"}
+    for split in ("test", "val"):
+        if split in splits:
+            return split
+    return min(splits) if splits else None
+
+
+def write_plots(run_dir: str | Path) -> list[Path]:
+    """Draw a run folder's figures into ``run_dir/plots/`` from its ``results.csv`` alone.
+
+    Writes, for every method label (and scenario, when one label ran in several):
+    ``accuracy_matrix_<label>.png`` (mean accuracy matrix over the label's complete runs;
+    left out when none is complete yet) and ``task_accuracy_<label>.png`` (accuracy on each
+    task over training, every run). Then ``comparison.png``: average accuracy and average
+    forgetting per label, mean ± SE over complete runs (left out when none is complete).
+    Uses the test split, or val when the runs evaluated no test split. Returns the paths
+    written. Raises DataError when results.csv is missing or holds no accuracy rows.
+    """
+    from engram.results import read_rows
+    from engram.summary import accuracy_matrices, summary_table
+
+    run_dir = Path(run_dir)
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
+    rows = read_rows(path)
+    split = _pick_split(rows)
+    if split is None:
+        raise DataError(f"{path} has no accuracy rows to plot; a run writes its first ones "
+                        "when it starts, so let `engram run` get past its start")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    written: list[Path] = []
+
+    # Groups in first-appearance order (the config's method order).
+    groups = list(dict.fromkeys((r["label"], r["scenario"]) for r in rows
+                                if r["metric"] == "accuracy" and r["split"] == split))
+    label_scenarios = Counter(label for label, _ in groups)
+    used: set[str] = set()
+    matrices = defaultdict(list)
+    for m in accuracy_matrices(rows, split):
+        if m.complete:
+            matrices[(m.label, m.scenario)].append(m.R)
+
+    for label, scenario in groups:
+        stem = safe_name(label if label_scenarios[label] == 1 else f"{label}_{scenario}")
+        base, k = stem, 2
+        while stem in used:  # two labels that sanitise alike must not overwrite each other
+            stem, k = f"{base}_{k}", k + 1
+        used.add(stem)
+        where = f", {scenario}-incremental"
+
+        Rs = matrices.get((label, scenario), [])
+        if Rs:
+            # Runs of one config share T; should a hand-merged file mix sizes, use the
+            # most common size rather than fail after a long run.
+            shape = Counter(R.shape for R in Rs).most_common(1)[0][0]
+            Rs = [R for R in Rs if R.shape == shape]
+            with np.errstate(all="ignore"):
+                mean_R = np.nanmean(np.stack(Rs), axis=0) if len(Rs) > 1 else Rs[0]
+            T = shape[0]
+            fig = _new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
+            plot_accuracy_matrix(mean_R, fig.add_subplot(),
+                                 title=f"{label}: {split} accuracy{where}\n"
+                                       f"mean of {_seeds(len(Rs))}")
+            written.append(_save(fig, out / f"accuracy_matrix_{stem}.png"))
+
+        curves = task_curves(rows, label, split, scenario=scenario)
+        fig = _new_figure(7.5, 4.0)
+        plot_task_curves(curves, fig.add_subplot())
+        written.append(_save(fig, out / f"task_accuracy_{stem}.png"))
+
+    table = summary_table(rows, split)
+    if table:
+        # Wide enough that the longest wrapped tick label (8 pt, ~0.065 in a character)
+        # fits under its bar; two panels side by side.
+        longest = max(len(line) for e in table for line in _wrap(str(e["label"])).split("\n"))
+        per_bar = max(0.65, 0.065 * longest + 0.1)
+        n_groups = len({e["scenario"] for e in table})
+        fig = _new_figure(max(7.0, 2 * per_bar * (len(table) + 0.6 * (n_groups - 1)) + 2.2), 4.2)
+        left, right = fig.subplots(1, 2)
+        plot_method_comparison(table, left, "average_accuracy")
+        plot_method_comparison(table, right, "average_forgetting")
+        written.append(_save(fig, out / "comparison.png"))
+    return written
