@@ -250,7 +250,8 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     progress = None
     if show_progress:
         from tqdm.auto import tqdm
-        progress = tqdm(total=0, unit="epoch", dynamic_ncols=True, leave=False)
+        # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
+        progress = tqdm(total=0, unit="epoch", dynamic_ncols=True, leave=False, disable=None)
     try:
         with ResultWriter(out / "results.csv") as writer:
             for seed in cfg.seeds:
