@@ -98,3 +98,8 @@ def test_demo_shows_forgetting_replay_and_joint(tmp_path):
     assert accuracy["joint"] >= 0.9
     assert all(e["n_seeds"] == 3 for e in table.values())
     assert (tmp_path / "plots" / "comparison.png").exists()
+
+
+def test_run_without_a_config_says_what_is_missing():
+    with pytest.raises(SystemExit, match="a CONFIG file is required"):
+        main(["run"])
