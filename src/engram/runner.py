@@ -9,6 +9,7 @@ left off (same tensors, same random state, so the same numbers).
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -75,7 +76,7 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             loss_sum += loss.detach()
             ctx.step += 1
         mean_loss = float(loss_sum) / -(-n // cfg.batch_size)  # one sync per epoch
-        if not torch.isfinite(torch.tensor(mean_loss)):
+        if not math.isfinite(mean_loss):
             raise DivergenceError(
                 f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
                 f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
