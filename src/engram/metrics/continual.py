@@ -89,41 +89,31 @@ def _as_accuracy_matrix(R: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray
     return arr
 
 
-def _as_baseline(baseline: np.ndarray | Sequence[float], T: int) -> np.ndarray:
-    """Return the baseline as a finite 1-D float array of length T, or raise ValueError."""
-    try:
-        b = np.asarray(baseline, dtype=float)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(
-            f"baseline must be a 1-D array of numbers, could not convert it: {exc}"
-        ) from None
-    if b.ndim != 1:
-        raise ValueError(f"baseline must be 1-D of length T={T}, got shape {b.shape}")
-    if b.shape[0] != T:
-        raise ValueError(
-            f"baseline must have length T={T} (one entry per task), got length {b.shape[0]}"
-        )
-    if not np.all(np.isfinite(b)):
-        bad = [int(k) for k in np.flatnonzero(~np.isfinite(b))[:5]]
-        raise ValueError(f"baseline must be finite, found NaN/inf at index {bad}")
-    return b
+def _as_vector(values: np.ndarray | Sequence[float], name: str,
+               length: int | None = None) -> np.ndarray:
+    """Return `values` as a finite 1-D float array (of `length`, or non-empty), or raise.
 
-
-def _as_values(values: np.ndarray | Sequence[float]) -> np.ndarray:
-    """Return per-seed values as a finite, non-empty 1-D float array, or raise ValueError."""
+    `name` is what the error messages call it: the per-task "baseline" (length T) or the
+    per-seed "values" (any non-zero length).
+    """
     try:
         v = np.asarray(values, dtype=float)
     except (TypeError, ValueError) as exc:
         raise ValueError(
-            f"values must be a 1-D array of numbers, could not convert them: {exc}"
+            f"{name} must be a 1-D array of numbers, could not convert it: {exc}"
         ) from None
+    expected = f"of length T={length}" if length is not None else "(one number per seed)"
     if v.ndim != 1:
-        raise ValueError(f"values must be 1-D (one number per seed), got shape {v.shape}")
+        raise ValueError(f"{name} must be 1-D {expected}, got shape {v.shape}")
+    if length is not None and v.shape[0] != length:
+        raise ValueError(
+            f"{name} must have length T={length} (one entry per task), got length {v.shape[0]}"
+        )
     if v.shape[0] < 1:
-        raise ValueError("values must contain at least one number, got an empty array")
+        raise ValueError(f"{name} must contain at least one number, got an empty array")
     if not np.all(np.isfinite(v)):
         bad = [int(k) for k in np.flatnonzero(~np.isfinite(v))[:5]]
-        raise ValueError(f"values must be finite, found NaN/inf at index {bad}")
+        raise ValueError(f"{name} must be finite, found NaN/inf at index {bad}")
     return v
 
 
@@ -241,7 +231,7 @@ def forward_transfer(
     """
     arr = _as_accuracy_matrix(R)
     T = arr.shape[0]
-    b = _as_baseline(baseline, T)
+    b = _as_vector(baseline, "baseline", T)
     if T == 1:
         return float("nan")
     above_diagonal = np.diag(arr, k=1)  # R[j-1, j] for j = 1..T-1
@@ -286,7 +276,7 @@ def mean_and_standard_error(values: np.ndarray | Sequence[float]) -> tuple[float
 
     Source: standard; reference sheet section 6 (Dohare et al. 2024 shade +/-1 SE).
     """
-    v = _as_values(values)
+    v = _as_vector(values, "values")
     n = v.shape[0]
     mean = float(np.mean(v))
     if n == 1:
@@ -362,7 +352,7 @@ def t_interval(
     ):
         raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
     confidence = float(confidence)
-    v = _as_values(values)
+    v = _as_vector(values, "values")
     mean, se = mean_and_standard_error(v)
     n = v.shape[0]
     if n == 1:
