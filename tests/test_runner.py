@@ -133,7 +133,7 @@ def test_unreadable_checkpoint_names_the_file(tmp_path):
     bad = tmp_path / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(EngramError, match=r"checkpoint .*\.pt cannot be read"):
-        run_experiment(cfg, tmp_path, show_progress=False)
+        run_experiment(cfg, tmp_path, resume=True, show_progress=False)
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
@@ -159,3 +159,25 @@ def test_runs_on_cuda_with_data_on_the_device(tmp_path):
     cfg = tiny_config(device="cuda", methods=["naive", "ewc", "replay", "joint"])
     run_experiment(cfg, tmp_path, show_progress=False)
     assert sum(r["metric"] == "run_complete" for r in read_rows(tmp_path / "results.csv")) == 4
+
+
+def test_summary_uses_validation_when_no_test_split_was_measured(tmp_path):
+    from engram.summary import summary_table
+    cfg = tiny_config(train={"eval_splits": ["val"]}, data={"val_fraction": 0.2})
+    run_experiment(cfg, tmp_path, show_progress=False)
+    (entry,) = summary_table(read_rows(tmp_path / "results.csv"))
+    assert entry["n_seeds"] == 1 and 0 <= entry["average_accuracy"][0] <= 1
+
+
+def test_checkpoints_without_results_are_not_resumed_silently(tmp_path):
+    """A checkpoint left behind by deleted results must not make a fresh run skip tasks."""
+    cfg = tiny_config(checkpoint_seconds=0.0)
+    run_experiment(cfg, tmp_path / "a", show_progress=False)
+    expected = _comparable(read_rows(tmp_path / "a" / "results.csv"))
+    from engram.config import run_id
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)
+    stale = tmp_path / "b" / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
+    torch.save({"model": {}, "method": {}, "generator": torch.Generator().get_state(),
+                "step": 99, "tasks_done": 2}, stale)
+    run_experiment(cfg, tmp_path / "b", show_progress=False)
+    assert _comparable(read_rows(tmp_path / "b" / "results.csv")) == expected

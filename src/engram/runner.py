@@ -161,7 +161,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
                               "restart this run from its first task") from None
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
-        ctx.generator.set_state(state["generator"])
+        ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
         writer.write(_evaluation_rows(ident, ctx, task_trained=0, epoch=0))  # the untrained baseline
@@ -247,6 +247,10 @@ def run_experiment(cfg: RunConfig, out: str | Path, *, resume: bool = False,
     prepare_out_dir(cfg, out, resume)
     source = DATASETS.get(cfg.data.source)(cfg.data.path)
     checkpoint_dir = out / "checkpoints"
+    if not resume and checkpoint_dir.exists():
+        # Left by a run whose results are gone: continuing from them would skip tasks.
+        for stale in checkpoint_dir.glob("*.pt"):
+            stale.unlink()
     checkpoint_dir.mkdir(exist_ok=True)
     progress = None
     if show_progress:

@@ -63,11 +63,18 @@ SUMMARY_METRICS = {
 }
 
 
-def summary_table(rows: list[dict[str, str]], split: str = "test") -> list[dict[str, object]]:
+def default_split(rows: list[dict[str, str]]) -> str:
+    """`test` when the run measured it, else `val` (a run with train.eval_splits: [val])."""
+    return "test" if any(r["split"] == "test" for r in rows) else "val"
+
+
+def summary_table(rows: list[dict[str, str]], split: str | None = None) -> list[dict[str, object]]:
     """Per (method label, scenario): mean and standard error over seeds of each metric.
 
     Only complete runs count. Each entry: {label, scenario, n_seeds, metric: (mean, se), ...}.
+    `split` defaults to `default_split(rows)`.
     """
+    split = split or default_split(rows)
     groups: dict[tuple[str, str], list[RunMatrix]] = defaultdict(list)
     for matrix in accuracy_matrices(rows, split):
         if matrix.complete:
