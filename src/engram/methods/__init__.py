@@ -6,6 +6,7 @@ hooks of `engram.methods.base.Method` that it needs.
 
 from __future__ import annotations
 
+from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
 from engram.methods.ewc import EWC
 from engram.methods.joint import Joint
@@ -17,6 +18,9 @@ METHODS: Registry = Registry("method")
 METHODS.add("naive", Naive, "fine-tune on each task in turn; the lower bound")
 METHODS.add("joint", Joint, "train on all tasks seen so far; the upper bound")
 METHODS.add("ewc", EWC, "elastic weight consolidation with a named Fisher estimator (Kirkpatrick et al. 2017)")
+METHODS.add("online_ewc", OnlineEWC, "online EWC: decayed sum of Fishers, one anchor (Schwarz et al. 2018)")
+METHODS.add("mas", MAS, "memory aware synapses: importance from output sensitivity (Aljundi et al. 2018)")
+METHODS.add("l2", L2, "L2 penalty pulling the weights to the previous task's weights")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]
