@@ -12,6 +12,7 @@ from engram.methods.ewc import EWC
 from engram.methods.joint import Joint
 from engram.methods.naive import Naive
 from engram.methods.replay import Replay
+from engram.methods.si import SI
 from engram.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -21,6 +22,7 @@ METHODS.add("ewc", EWC, "elastic weight consolidation with a named Fisher estima
 METHODS.add("online_ewc", OnlineEWC, "online EWC: decayed sum of Fishers, one anchor (Schwarz et al. 2018)")
 METHODS.add("mas", MAS, "memory aware synapses: importance from output sensitivity (Aljundi et al. 2018)")
 METHODS.add("l2", L2, "L2 penalty pulling the weights to the previous task's weights")
+METHODS.add("si", SI, "synaptic intelligence: path-integral importance (Zenke et al. 2017)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]
