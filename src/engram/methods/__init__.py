@@ -6,6 +6,7 @@ hooks of `engram.methods.base.Method` that it needs.
 
 from __future__ import annotations
 
+from engram.methods.agem import AGEM
 from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
 from engram.methods.ewc import EWC
@@ -23,6 +24,7 @@ METHODS.add("online_ewc", OnlineEWC, "online EWC: decayed sum of Fishers, one an
 METHODS.add("mas", MAS, "memory aware synapses: importance from output sensitivity (Aljundi et al. 2018)")
 METHODS.add("l2", L2, "L2 penalty pulling the weights to the previous task's weights")
 METHODS.add("si", SI, "synaptic intelligence: path-integral importance (Zenke et al. 2017)")
+METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]

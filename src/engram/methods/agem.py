@@ -1,0 +1,86 @@
+"""A-GEM: averaged gradient episodic memory (Chaudhry et al. 2019, "Efficient lifelong
+learning with A-GEM", ICLR).
+
+An episodic memory of earlier tasks' examples (here filled by reservoir sampling, as in
+`replay`) gives, at every step, a reference gradient g_ref: the loss gradient on a random
+memory batch. If the new gradient g would increase that loss (g . g_ref < 0), it is
+projected so that it no longer does:
+
+    g~ = g - (g . g_ref / (g_ref . g_ref + eps)) g_ref     if g . g_ref < 0,   else g~ = g
+
+(facebookresearch/agem model.py; eps as in van de Ven's code). The memory is only used for
+the constraint: A-GEM never trains on it directly. It holds earlier tasks only: a finished
+task's training examples are offered to a reservoir of `memory` slots (uniform over all
+earlier tasks' examples) when the task ends; the paper's code fills per-class slots. Hyperparameters: memory (examples kept),
+reference_batch_size (256 in the paper for MNIST), eps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from engram.config import opt
+from engram.data.streams import TensorSet
+from engram.methods.base import Context, Method
+from engram.methods.replay import Replay, ReplayParams
+
+
+@dataclass
+class AGEMParams:
+    memory: int = opt(200, "examples the episodic memory holds (fixed budget)", low=1)
+    reference_batch_size: int = opt(256, "memory examples per reference gradient", low=1)
+    eps: float = opt(1e-7, "added to g_ref . g_ref in the projection", low=0.0)
+
+
+def project_agem(grad: torch.Tensor, reference: torch.Tensor, eps: float) -> torch.Tensor:
+    """A-GEM's projection of a flat gradient against a flat reference gradient."""
+    dot = torch.dot(grad, reference)
+    if dot >= 0:
+        return grad
+    return grad - dot / (torch.dot(reference, reference) + eps) * reference
+
+
+class AGEM(Method):
+    """Project each gradient so it does not increase the loss on an episodic memory."""
+
+    Params = AGEMParams
+
+    def __init__(self, params: AGEMParams | None = None) -> None:
+        super().__init__(params)
+        # the memory is a reservoir, filled exactly as replay's (never mixed into batches)
+        self.memory = Replay(ReplayParams(memory=self.params.memory))
+
+    def after_backward(self, ctx: Context) -> None:
+        filled = self.memory.n_filled
+        if filled == 0:
+            return
+        buffer = self.memory.buffer
+        size = min(self.params.reference_batch_size, filled)
+        pick = torch.randperm(filled, generator=ctx.generator)[:size].to(buffer.y.device)
+        params = [p for p in ctx.model.parameters() if p.grad is not None]
+        reference_loss = F.cross_entropy(ctx.model(buffer.x[pick], buffer.task[pick]), buffer.y[pick])
+        reference = torch.autograd.grad(reference_loss, params)
+        flat_grad = torch.cat([p.grad.reshape(-1) for p in params])
+        flat_reference = torch.cat([g.reshape(-1) for g in reference])
+        projected = project_agem(flat_grad, flat_reference, self.params.eps)
+        offset = 0
+        for p in params:  # write the projected gradient back, parameter by parameter
+            p.grad.copy_(projected[offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+
+    def after_task(self, ctx: Context) -> None:
+        # The memory holds earlier tasks only (as in A-GEM's code, it is written when a task
+        # ends): the finished task's examples are offered to the reservoir in batches.
+        data = ctx.task.train
+        for start in range(0, len(data), 256):
+            self.memory.after_step(TensorSet(*(part[start:start + 256] for part in data)), ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.memory.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.memory.load_state_dict(state)
