@@ -1,0 +1,55 @@
+"""OGD: the basis is orthonormal and projected gradients are orthogonal to it."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from engram.methods.ogd import OGD, orthonormal_extend
+from tests.conftest import tiny_config
+from tests.test_methods import _context
+
+
+def test_orthonormal_extend_gives_orthonormal_rows_and_drops_dependent_vectors():
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(5, 20, generator=generator, dtype=torch.float64)
+    dependent = (vectors[0] + 2 * vectors[1]).unsqueeze(0)
+    basis = orthonormal_extend(torch.zeros(0, 20, dtype=torch.float64), torch.cat([vectors, dependent]))
+    assert basis.shape == (5, 20)
+    torch.testing.assert_close(basis @ basis.T, torch.eye(5, dtype=torch.float64))
+
+
+def test_projected_gradient_is_orthogonal_to_stored_directions_and_changes_the_update():
+    ctx = _context(tiny_config())
+    method = OGD(OGD.Params(samples_per_task=20))
+    ctx.task = ctx.stream.tasks[0]
+    method.after_task(ctx)
+    assert method.basis.shape[0] == 20
+    task2 = ctx.stream.tasks[1].train
+    loss = F.cross_entropy(ctx.model(task2.x[:16], task2.task[:16]), task2.y[:16])
+    ctx.model.zero_grad()
+    loss.backward()
+    params = list(ctx.model.parameters())
+    before = torch.cat([p.grad.reshape(-1) for p in params]).clone()
+    method.after_backward(ctx)
+    after = torch.cat([p.grad.reshape(-1) for p in params])
+    assert (method.basis @ after).abs().max() < 1e-5 * before.norm()
+    assert (after - before).norm() > 1e-3 * before.norm()
+
+
+def test_stored_directions_are_the_true_logit_gradients():
+    """Each stored example's gradient of f_y(x) lies in the span of the basis."""
+    ctx = _context(tiny_config())
+    method = OGD(OGD.Params(samples_per_task=5))
+    ctx.task = ctx.stream.tasks[0]
+    generator_state = ctx.generator.get_state()
+    method.after_task(ctx)
+    ctx.generator.set_state(generator_state)
+    data = ctx.task.train
+    pick = torch.randperm(len(data), generator=ctx.generator)[:5]
+    params = list(ctx.model.parameters())
+    for i in pick:
+        logit = ctx.model(data.x[i:i + 1], data.task[i:i + 1])[0, data.y[i]]
+        g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(logit, params)])
+        residual = g - method.basis.T @ (method.basis @ g)
+        assert residual.norm() < 1e-4 * g.norm()
