@@ -84,6 +84,8 @@ class MethodSpec:
 
     def label(self) -> str:
         """Short display name, e.g. `ewc(strength=100)`; parameters left at defaults are omitted."""
+        if self.name == "compose":
+            return "+".join(part.label() for part in self.params.methods)
         changed = {k: v for k, v in params_dict(self.params).items()
                    if v != getattr(type(self.params)(), k)}
         inner = ",".join(f"{k}={v}" for k, v in changed.items())
@@ -245,14 +247,14 @@ def parse_dataclass(cls: type, data: Any, where: str = "") -> Any:
     return cls(**kwargs)
 
 
-def _parse_methods(value: Any) -> list[MethodSpec]:
+def _parse_methods(value: Any, key: str = "methods") -> list[MethodSpec]:
     if isinstance(value, (str, dict)):
         value = [value]
     if not isinstance(value, list) or not value:
-        raise ConfigError("methods: expected a non-empty list of {name: METHOD, ...} entries")
+        raise ConfigError(f"{key}: expected a non-empty list of {{name: METHOD, ...}} entries")
     specs = []
     for i, entry in enumerate(value):
-        where = f"methods[{i}]"
+        where = f"{key}[{i}]"
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
@@ -268,6 +270,13 @@ def parse_method(name: Any, params: dict, where: str) -> MethodSpec:
     from engram.methods import METHODS
 
     method_cls = METHODS.get(name)
+    if getattr(method_cls, "takes_methods", False):  # compose: nested method entries
+        unknown = [k for k in params if k != "methods"]
+        if unknown:
+            raise ConfigError(f"unknown key {where}({name}).{unknown[0]}; {name} takes only "
+                              "methods: [METHOD, ...]")
+        nested = params.get("methods", list(method_cls.default_methods))
+        return MethodSpec(name, method_cls.Params(_parse_methods(nested, f"{where}({name}).methods")))
     return MethodSpec(name, parse_dataclass(method_cls.Params, params, f"{where}({name})"))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from engram.methods.agem import AGEM
 from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
+from engram.methods.compose import Compose
 from engram.methods.ewc import EWC
 from engram.methods.joint import Joint
 from engram.methods.naive import Naive
@@ -28,5 +29,6 @@ METHODS.add("si", SI, "synaptic intelligence: path-integral importance (Zenke et
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+METHODS.add("compose", Compose, "several methods at once, e.g. replay + EWC: hooks in order, penalties summed")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]

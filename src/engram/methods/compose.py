@@ -1,0 +1,84 @@
+"""Compose: run several methods as one, e.g. replay + EWC, without writing a new file.
+
+Each hook calls the composed methods in the order given (the optax `chain` idea):
+`training_data` and `make_batch` are chained (each sees the previous one's output),
+penalties are summed, and `after_backward` projections apply one after another. Config:
+
+    methods:
+      - name: compose
+        methods: [replay, {name: ewc, strength: 10}]
+
+Without `methods`, compose combines replay and EWC with their defaults.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engram.config import MethodSpec
+from engram.data.streams import TensorSet
+from engram.methods.base import Batch, Context, Method
+
+
+@dataclass
+class ComposeParams:
+    methods: list[MethodSpec] = field(default_factory=list, metadata={
+        "doc": "the methods to combine, each {name: METHOD, param: value, ...}"})
+
+
+class Compose(Method):
+    """Several methods' hooks, called in order; penalties add up."""
+
+    Params = ComposeParams
+    takes_methods = True  # the config parser validates `methods` as nested method entries
+    default_methods = ("replay", "ewc")  # what {name: compose} alone combines
+
+    def __init__(self, params: ComposeParams | None = None) -> None:
+        super().__init__(params)
+        from engram.methods import METHODS
+
+        if not self.params.methods:  # Compose() in code: the same default as the config
+            from engram.config import parse_method
+            self.params.methods = [parse_method(n, {}, "compose") for n in self.default_methods]
+        self.parts: list[Method] = [METHODS.get(spec.name)(spec.params)
+                                    for spec in self.params.methods]
+
+    def before_task(self, ctx: Context) -> None:
+        for part in self.parts:
+            part.before_task(ctx)
+
+    def training_data(self, data: TensorSet, ctx: Context) -> TensorSet:
+        for part in self.parts:
+            data = part.training_data(data, ctx)
+        return data
+
+    def make_batch(self, batch: Batch, ctx: Context) -> Batch:
+        for part in self.parts:
+            batch = part.make_batch(batch, ctx)
+        return batch
+
+    def penalty(self, ctx: Context) -> torch.Tensor | None:
+        penalties = [p for p in (part.penalty(ctx) for part in self.parts) if p is not None]
+        return sum(penalties[1:], penalties[0]) if penalties else None
+
+    def after_backward(self, ctx: Context) -> None:
+        for part in self.parts:
+            part.after_backward(ctx)
+
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        for part in self.parts:
+            part.after_step(batch, ctx)
+
+    def after_task(self, ctx: Context) -> None:
+        for part in self.parts:
+            part.after_task(ctx)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {str(i): part.state_dict() for i, part in enumerate(self.parts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for i, part in enumerate(self.parts):
+            part.load_state_dict(state[str(i)])
