@@ -66,6 +66,7 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
             batch = method.make_batch(task_batch, ctx)  # replay mixes memory in here
             loss = F.cross_entropy(model(batch.x, batch.task), batch.y)
+            ctx.batch = batch  # LwF distils on the batch being trained
             penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
             total = loss if penalty is None else loss + penalty
             optimizer.zero_grad(set_to_none=True)

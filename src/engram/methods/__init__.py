@@ -12,6 +12,7 @@ from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
 from engram.methods.ewc import EWC
 from engram.methods.joint import Joint
+from engram.methods.lwf import LwF
 from engram.methods.naive import Naive
 from engram.methods.ogd import OGD
 from engram.methods.replay import Replay
@@ -26,6 +27,7 @@ METHODS.add("online_ewc", OnlineEWC, "online EWC: decayed sum of Fishers, one an
 METHODS.add("mas", MAS, "memory aware synapses: importance from output sensitivity (Aljundi et al. 2018)")
 METHODS.add("l2", L2, "L2 penalty pulling the weights to the previous task's weights")
 METHODS.add("si", SI, "synaptic intelligence: path-integral importance (Zenke et al. 2017)")
+METHODS.add("lwf", LwF, "learning without forgetting: distil the previous model's outputs (Li & Hoiem 2016)")
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")

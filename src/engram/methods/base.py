@@ -43,6 +43,7 @@ class Context:
     task: Task | None = None
     step: int = 0
     seen_tasks: list[Task] = field(default_factory=list)  # tasks started so far, current last
+    batch: TensorSet | None = None  # the batch of the current step, set before penalty()
 
 
 @dataclass
