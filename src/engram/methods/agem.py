@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from engram.config import opt
 from engram.data.streams import TensorSet
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, flat_grad, set_flat_grad
 from engram.methods.replay import Replay, ReplayParams
 
 
@@ -64,13 +64,8 @@ class AGEM(Method):
         params = [p for p in ctx.model.parameters() if p.grad is not None]
         reference_loss = F.cross_entropy(ctx.model(buffer.x[pick], buffer.task[pick]), buffer.y[pick])
         reference = torch.autograd.grad(reference_loss, params)
-        flat_grad = torch.cat([p.grad.reshape(-1) for p in params])
         flat_reference = torch.cat([g.reshape(-1) for g in reference])
-        projected = project_agem(flat_grad, flat_reference, self.params.eps)
-        offset = 0
-        for p in params:  # write the projected gradient back, parameter by parameter
-            p.grad.copy_(projected[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        set_flat_grad(params, project_agem(flat_grad(params), flat_reference, self.params.eps))
 
     def after_task(self, ctx: Context) -> None:
         # The memory holds earlier tasks only (as in A-GEM's code, it is written when a task

@@ -31,7 +31,7 @@ import torch
 from engram.config import opt
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, random_subset
 
 Importance = Literal["fisher_exact", "fisher_sample", "fisher_empirical", "fisher_batch", "mas",
                      "uniform"]
@@ -76,10 +76,7 @@ class OnlineAnchor(Method):
         return 0.5 * self.params.strength * total
 
     def after_task(self, ctx: Context) -> None:
-        data = ctx.task.train
-        if self.params.importance_samples is not None and self.params.importance_samples < len(data):
-            pick = torch.randperm(len(data), generator=ctx.generator)[: self.params.importance_samples]
-            data = type(data)(*(part[pick.to(part.device)] for part in data))
+        data = random_subset(ctx.task.train, self.params.importance_samples, ctx.generator)
         new = measure_importance(self.params.importance, ctx.model, data.x, data.y, data.task,
                                  ctx.generator)
         for name, p in ctx.model.named_parameters():

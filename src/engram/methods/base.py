@@ -100,3 +100,25 @@ def _tensors(tree: Any):
     elif isinstance(tree, (list, tuple)):
         for value in tree:
             yield from _tensors(value)
+
+
+def random_subset(data: TensorSet, n: int | None, generator: torch.Generator) -> TensorSet:
+    """At most `n` examples of `data` drawn without replacement (all of them if n is None)."""
+    if n is None or n >= len(data):
+        return data
+    pick = torch.randperm(len(data), generator=generator)[:n].to(data.y.device)
+    return TensorSet(*(part[pick] for part in data))
+
+
+def flat_grad(params: list[torch.Tensor]) -> torch.Tensor:
+    """All parameters' .grad as one vector (P,), in `params` order."""
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+def set_flat_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
+    """Write a (P,) vector back into the parameters' .grad, in `params` order."""
+    offset = 0
+    for p in params:
+        p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
+        offset += p.numel()
+

@@ -33,7 +33,7 @@ import torch
 
 from engram.config import opt
 from engram.importance.fisher import fisher_diagonal
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, random_subset
 
 
 @dataclass
@@ -64,10 +64,7 @@ class EWC(Method):
         return 0.5 * self.params.strength * (total + self.constant)
 
     def after_task(self, ctx: Context) -> None:
-        data = ctx.task.train
-        if self.params.fisher_samples is not None and self.params.fisher_samples < len(data):
-            pick = torch.randperm(len(data), generator=ctx.generator)[: self.params.fisher_samples]
-            data = type(data)(*(part[pick.to(part.device)] for part in data))
+        data = random_subset(ctx.task.train, self.params.fisher_samples, ctx.generator)
         fisher = fisher_diagonal(ctx.model, data.x, data.y, data.task, self.params.fisher,
                                  batch_size=self.params.fisher_batch_size, generator=ctx.generator)
         constant = 0.0

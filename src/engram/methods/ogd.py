@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from engram.config import opt
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, flat_grad, random_subset, set_flat_grad
 
 
 @dataclass
@@ -57,18 +57,11 @@ class OGD(Method):
         if self.basis is None:
             return
         params = list(ctx.model.parameters())
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        flat = flat - self.basis.T @ (self.basis @ flat)
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
-            offset += p.numel()
+        flat = flat_grad(params)
+        set_flat_grad(params, flat - self.basis.T @ (self.basis @ flat))
 
     def after_task(self, ctx: Context) -> None:
-        data = ctx.task.train
-        pick = torch.randperm(len(data), generator=ctx.generator)[: self.params.samples_per_task]
-        pick = pick.to(data.y.device)
-        x, y, task = data.x[pick], data.y[pick], data.task[pick]
+        x, y, task = random_subset(ctx.task.train, self.params.samples_per_task, ctx.generator)
         model = ctx.model
         params = {name: p.detach() for name, p in model.named_parameters()}
 
