@@ -16,6 +16,7 @@ from engram.methods.lwf import LwF
 from engram.methods.naive import Naive
 from engram.methods.ogd import OGD
 from engram.methods.replay import Replay
+from engram.methods.sam import SAM
 from engram.methods.si import SI
 from engram.registry import Registry
 
@@ -31,6 +32,7 @@ METHODS.add("lwf", LwF, "learning without forgetting: distil the previous model'
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+METHODS.add("sam", SAM, "sharpness-aware minimisation, the flat-minimum option; compose it with any method (Foret et al. 2021)")
 METHODS.add("compose", Compose, "several methods at once, e.g. replay + EWC: hooks in order, penalties summed")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]
