@@ -264,18 +264,19 @@ def _load_idx_pair(images_path: Path, labels_path: Path) -> tuple[torch.Tensor, 
     return x, _labels_to_tensor(labels)
 
 
-def _load_idx_folder(path: str | None, name: str, class_names: list[str]) -> SourceData:
+def _data_folder(path: str | None, what: str, expected: str) -> Path:
+    """The folder `data.path` names, or a DataError saying what it must hold."""
     if path is None:
-        raise DataError(
-            f"{name} is read from local IDX files: set `data.path` to the folder that "
-            f"holds them ({_expected_idx_listing()}); nothing is downloaded"
-        )
+        raise DataError(f"set `data.path` to {what} ({expected}); nothing is downloaded")
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise DataError(
-            f"{folder}: no such folder; `data.path` must name the folder holding the "
-            f"{name} files ({_expected_idx_listing()})"
-        )
+        raise DataError(f"{folder}: no such folder; `data.path` must name {what} ({expected})")
+    return folder
+
+
+def _load_idx_folder(path: str | None, name: str, class_names: list[str]) -> SourceData:
+    folder = _data_folder(path, f"the folder holding the {name} IDX files",
+                          _expected_idx_listing())
     found = {stem: _find_idx_file(folder, stem) for stem in _IDX_NAMES}
     if not any(found.values()) and (folder / "raw").is_dir():
         # torchvision keeps the files in <root>/<Dataset>/raw; accept that folder's parent.
@@ -473,17 +474,7 @@ def load_cifar10(path: str | None) -> SourceData:
     test is test_batch; images are float32 (N, 3, 32, 32) in [0, 1].
     """
     expected = ", ".join([*_CIFAR_DATA_BATCHES, _CIFAR_TEST_BATCH])
-    if path is None:
-        raise DataError(
-            "cifar10 is read from local files: set `data.path` to the "
-            f"cifar-10-batches-py folder ({expected}); nothing is downloaded"
-        )
-    folder = Path(path).expanduser()
-    if not folder.is_dir():
-        raise DataError(
-            f"{folder}: no such folder; `data.path` must name the cifar-10-batches-py "
-            f"folder ({expected})"
-        )
+    folder = _data_folder(path, "the cifar-10-batches-py folder", expected)
     if not (folder / _CIFAR_TEST_BATCH).exists() and (folder / "cifar-10-batches-py").is_dir():
         folder = folder / "cifar-10-batches-py"  # the user named the folder above it
 
