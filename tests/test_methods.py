@@ -102,3 +102,18 @@ def test_every_method_has_params_dataclass_and_docstring():
         module = __import__(entry.obj.__module__, fromlist=["_"])
         assert module.__doc__ and len(module.__doc__) > 80, f"{entry.name} needs a module docstring"
         entry.obj.Params()  # every parameter has a default
+
+
+def test_every_task_end_records_the_methods_extra_bytes(tmp_path):
+    """The memory bill: joint keeps every seen task's training set, naive keeps nothing."""
+    cfg = tiny_config(methods=["naive", "joint"])
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    source = DATASETS.get("digits")(None)
+    stream = build_stream(source, cfg.data, cfg.stream, seed=0)
+    task_bytes = [sum(part.numel() * part.element_size() for part in task.train)
+                  for task in stream.tasks]
+    for method, expected in (("naive", [0] * len(task_bytes)),
+                             ("joint", [sum(task_bytes[:t + 1]) for t in range(len(task_bytes))])):
+        recorded = [float(r["value"]) for r in rows
+                    if r["method"] == method and r["metric"] == "extra_bytes"]
+        assert recorded == expected

@@ -17,6 +17,9 @@ Start here:
                                    replay vs joint, 3 seeds; table + plots in runs/demo/
   engram list                      every dataset, stream, model and method engram knows
   engram run configs/X.yaml        run an experiment from a YAML config (see `engram run -h`)
+  engram sweep configs/X.yaml      run a grid: any key may list alternatives; resumable,
+                                   parallel (--workers N); see `engram sweep -h`
+  engram table runs/X              methods x scenarios table (+ PNG) of a run or sweep folder
   engram plot runs/demo            redraw the plots of a run folder from its results.csv
 """
 
@@ -32,6 +35,31 @@ OUT/config.yaml (the resolved config), OUT/plots/*.png. A killed run keeps every
 wrote; --resume continues from the last finished task of each run with no duplicates.
 `engram run --help-config` lists every config key with its default; `engram list
 --params` lists each method's parameters.
+"""
+
+
+SWEEP_DESCRIPTION = """\
+Run every point of a grid. SWEEP.yaml is an ordinary config (`engram run --help-config`)
+in which any key may list alternatives; the grid is their Cartesian product, and each
+point runs every method with every seed:
+
+  stream: {scenario: [task, domain, class]}            3 alternatives
+  train: {lr: [0.01, 0.1]}                             x 2
+  model: {hidden: [[64], [256, 256]]}                  list-valued key: a list of lists
+  methods: [naive, {name: ewc, strength: [10, 100]}]   method parameters too
+  seeds: [0, 1, 2, 3, 4]
+
+Each run is keyed by the hash of its canonical config: run the same command again to
+resume an interrupted sweep; add seeds or alternatives and only the new runs run.
+A failing run (diverged, bad data) is reported with its point and error, in
+OUT/failures.jsonl too, and the other runs go on; the exit status is then 1.
+"""
+
+SWEEP_EPILOG = """\
+examples:
+  engram sweep configs/three_scenarios_digits.yaml --workers 2
+  engram sweep my_grid.yaml --out runs/grid --dry-run      # what would run
+  engram table runs/three_scenarios_digits                  # the table of the results
 """
 
 
@@ -70,6 +98,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--help-config", action="store_true",
                      help="list every config key with its default and meaning, then exit")
     _add_quiet(run)
+
+    sweep = commands.add_parser(
+        "sweep", help="run a grid of configs (any key may list alternatives), resumable and parallel",
+        description=SWEEP_DESCRIPTION, epilog=SWEEP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="a config whose keys may hold lists")
+    sweep.add_argument("--out", help="sweep folder (default: runs/<sweep file name>)")
+    sweep.add_argument("--workers", type=int, default=1, metavar="N",
+                       help="local worker processes running runs in parallel (default: 1); "
+                            "each uses `threads` torch threads, so N x threads should not "
+                            "exceed your cores")
+    sweep.add_argument("--dry-run", action="store_true",
+                       help="list the grid's runs and which are already done; run nothing")
+    _add_quiet(sweep)
+
+    scenario_table = commands.add_parser(
+        "table", help="methods x scenarios table of a run or sweep folder, and its PNG",
+        description="Read RUN_DIR/results.csv and print, per method (rows) and scenario "
+                    "(columns: task-, domain-, class-incremental), the final average accuracy, "
+                    "forgetting and backward transfer as mean ± standard error over seeds, the "
+                    "wall time of training and the extra memory the method keeps (anchors, "
+                    "importances, buffers, stored gradients, stored data). Writes "
+                    "RUN_DIR/plots/scenario_table.png.")
+    scenario_table.add_argument("run_dir", help="a folder holding results.csv")
+    scenario_table.add_argument("--markdown", action="store_true",
+                                help="print GitHub-markdown tables (for a README)")
+    scenario_table.add_argument("--no-png", action="store_true", help="do not write the PNG")
 
     plot = commands.add_parser(
         "plot", help="redraw a run folder's plots from its results.csv",
@@ -110,7 +165,9 @@ def cmd_list(args: argparse.Namespace) -> None:
             print(f"{entry.name} {entry.description}")
             if args.params and registry is METHODS:
                 for f in dataclasses.fields(entry.obj.Params):
-                    print(f"    {f.name} = {f.default!r}: {f.metadata.get('doc', '')}")
+                    default = getattr(entry.obj, "default_methods", None) \
+                        if f.default is dataclasses.MISSING else f.default
+                    print(f"    {f.name} = {default!r}: {f.metadata.get('doc', '')}")
 
 
 def _finish(out: Path, plots: bool) -> None:
@@ -158,6 +215,58 @@ def cmd_demo(args: argparse.Namespace) -> None:
           "keeps much more with 200 stored examples; joint training on everything is the ceiling.")
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from engram.sweep import load_sweep, run_sweep
+
+    out = Path(args.out) if args.out else Path("runs") / Path(args.sweep_file).stem
+    if args.dry_run:
+        from engram.results import ResultWriter
+
+        _, jobs = load_sweep(args.sweep_file)
+        done: set[str] = set()
+        if (out / "results.csv").is_file():
+            with ResultWriter(out / "results.csv") as writer:
+                done = writer.completed_runs
+        for job in jobs:
+            print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
+        print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
+        return 0
+    report = run_sweep(args.sweep_file, out, workers=args.workers, show_progress=not args.quiet)
+    print(f"sweep: {report.total} runs: {report.skipped} were already done, "
+          f"{report.completed} finished now, {len(report.failures)} failed")
+    _print_scenario_table(out, png=True)
+    if report.failures:
+        print(f"\n{len(report.failures)} runs failed (also in {out / 'failures.jsonl'}):",
+              file=sys.stderr)
+        for failure in report.failures:
+            where = ", ".join(f"{k}={v}" for k, v in failure["point"].items())
+            first_line = failure["error"].splitlines()[-1]
+            print(f"  {failure['method']} seed {failure['seed']} [{where}]: {first_line}",
+                  file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False) -> None:
+    from engram.errors import DataError
+    from engram.results import read_rows
+    from engram.summary import format_scenario_table, scenario_table
+
+    path = Path(run_dir) / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
+                        "or `engram sweep`")
+    table = scenario_table(read_rows(path))
+    print(format_scenario_table(table, markdown=markdown))
+    if png and table:
+        from engram.plots import write_table_png
+        print(f"\ntable plot: {write_table_png(run_dir)}")
+
+
+def cmd_table(args: argparse.Namespace) -> None:
+    _print_scenario_table(Path(args.run_dir), png=not args.no_png, markdown=args.markdown)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from engram.plots import write_plots
 
@@ -176,8 +285,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(format_table(summary_table(read_rows(path))))
 
 
-COMMANDS = {"demo": cmd_demo, "run": cmd_run, "plot": cmd_plot, "summary": cmd_summary,
-            "list": cmd_list}
+COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
+            "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -189,15 +298,16 @@ def main(argv: list[str] | None = None) -> int:
     from engram.errors import EngramError
 
     try:
-        COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
     except EngramError as err:
         print(f"engram: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nengram: interrupted; every row measured so far is in results.csv. "
-              "Rerun with --resume to finish.", file=sys.stderr)
+              "Rerun the same command (engram run: with --resume) to finish.",
+              file=sys.stderr)
         return 130
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

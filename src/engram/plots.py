@@ -4,8 +4,10 @@ Two layers:
 
 * pure drawing functions, ``(data, ax) -> ax``, that touch no files and no global state:
   :func:`plot_accuracy_matrix`, :func:`plot_task_curves` (fed by :func:`task_curves`) and
-  :func:`plot_method_comparison` (fed by :func:`engram.summary.summary_table`);
-* :func:`write_plots`, which reads ``RUN_DIR/results.csv`` and writes ``RUN_DIR/plots/*.png``.
+  :func:`plot_method_comparison` (fed by :func:`engram.summary.summary_table`) and
+  :func:`plot_scenario_table` (fed by :func:`engram.summary.scenario_table`);
+* :func:`write_plots` and :func:`write_table_png`, which read ``RUN_DIR/results.csv`` and
+  write ``RUN_DIR/plots/*.png``.
 
 matplotlib is imported inside the functions, so ``import engram.plots`` (and the CLI's
 ``--help``) stays cheap. Figures are built as ``matplotlib.figure.Figure`` with the Agg
@@ -38,6 +40,8 @@ METRIC_NAMES = {
     "average_forgetting": "average forgetting",
     "backward_transfer": "backward transfer",
     "forward_transfer": "forward transfer",
+    "wall_seconds": "wall time",
+    "extra_bytes": "extra memory",
 }
 # A few words per metric saying which way is better, shown under the panel's title.
 METRIC_HINTS = {
@@ -45,6 +49,8 @@ METRIC_HINTS = {
     "average_forgetting": "> 0: old tasks got worse; lower is better",
     "backward_transfer": "< 0: old tasks got worse",
     "forward_transfer": "> 0: earlier tasks helped",
+    "wall_seconds": "training, summed over tasks; lower is better",
+    "extra_bytes": "kept beyond the model after the last task; lower is better",
 }
 
 
@@ -330,6 +336,73 @@ def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
     return ax
 
 
+def _scenario_colour(scenario: str, scenarios: Sequence[str]):
+    """tab10 colour of a scenario: task, domain, class always get the first three, so a
+    scenario keeps its colour from panel to panel and figure to figure; others follow."""
+    from matplotlib import colormaps
+
+    from engram.summary import SCENARIO_ORDER
+
+    others = [s for s in scenarios if s not in SCENARIO_ORDER]
+    index = SCENARIO_ORDER.index(scenario) if scenario in SCENARIO_ORDER \
+        else len(SCENARIO_ORDER) + others.index(scenario)
+    return colormaps["tab10"](index % 10)
+
+
+def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
+                        metric: str = "average_accuracy") -> "Axes":
+    """Grouped bars of `metric`: one group per method, one bar per scenario, ±1 SE error bars.
+
+    `table` is :func:`engram.summary.scenario_table`'s output; bar height = the cell's mean,
+    error bar = its standard error (none with one seed). A method not run in a scenario, or
+    a number not measured (nan), leaves a gap. ``extra_bytes`` is drawn in the decimal unit
+    (B, kB, MB, GB) of its largest bar, each bar labelled with its own size, since memory
+    spans orders of magnitude and a small bar (or a 0 B one) would not read off the axis;
+    ``wall_seconds`` is in seconds.
+    """
+    from engram.summary import byte_unit, format_bytes, method_names, scenario_columns
+
+    scenarios = scenario_columns(table)
+    values = [c[metric] for e in table for c in e["cells"].values() if np.isfinite(c[metric][0])]
+    scale, unit = 1.0, {"wall_seconds": "s"}.get(metric, "")
+    if metric == "extra_bytes":
+        scale, unit = byte_unit(max([abs(m) for m, _ in values] + [0.0]))
+    width = 0.8 / max(len(scenarios), 1)
+    for k, scenario in enumerate(scenarios):
+        offset = (k - (len(scenarios) - 1) / 2) * width  # centre the group on the tick
+        bars = [(i + offset, *e["cells"][scenario][metric]) for i, e in enumerate(table)
+                if scenario in e["cells"] and np.isfinite(e["cells"][scenario][metric][0])]
+        if not bars:
+            continue
+        x, mean, se = (np.array(v, dtype=float) for v in zip(*bars))
+        ax.bar(x, mean / scale, width=0.9 * width, color=_scenario_colour(scenario, scenarios),
+               label=f"{scenario}-incremental")
+        has_se = np.isfinite(se) & (se > 0)  # a zero-length bar would only draw its caps
+        if metric == "extra_bytes":
+            for xpos, m, top in zip(x, mean, np.where(has_se, mean + se, mean)):
+                ax.annotate(format_bytes(m), (xpos, top / scale), xytext=(0, 2),
+                            textcoords="offset points", ha="center", va="bottom",
+                            rotation=90, fontsize=7)
+            ax.margins(y=0.25)  # room for the labels above the tallest bar
+        if has_se.any():
+            ax.errorbar(x[has_se], mean[has_se] / scale, yerr=se[has_se] / scale, fmt="none",
+                        ecolor="black", capsize=3, linewidth=1)
+    ax.set_xticks(range(len(table)), [_wrap(n) for n in method_names(table)], fontsize=8)
+    ax.axhline(0, color="black", linewidth=0.6)
+    if metric == "average_accuracy":
+        ax.set_ylim(0, 1.05)
+    name = METRIC_NAMES.get(metric, metric.replace("_", " "))
+    ax.set_ylabel(f"{name}{f' ({unit})' if unit else ''}, mean ± 1 SE")
+    counts = sorted({int(c["n_seeds"]) for e in table for c in e["cells"].values()})
+    seeds = _seeds(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds"
+    hint = METRIC_HINTS.get(metric, "")
+    ax.set_title(f"{name} ({seeds})\n{hint}" if hint else f"{name} ({seeds})", fontsize=9)
+    ax.grid(True, axis="y", alpha=0.3)
+    if scenarios:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    return ax
+
+
 def _wrap(label: str) -> str:
     """Break a long label like ``ewc(strength=10,gamma=0.9)`` into short lines for a tick."""
     if len(label) <= 12:
@@ -376,6 +449,16 @@ def _pick_split(rows: Sequence[dict[str, str]]) -> str | None:
     return min(splits) if splits else None
 
 
+def _read_results(run_dir: Path) -> tuple[Path, list[dict[str, str]]]:
+    """``run_dir/results.csv`` and its rows; DataError naming the file when it is missing."""
+    from engram.results import read_rows
+
+    path = run_dir / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
+    return path, read_rows(path)
+
+
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Draw a run folder's figures into ``run_dir/plots/`` from its ``results.csv`` alone.
 
@@ -387,14 +470,10 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     Uses the test split, or val when the runs evaluated no test split. Returns the paths
     written. Raises DataError when results.csv is missing or holds no accuracy rows.
     """
-    from engram.results import read_rows
     from engram.summary import accuracy_matrices, summary_table
 
     run_dir = Path(run_dir)
-    path = run_dir / "results.csv"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
-    rows = read_rows(path)
+    path, rows = _read_results(run_dir)
     split = _pick_split(rows)
     if split is None:
         raise DataError(f"{path} has no accuracy rows to plot; a run writes its first ones "
@@ -454,3 +533,32 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         plot_method_comparison(table, right, "average_forgetting")
         written.append(_save(fig, out / "comparison.png"))
     return written
+
+
+def write_table_png(run_dir: str | Path) -> Path:
+    """Draw the three-scenario table of a run folder into ``run_dir/plots/scenario_table.png``.
+
+    Four panels of :func:`plot_scenario_table` over the complete runs of
+    ``run_dir/results.csv``: average accuracy, average forgetting, wall time and extra
+    memory. Returns the path. Raises DataError when results.csv is missing or has no
+    complete run.
+    """
+    from engram.summary import method_names, scenario_columns, scenario_table
+
+    run_dir = Path(run_dir)
+    path, rows = _read_results(run_dir)
+    table = scenario_table(rows)
+    if not table:
+        raise DataError(f"{path} has no complete runs yet; the scenario table averages "
+                        "finished runs only, so let `engram run` finish at least one")
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    # Wide enough that each method's group of bars, or its wrapped label (8 pt, ~0.065 in a
+    # character), fits; room on the right for the legend.
+    longest = max(len(line) for n in method_names(table) for line in _wrap(n).split("\n"))
+    per_method = max(0.3 * len(scenario_columns(table)) + 0.3, 0.065 * longest + 0.2)
+    fig = _new_figure(max(9.0, 2 * per_method * len(table) + 4.0), 7.5)
+    for ax, metric in zip(fig.subplots(2, 2).flat, ("average_accuracy", "average_forgetting",
+                                                     "wall_seconds", "extra_bytes")):
+        plot_scenario_table(table, ax, metric)
+    return _save(fig, out / "scenario_table.png")

@@ -18,7 +18,9 @@ Columns (`COLUMNS`):
     step          optimizer steps since the run started
     task_eval     1-based task evaluated ('' for rows about training)
     split         train, val or test
-    metric        accuracy, loss, train_loss, train_seconds, run_complete
+    metric        accuracy, loss, train_loss, train_seconds (wall time of one task's training),
+                  extra_bytes (bytes the method keeps beyond the live model after the task:
+                  anchors, importances, buffers, stored gradients), run_complete
     value         the number
 """
 

@@ -194,6 +194,9 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         rows = _evaluation_rows(ident, ctx, number, epochs)
         rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
                               metric="train_seconds", value=seconds))
+        # What the method keeps beyond the live model after this task: the memory bill.
+        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step,
+                              metric="extra_bytes", value=method.extra_bytes()))
         writer.write(rows)
         # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
         # so save one only when enough work would otherwise be lost. A run killed without one

@@ -4,11 +4,17 @@ Derived numbers are computed from `results.csv` after the fact, never stored, so
 metric needs no rerun. R[i][j] (0-based) is the test accuracy on task j+1 at the end of
 training task i+1: the last evaluation row with task_trained = i+1. The baseline b[j] is the
 evaluation of the same-seed model before any training (task_trained = 0).
+
+Two tables come out of the rows: :func:`summary_table` (one line per method and scenario,
+the runner's end-of-run printout) and :func:`scenario_table` (methods x the three
+scenarios, with what each method costs in time and memory).
 """
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,16 +25,26 @@ from engram.metrics import (average_accuracy, average_forgetting, backward_trans
 
 @dataclass
 class RunMatrix:
+    """One run's accuracy matrix, plus what its training cost.
+
+    ``wall_seconds`` is the sum of the run's ``train_seconds`` rows over tasks 1..T (nan
+    unless every task has one: a file written before they existed, or an unfinished run);
+    ``extra_bytes`` is the ``extra_bytes`` row of the last task that has one (nan if none).
+    """
     label: str
     seed: int
     scenario: str
     R: np.ndarray          # (T, T)
     baseline: np.ndarray   # (T,)
     complete: bool
+    name: str = ""
+    wall_seconds: float = math.nan
+    extra_bytes: float = math.nan
 
 
 def accuracy_matrices(rows: list[dict[str, str]], split: str = "test") -> list[RunMatrix]:
-    """One RunMatrix per run id that has at least the untrained evaluation."""
+    """One RunMatrix per run id that has at least the untrained evaluation, in the order the
+    runs first appear in `rows`."""
     by_run: dict[str, list[dict[str, str]]] = defaultdict(list)
     for row in rows:
         by_run[row["run_id"]].append(row)
@@ -48,10 +64,20 @@ def accuracy_matrices(rows: list[dict[str, str]], split: str = "test") -> list[R
             elif step >= last_step.get((trained, evaluated), -1):
                 last_step[(trained, evaluated)] = step
                 R[trained - 1, evaluated] = float(r["value"])
+        # task_trained -> value; a task's row is written once, when its training ends.
+        seconds = {int(r["task_trained"]): float(r["value"])
+                   for r in run_rows if r["metric"] == "train_seconds"}
+        memory = {int(r["task_trained"]): float(r["value"])
+                  for r in run_rows if r["metric"] == "extra_bytes"}
+        tasks = range(1, n_tasks + 1)
         first = run_rows[0]
         complete = any(r["metric"] == "run_complete" for r in run_rows)
-        out.append(RunMatrix(first["label"], int(first["seed"]), first["scenario"], R, baseline,
-                             complete))
+        out.append(RunMatrix(
+            first["label"], int(first["seed"]), first["scenario"], R, baseline, complete,
+            name=first["name"],
+            wall_seconds=sum(seconds[t] for t in tasks) if all(t in seconds for t in tasks)
+            else math.nan,
+            extra_bytes=memory[max(memory)] if memory else math.nan))
     return out
 
 
@@ -61,6 +87,15 @@ SUMMARY_METRICS = {
     "backward_transfer": lambda m: backward_transfer(m.R),
     "forward_transfer": lambda m: forward_transfer(m.R, m.baseline),
 }
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    """`mean_and_standard_error` over seeds, or (nan, nan) when some seed lacks the number
+    (undefined, like forgetting with one task, or never measured, like the wall time in a
+    file written before it was), rather than an error after a long run."""
+    if not np.all(np.isfinite(values)):
+        return math.nan, math.nan
+    return mean_and_standard_error(values)
 
 
 def default_split(rows: list[dict[str, str]]) -> str:
@@ -83,7 +118,7 @@ def summary_table(rows: list[dict[str, str]], split: str | None = None) -> list[
     for (label, scenario), runs in groups.items():
         entry: dict[str, object] = {"label": label, "scenario": scenario, "n_seeds": len(runs)}
         for name, metric in SUMMARY_METRICS.items():
-            entry[name] = mean_and_standard_error([metric(m) for m in runs])
+            entry[name] = _mean_se([metric(m) for m in runs])
         table.append(entry)
     return table
 
@@ -100,9 +135,174 @@ def format_table(table: list[dict[str, object]]) -> str:
             mean, se = entry[name]
             cells.append(f"{mean:.3f}" if np.isnan(se) else f"{mean:.3f} ± {se:.3f}")
         lines.append(cells)
-    widths = [max(len(headers[i]), *(len(line[i]) for line in lines)) for i in range(len(headers))]
-    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     legend = ("accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old "
               "tasks got worse; FWT vs the untrained model; ± = standard error over seeds")
-    return "\n".join([render(headers), render(["-" * w for w in widths])]
-                     + [render(line) for line in lines] + [legend])
+    return "\n".join(_text_table(headers, lines) + [legend])
+
+
+def _text_table(headers: list[str], lines: list[list[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart, a dashed rule under the header."""
+    widths = [max(len(headers[i]), *(len(line[i]) for line in lines)) for i in range(len(headers))]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return [render(headers), render(["-" * w for w in widths])] + [render(line) for line in lines]
+
+
+# --------------------------------------------------------------------------- three scenarios
+
+SCENARIO_ORDER = ("task", "domain", "class")  # columns in this order, any other after them
+# What the scenario table reports per cell: three accuracy-matrix metrics and the costs.
+SCENARIO_METRICS = {
+    **{k: SUMMARY_METRICS[k] for k in ("average_accuracy", "average_forgetting",
+                                       "backward_transfer")},
+    "wall_seconds": lambda m: m.wall_seconds,
+    "extra_bytes": lambda m: m.extra_bytes,
+}
+
+
+def scenario_key(scenario: str) -> tuple[int, str]:
+    """Sort key of a scenario column: task, domain, class, then the others alphabetically."""
+    known = scenario in SCENARIO_ORDER
+    return (SCENARIO_ORDER.index(scenario) if known else len(SCENARIO_ORDER), scenario)
+
+
+def scenario_table(rows: list[dict[str, str]], split: str | None = None) -> list[dict[str, object]]:
+    """Methods x scenarios: mean and standard error over seeds of accuracy, forgetting, BWT
+    and what the method cost.
+
+    Only complete runs count. One entry per (experiment name, method label) that has a
+    complete run, in the order the runs first appear in `rows`::
+
+        {"name": str, "label": str,
+         "cells": {scenario: {"n_seeds": n,
+                              "average_accuracy": (mean, se), "average_forgetting": (mean, se),
+                              "backward_transfer": (mean, se),
+                              "wall_seconds": (mean, se), "extra_bytes": (mean, se)}}}
+
+    `cells` holds only the scenarios the method completed, in :func:`scenario_key` order.
+    Per run, wall_seconds = sum over tasks i of train_seconds(i) (training only, evaluation
+    excluded) and extra_bytes = extra_bytes(T), what the method keeps beyond the live model
+    after its last task. (mean, se) is (nan, nan) when a seed lacks the number (see
+    :class:`RunMatrix`), and se is nan with one seed. `split` defaults to
+    `default_split(rows)`.
+    """
+    split = split or default_split(rows)
+    # (name, label) -> scenario -> complete runs, both in first-seen order
+    groups: dict[tuple[str, str], dict[str, list[RunMatrix]]] = \
+        defaultdict(lambda: defaultdict(list))
+    for matrix in accuracy_matrices(rows, split):
+        if matrix.complete:
+            groups[(matrix.name, matrix.label)][matrix.scenario].append(matrix)
+    table: list[dict[str, object]] = []
+    for (name, label), by_scenario in groups.items():
+        cells = {}
+        for scenario in sorted(by_scenario, key=scenario_key):
+            runs = by_scenario[scenario]
+            cells[scenario] = {"n_seeds": len(runs), **{
+                metric: _mean_se([value(m) for m in runs])
+                for metric, value in SCENARIO_METRICS.items()}}
+        table.append({"name": name, "label": label, "cells": cells})
+    return table
+
+
+def scenario_columns(table: list[dict[str, object]]) -> list[str]:
+    """The scenarios of a :func:`scenario_table`, in column order."""
+    return sorted({s for entry in table for s in entry["cells"]}, key=scenario_key)
+
+
+def method_names(table: list[dict[str, object]]) -> list[str]:
+    """Row names: the label alone when every entry comes from one experiment, else
+    ``name / label``."""
+    one_name = len({entry["name"] for entry in table}) == 1
+    return [str(e["label"]) if one_name else f"{e['name']} / {e['label']}" for e in table]
+
+
+def byte_unit(n_bytes: float) -> tuple[float, str]:
+    """(scale, unit) to show `n_bytes` in decimal units: B, kB, MB, GB, TB (1 kB = 1000 B)."""
+    scale = 1.0
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n_bytes) < 1000 * scale:
+            return scale, unit
+        scale *= 1000
+    return scale, "TB"
+
+
+def _format_stat(mean: float, se: float, scale: float = 1.0, unit: str = "",
+                 decimals: int = 3) -> str:
+    """'0.812 ± 0.010', '3.1 ± 0.2 s'; no ± with one seed; 'n/a' when not measured."""
+    if not np.isfinite(mean):
+        return "n/a"
+    text = f"{mean / scale:.{decimals}f}"
+    if np.isfinite(se):
+        text += f" ± {se / scale:.{decimals}f}"
+    return f"{text} {unit}" if unit else text
+
+
+def _format_seconds(mean: float, se: float) -> str:
+    return _format_stat(mean, se, unit="s", decimals=2 if abs(mean) < 1 else 1)
+
+
+def format_bytes(mean: float, se: float = math.nan) -> str:
+    """'0 B', '12.3 kB', '4.5 ± 0.1 MB' (decimal units). A zero SE is left out: every seed
+    kept the same bytes, the usual case, since what a method keeps depends on its config."""
+    scale, unit = byte_unit(mean if np.isfinite(mean) else 0.0)
+    return _format_stat(mean, se if se != 0 else math.nan, scale, unit,
+                        decimals=0 if unit == "B" else 1)
+
+
+# metric -> (block title, cell formatter), in the order the blocks are printed.
+_SCENARIO_BLOCKS = {
+    "average_accuracy": ("average accuracy", _format_stat),
+    "average_forgetting": ("average forgetting", _format_stat),
+    "backward_transfer": ("backward transfer", _format_stat),
+    "wall_seconds": ("wall time (training, summed over tasks)", _format_seconds),
+    "extra_bytes": ("extra memory (kept beyond the model after the last task)", format_bytes),
+}
+
+
+def format_scenario_table(table: list[dict[str, object]], markdown: bool = False) -> str:
+    """The :func:`scenario_table` as text: one block per metric, methods x scenarios.
+
+    The first block (average accuracy) carries the seed count: in its title when every cell
+    has the same number of seeds, else as "(n=k)" in each cell. A cell reads "mean ± SE"
+    ("mean" alone with one seed), "n/a" when the number was not measured (or is undefined,
+    like forgetting with a single task), and "–" when the method was not run in that
+    scenario. `markdown` renders each block as a GitHub pipe table under a bold title.
+    """
+    if not table:
+        return "no complete runs yet"
+    scenarios = scenario_columns(table)
+    names = method_names(table)
+    counts = {cell["n_seeds"] for entry in table for cell in entry["cells"].values()}
+    per_cell_n = len(counts) > 1
+    headers = ["method"] + [f"{s}-incremental" for s in scenarios]
+    blocks = []
+    for k, (metric, (title, fmt)) in enumerate(_SCENARIO_BLOCKS.items()):
+        if k == 0:
+            n = max(counts)
+            title += (" (mean ± SE over seeds, n per cell)" if per_cell_n else
+                      f" (mean ± SE over {n} seed{'s' if n != 1 else ''})")
+        lines = []
+        for name, entry in zip(names, table):
+            cells = [name]
+            for scenario in scenarios:
+                cell = entry["cells"].get(scenario)
+                text = "–" if cell is None else fmt(*cell[metric])
+                if cell is not None and k == 0 and per_cell_n:
+                    text += f" (n={cell['n_seeds']})"
+                cells.append(text)
+            lines.append(cells)
+        blocks.append(_render_block(title, headers, lines, markdown))
+    legend = ("accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old "
+              "tasks got worse; ± = standard error over seeds; kB = 1000 B; "
+              "n/a = not measured; – = not run")
+    return "\n\n".join(blocks + [legend])
+
+
+def _render_block(title: str, headers: list[str], lines: list[list[str]], markdown: bool) -> str:
+    if markdown:
+        def row(cells: list[str]) -> str:  # escaped: a '|' in a label would split its cell
+            return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+        return "\n".join([f"**{title}**", "", row(headers), row(["---"] * len(headers))]
+                         + [row(line) for line in lines])
+    return "\n".join([title] + _text_table(headers, lines))
