@@ -7,9 +7,8 @@ from pathlib import Path
 import pytest
 
 from engram.config import load_config
-from engram.errors import DataError
 from engram.results import read_rows
-from engram.runner import run_experiment
+from engram.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -24,15 +23,31 @@ def test_configs_exist():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_config_validates_and_runs_when_its_data_is_here(path, tmp_path, monkeypatch):
-    cfg = load_config(path, QUICK)
-    if cfg.data.source == "cifar10":
-        with pytest.raises(DataError, match="cifar-10-batches-py"):
-            run_experiment(cfg, tmp_path, show_progress=False)
+    """A plain config is a one-point sweep, so every config goes through the sweep path."""
+    _, jobs = load_sweep(path, QUICK)
+    if len({job.cfg.stream.scenario for job in jobs}) > 1:
+        overrides = QUICK + ["stream.scenario=class"]  # one scenario is enough to check it runs
+        _, jobs = load_sweep(path, overrides)
+    else:
+        overrides = QUICK
+    source = jobs[0].cfg.data.source
+    if source == "cifar10":
+        report = run_sweep(path, tmp_path, overrides=overrides, show_progress=False)
+        assert report.failures and all("cifar-10-batches-py" in f["error"] for f in report.failures)
         return
-    if cfg.data.source == "mnist":
+    if source == "mnist":
         if not MNIST.is_dir():
             pytest.skip("the MNIST test set is not at ../shared/data/mnist-t10k")
         monkeypatch.chdir(ROOT)  # the config names the data folder relative to the repository
-    run_experiment(cfg, tmp_path, show_progress=False)
+    report = run_sweep(path, tmp_path, overrides=overrides, show_progress=False)
+    assert report.failures == [] and report.completed == len(jobs)
     rows = read_rows(tmp_path / "results.csv")
-    assert sum(r["metric"] == "run_complete" for r in rows) == len(cfg.methods)
+    assert sum(r["metric"] == "run_complete" for r in rows) == len(jobs)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+def test_configs_with_one_grid_point_load_for_engram_run(path):
+    _, jobs = load_sweep(path, QUICK)
+    if len({job.cfg.name for job in jobs}) > 1 or len({job.cfg.stream.scenario for job in jobs}) > 1:
+        pytest.skip("a sweep: run it with engram sweep")
+    load_config(path, QUICK)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -17,6 +18,23 @@ def test_orthonormal_extend_gives_orthonormal_rows_and_drops_dependent_vectors()
     basis = orthonormal_extend(torch.zeros(0, 20, dtype=torch.float64), torch.cat([vectors, dependent]))
     assert basis.shape == (5, 20)
     torch.testing.assert_close(basis @ basis.T, torch.eye(5, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_vectors_in_the_span_of_an_earlier_basis_are_dropped(dtype):
+    generator = torch.Generator().manual_seed(1)
+    first = torch.randn(4, 300, generator=generator, dtype=dtype)
+    basis = orthonormal_extend(torch.zeros(0, 300, dtype=dtype), first)
+    new = torch.randn(3, 300, generator=generator, dtype=dtype)
+    in_span = (first[0] - 3 * first[2] + 0.5 * first[3]).unsqueeze(0)  # float32 leaves ~1e-7 of it
+    grown = orthonormal_extend(basis, torch.cat([in_span, new, new[:1] + first[1]]))
+    assert grown.shape == (7, 300)
+    torch.testing.assert_close(grown[:4], basis)  # the old rows are kept as they were
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    torch.testing.assert_close(grown @ grown.T, torch.eye(7, dtype=dtype), atol=tol, rtol=0)
+    # every input lies in the span of the grown basis
+    inputs = torch.cat([first, new])
+    torch.testing.assert_close(inputs @ grown.T @ grown, inputs, atol=100 * tol, rtol=0)
 
 
 def test_projected_gradient_is_orthogonal_to_stored_directions_and_changes_the_update():

@@ -115,7 +115,16 @@ def test_sweep_runs_every_job_and_a_rerun_measures_nothing_again(tmp_path):
     again = run_sweep(path, tmp_path / "out", show_progress=False)
     assert (again.skipped, again.completed) == (4, 0)
     assert results.read_bytes() == before
-    assert (tmp_path / "out" / "sweep.yaml").read_text() == path.read_text()
+    assert yaml.safe_load((tmp_path / "out" / "sweep.yaml").read_text()) == yaml.safe_load(path.read_text())
+
+
+def test_overrides_apply_before_the_grid_is_expanded(tmp_path):
+    path = sweep_file(tmp_path)
+    report = run_sweep(path, tmp_path / "out", overrides=["seeds=[0,1]", "train.lr=[0.05,0.1]"],
+                       show_progress=False)
+    assert report.total == 4
+    stored = yaml.safe_load((tmp_path / "out" / "sweep.yaml").read_text())
+    assert stored["seeds"] == [0, 1] and stored["train"]["lr"] == [0.05, 0.1]
 
 
 def test_an_interrupted_sweep_resumes_to_the_same_rows(tmp_path):
@@ -195,3 +204,11 @@ def test_cli_sweep_rejects_zero_workers(tmp_path, capsys):
     path = sweep_file(tmp_path)
     assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
     assert "--workers must be at least 1" in capsys.readouterr().err
+
+
+def test_engram_run_on_a_sweep_file_points_to_engram_sweep(tmp_path, capsys):
+    path = sweep_file(tmp_path, stream__scenario=["task", "class"])
+    assert main(["run", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "stream.scenario: ['task', 'class'] is not allowed" in err
+    assert f"lists alternatives (2 runs): run it with `engram sweep {path}`" in err

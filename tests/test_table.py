@@ -240,3 +240,33 @@ def test_end_to_end_replay_keeps_memory_and_naive_none(tmp_path):
     naive, replay = (table[k]["cells"]["class"] for k in ("naive", "replay"))
     assert naive["extra_bytes"][0] == 0 and replay["extra_bytes"][0] > 0
     assert naive["wall_seconds"][0] > 0 and np.isfinite(replay["average_accuracy"][0])
+
+
+def _val_and_test(R_val, R_test, seed):
+    """One run's rows with a val split (R_val) beside its test split (R_test)."""
+    test = run_rows(R_test, seed)
+    val = [dict(r, split="val", value=str(R_val[int(r["task_trained"]) - 1][int(r["task_eval"]) - 1]))
+           for r in test if r["metric"] == "accuracy" and r["task_trained"] != "0"]
+    return test + val
+
+
+def test_cli_table_prints_the_chosen_split_as_markdown_and_writes_the_png(tmp_path, capsys):
+    from engram.cli import main
+
+    with ResultWriter(tmp_path / "results.csv") as writer:
+        writer.write(_val_and_test(R1, R0, 0) + _val_and_test(R1, R0, 1))
+    assert main(["table", str(tmp_path), "--markdown", "--split", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "| method | class-incremental |" in out
+    assert "| naive | 0.600 ± 0.000 |" in out  # R1's final average, from the val rows
+    assert (tmp_path / "plots" / "scenario_table_val.png").read_bytes().startswith(PNG_MAGIC)
+    assert main(["table", str(tmp_path), "--no-png"]) == 0
+    assert "naive   0.550 ± 0.000" in capsys.readouterr().out  # test by default
+    assert not (tmp_path / "plots" / "scenario_table.png").exists()
+
+
+def test_cli_table_names_a_missing_results_file(tmp_path, capsys):
+    from engram.cli import main
+
+    assert main(["table", str(tmp_path)]) == 2
+    assert "results.csv does not exist" in capsys.readouterr().err

@@ -59,6 +59,7 @@ SWEEP_EPILOG = """\
 examples:
   engram sweep configs/three_scenarios_digits.yaml --workers 2
   engram sweep my_grid.yaml --out runs/grid --dry-run      # what would run
+  engram sweep configs/three_scenarios_digits.yaml seeds=[0] train.epochs=2 --out runs/quick
   engram table runs/three_scenarios_digits                  # the table of the results
 """
 
@@ -104,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=SWEEP_DESCRIPTION, epilog=SWEEP_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sweep.add_argument("sweep_file", metavar="SWEEP.yaml", help="a config whose keys may hold lists")
+    sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                       help="dotted overrides, e.g. seeds=[0,1] or train.lr=[0.01,0.1]")
     sweep.add_argument("--out", help="sweep folder (default: runs/<sweep file name>)")
     sweep.add_argument("--workers", type=int, default=1, metavar="N",
                        help="local worker processes running runs in parallel (default: 1); "
@@ -124,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
     scenario_table.add_argument("run_dir", help="a folder holding results.csv")
     scenario_table.add_argument("--markdown", action="store_true",
                                 help="print GitHub-markdown tables (for a README)")
+    scenario_table.add_argument("--split", choices=["test", "val"], default=None,
+                                help="which evaluation split to tabulate (default: test when "
+                                     "measured, else val); choose strengths on val, report test")
     scenario_table.add_argument("--no-png", action="store_true", help="do not write the PNG")
 
     plot = commands.add_parser(
@@ -186,18 +192,34 @@ def _finish(out: Path, plots: bool) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from engram.config import describe_fields, load_config
+    from engram.errors import ConfigError
 
     if args.help_config:
         print("\n".join(describe_fields()))
         return
     if args.config is None:
         raise SystemExit("engram run: error: a CONFIG file is required (see configs/)")
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{err}{_sweep_hint(args.config, args.overrides)}") from None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     from engram.runner import run_experiment
 
     run_experiment(cfg, out, resume=args.resume, show_progress=not args.quiet)
     _finish(out, cfg.plots)
+
+
+def _sweep_hint(config: str, overrides: list[str]) -> str:
+    """A hint when a config that `engram run` rejects is a valid sweep (lists alternatives)."""
+    from engram.sweep import load_sweep
+
+    try:
+        _, jobs = load_sweep(config, overrides)
+    except Exception:  # noqa: BLE001 - not a valid sweep either: the original error stands
+        return ""
+    return (f"\n{config} lists alternatives ({len(jobs)} runs): run it with "
+            f"`engram sweep {config}`")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
@@ -222,7 +244,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.dry_run:
         from engram.results import ResultWriter
 
-        _, jobs = load_sweep(args.sweep_file)
+        _, jobs = load_sweep(args.sweep_file, args.overrides)
         done: set[str] = set()
         if (out / "results.csv").is_file():
             with ResultWriter(out / "results.csv") as writer:
@@ -231,7 +253,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
         print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
         return 0
-    report = run_sweep(args.sweep_file, out, workers=args.workers, show_progress=not args.quiet)
+    report = run_sweep(args.sweep_file, out, overrides=args.overrides, workers=args.workers,
+                       show_progress=not args.quiet)
     print(f"sweep: {report.total} runs: {report.skipped} were already done, "
           f"{report.completed} finished now, {len(report.failures)} failed")
     _print_scenario_table(out, png=True)
@@ -247,7 +270,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False) -> None:
+def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
+                          split: str | None = None) -> None:
     from engram.errors import DataError
     from engram.results import read_rows
     from engram.summary import format_scenario_table, scenario_table
@@ -256,15 +280,16 @@ def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False) -> N
     if not path.is_file():
         raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
                         "or `engram sweep`")
-    table = scenario_table(read_rows(path))
+    table = scenario_table(read_rows(path), split)
     print(format_scenario_table(table, markdown=markdown))
     if png and table:
         from engram.plots import write_table_png
-        print(f"\ntable plot: {write_table_png(run_dir)}")
+        print(f"\ntable plot: {write_table_png(run_dir, split)}")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
-    _print_scenario_table(Path(args.run_dir), png=not args.no_png, markdown=args.markdown)
+    _print_scenario_table(Path(args.run_dir), png=not args.no_png, markdown=args.markdown,
+                          split=args.split)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -291,7 +316,13 @@ COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_t
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may also follow options (`engram sweep X.yaml --workers 2 seeds=[0]`), which
+    # argparse alone does not accept after the positionals were read.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 0

@@ -535,19 +535,19 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def write_table_png(run_dir: str | Path) -> Path:
+def write_table_png(run_dir: str | Path, split: str | None = None) -> Path:
     """Draw the three-scenario table of a run folder into ``run_dir/plots/scenario_table.png``.
 
     Four panels of :func:`plot_scenario_table` over the complete runs of
     ``run_dir/results.csv``: average accuracy, average forgetting, wall time and extra
-    memory. Returns the path. Raises DataError when results.csv is missing or has no
-    complete run.
+    memory, on `split` (default: test when measured, else val). Returns the path. Raises
+    DataError when results.csv is missing or has no complete run.
     """
     from engram.summary import method_names, scenario_columns, scenario_table
 
     run_dir = Path(run_dir)
     path, rows = _read_results(run_dir)
-    table = scenario_table(rows)
+    table = scenario_table(rows, split)
     if not table:
         raise DataError(f"{path} has no complete runs yet; the scenario table averages "
                         "finished runs only, so let `engram run` finish at least one")
@@ -561,4 +561,5 @@ def write_table_png(run_dir: str | Path) -> Path:
     for ax, metric in zip(fig.subplots(2, 2).flat, ("average_accuracy", "average_forgetting",
                                                      "wall_seconds", "extra_bytes")):
         plot_scenario_table(table, ax, metric)
-    return _save(fig, out / "scenario_table.png")
+    return _save(fig, out / ("scenario_table.png" if split in (None, "test")
+                             else f"scenario_table_{split}.png"))

@@ -162,15 +162,19 @@ def sweep_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
     return jobs
 
 
-def load_sweep(path: str | Path) -> tuple[str, list[Job]]:
-    """Read a sweep file (safe YAML) and return (its text, its jobs)."""
-    from engram.config import _load_yaml_text
+def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[Job]]:
+    """Read a sweep file (safe YAML), apply `dotted.key=value` overrides (a value may be a
+    list of alternatives too) and return (the resulting raw sweep, its jobs)."""
+    from engram.config import _load_yaml_text, apply_override
 
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"sweep file {path} does not exist")
-    text = path.read_text()
-    return text, sweep_jobs(expand_sweep(_load_yaml_text(text, str(path)), str(path)))
+    raw = _load_yaml_text(path.read_text(), str(path))
+    if isinstance(raw, dict):
+        for override in overrides:
+            apply_override(raw, override)
+    return raw, sweep_jobs(expand_sweep(raw, str(path)))
 
 
 # ----------------------------------------------------------------------------- running one
@@ -236,8 +240,11 @@ class SweepReport:
     failures: list[dict[str, Any]]
 
 
-def _keep_sweep_file(out: Path, text: str) -> None:
-    """Store the sweep file; an earlier, different one is kept as sweep.N.yaml."""
+def _keep_sweep_file(out: Path, raw: dict) -> None:
+    """Store the sweep (after overrides); an earlier, different one is kept as sweep.N.yaml."""
+    import yaml
+
+    text = yaml.safe_dump(raw, sort_keys=False)
     current = out / "sweep.yaml"
     if current.exists() and current.read_text() != text:
         n = 1
@@ -247,17 +254,17 @@ def _keep_sweep_file(out: Path, text: str) -> None:
     current.write_text(text)
 
 
-def run_sweep(path: str | Path, out: str | Path, *, workers: int = 1,
+def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (), workers: int = 1,
               show_progress: bool = True) -> SweepReport:
     """Run (or resume) every run of the sweep file `path` into `out/results.csv`."""
     from engram.results import ResultWriter
 
-    text, jobs = load_sweep(path)
+    raw, jobs = load_sweep(path, overrides)
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _keep_sweep_file(out, text)
+    _keep_sweep_file(out, raw)
     checkpoint_dir = out / "checkpoints"
     checkpoint_dir.mkdir(exist_ok=True)
     failures_file = out / "failures.jsonl"

@@ -30,18 +30,27 @@ class OGDParams:
     samples_per_task: int = opt(100, "examples whose logit gradients join the basis per task", low=1)
 
 
-def orthonormal_extend(basis: torch.Tensor, vectors: torch.Tensor, tol: float = 1e-10) -> torch.Tensor:
+def orthonormal_extend(basis: torch.Tensor, vectors: torch.Tensor, rel_tol: float = 1e-4
+                       ) -> torch.Tensor:
     """Append `vectors` (n, P) to an orthonormal `basis` (M, P) by Gram-Schmidt, dropping any
-    vector that lies (numerically) in the span already. Returns the (M', P) basis."""
-    rows = list(basis)
-    for v in vectors:
-        for _ in range(2):  # "twice is enough": re-orthogonalise once for float32 accuracy
-            for u in rows:
+    vector that lies (numerically) in the span already: one whose part outside the span is
+    below rel_tol of its length (float32 rounding leaves ~1e-7 of it). Returns the (M', P)
+    basis."""
+    lengths = vectors.norm(dim=1)  # (n,)
+    # Against the existing basis, one block at a time: two matrix products instead of a
+    # Python loop over its rows ("twice is enough": the second pass restores float32 accuracy).
+    for _ in range(2):
+        vectors = vectors - (vectors @ basis.T) @ basis  # (n, P)
+    # Within the new block: modified Gram-Schmidt, twice, each vector against those kept.
+    kept: list[torch.Tensor] = []
+    for v, length in zip(vectors, lengths):
+        for _ in range(2):
+            for u in kept:
                 v = v - torch.dot(v, u) * u
         norm = v.norm()
-        if norm > tol:
-            rows.append(v / norm)
-    return torch.stack(rows) if rows else basis
+        if norm > rel_tol * length:
+            kept.append(v / norm)
+    return torch.cat([basis, torch.stack(kept)]) if kept else basis
 
 
 class OGD(Method):
