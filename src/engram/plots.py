@@ -553,13 +553,13 @@ def write_table_png(run_dir: str | Path, split: str | None = None) -> Path:
                         "finished runs only, so let `engram run` finish at least one")
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)
-    # Wide enough that each method's group of bars, or its wrapped label (8 pt, ~0.065 in a
-    # character), fits; room on the right for the legend.
+    # Panels stacked, each wide enough that a method's group of bars or its wrapped label
+    # (8 pt, ~0.065 in a character) fits, capped so the figure stays readable on a page.
     longest = max(len(line) for n in method_names(table) for line in _wrap(n).split("\n"))
     per_method = max(0.3 * len(scenario_columns(table)) + 0.3, 0.065 * longest + 0.2)
-    fig = _new_figure(max(9.0, 2 * per_method * len(table) + 4.0), 7.5)
-    for ax, metric in zip(fig.subplots(2, 2).flat, ("average_accuracy", "average_forgetting",
-                                                     "wall_seconds", "extra_bytes")):
+    metrics = ("average_accuracy", "average_forgetting", "wall_seconds", "extra_bytes")
+    fig = _new_figure(min(max(9.0, per_method * len(table) + 2.5), 18.0), 3.2 * len(metrics))
+    for ax, metric in zip(fig.subplots(len(metrics), 1), metrics):
         plot_scenario_table(table, ax, metric)
     return _save(fig, out / ("scenario_table.png" if split in (None, "test")
                              else f"scenario_table_{split}.png"))
