@@ -95,6 +95,13 @@ def test_l2_is_half_lambda_squared_distance_to_previous_weights():
             p.add_(0.1)
     expected = sum((p - before[n]).pow(2).sum() for n, p in model.named_parameters())
     torch.testing.assert_close(method.penalty(ctx), expected)
+    # its memory bill is the anchor alone: one number per weight (+ one scalar per tensor)
+    size = next(model.parameters()).element_size()
+    n_weights = sum(p.numel() for p in model.parameters())
+    n_tensors = len(list(model.parameters()))
+    assert method.extra_bytes() == size * (n_weights + n_tensors)
+    method.after_task(ctx)  # a second task: gamma = 0 keeps the importance at 1
+    assert all(float(omega) == 1.0 for omega in method.importance.values())
 
 
 def test_variants_pick_their_importance_and_decay():

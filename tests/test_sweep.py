@@ -212,3 +212,37 @@ def test_engram_run_on_a_sweep_file_points_to_engram_sweep(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "stream.scenario: ['task', 'class'] is not allowed" in err
     assert f"lists alternatives (2 runs): run it with `engram sweep {path}`" in err
+
+
+def test_a_worker_killed_mid_run_is_reported_and_a_rerun_finishes_its_job(tmp_path):
+    import multiprocessing
+    import os
+    import signal
+    import threading
+    import time
+
+    path = sweep_file(tmp_path, seeds=[0, 1, 2], train__epochs=30)
+    out = tmp_path / "out"
+    reports = []
+    sweep = threading.Thread(target=lambda: reports.append(
+        run_sweep(path, out, workers=2, show_progress=False)))
+    sweep.start()
+    deadline = time.monotonic() + 60
+    # Wait until training rows flow (a worker is inside a run), then kill one worker.
+    while time.monotonic() < deadline:
+        results = out / "results.csv"
+        if results.exists() and results.read_text().count("train_loss") >= 3:
+            break
+        time.sleep(0.05)
+    victim = multiprocessing.active_children()[0]
+    os.kill(victim.pid, signal.SIGKILL)
+    sweep.join(timeout=120)
+    (report,) = reports
+    (failure,) = report.failures
+    assert "the worker process died (exit code -9)" in failure["error"]
+    assert report.completed == 2
+    again = run_sweep(path, out, show_progress=False)
+    assert (again.skipped, again.completed, again.failures) == (2, 1, [])
+    rows = read_rows(out / "results.csv")
+    assert {r["run_id"] for r in rows if r["metric"] == "run_complete"} == \
+        {r["run_id"] for r in rows}

@@ -15,7 +15,8 @@ tasks). The variants differ only in the importance and gamma:
   `engram.importance.mas`), summed across tasks (gamma = 1). The paper's penalty has no 1/2:
   its lambda equals engram's strength / 2.
 - L2 to the previous task's weights: Omega = 1 everywhere and gamma = 0, i.e.
-  (lambda / 2) ||theta - theta*_{t-1}||^2, EWC with F = I.
+  (lambda / 2) ||theta - theta*_{t-1}||^2, EWC with F = I (stored as a scalar 1 per
+  parameter tensor, so L2's memory is the anchor alone).
 
 Hyperparameters: strength = lambda; importance; decay = gamma; importance_samples = how many
 of the task's training examples measure Omega (None: all).
@@ -44,7 +45,9 @@ def measure_importance(name: str, model: torch.nn.Module, x: torch.Tensor, y: to
         return fisher_diagonal(model, x, y, task, name.removeprefix("fisher_"), generator=generator)
     if name == "mas":
         return mas_importance(model, x, task)
-    return {n: torch.ones_like(p) for n, p in model.named_parameters()}  # uniform: plain L2
+    # uniform: plain L2. A scalar 1 per parameter broadcasts in the penalty, so L2 keeps only
+    # its anchor (4P bytes), not P ones beside it.
+    return {n: torch.ones((), dtype=p.dtype, device=p.device) for n, p in model.named_parameters()}
 
 
 @dataclass
