@@ -15,6 +15,7 @@ from engram.methods.joint import Joint
 from engram.methods.lwf import LwF
 from engram.methods.naive import Naive
 from engram.methods.ogd import OGD
+from engram.methods.pseudo_rehearsal import PseudoRehearsal
 from engram.methods.replay import Replay
 from engram.methods.sam import SAM
 from engram.methods.si import SI
@@ -32,6 +33,7 @@ METHODS.add("lwf", LwF, "learning without forgetting: distil the previous model'
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
 METHODS.add("sam", SAM, "sharpness-aware minimisation, the flat-minimum option; compose it with any method (Foret et al. 2021)")
 METHODS.add("compose", Compose, "several methods at once, e.g. replay + EWC: hooks in order, penalties summed")
 

@@ -61,6 +61,10 @@ class LwF(Method):
         if ctx.stream.scenario == "class":
             self.old_columns = torch.unique(torch.cat([t.train.y for t in earlier]))
 
+    def distillation_inputs(self, ctx: Context) -> torch.Tensor:
+        """The images the old model's outputs are distilled on: LwF uses the new task's."""
+        return ctx.batch.x
+
     def _earlier_outputs(self, model: torch.nn.Module, x: torch.Tensor, ctx: Context) -> list:
         if ctx.stream.n_heads > 1:  # every head at once, (B, H, K); keep the earlier heads
             raw = model.head(model.features(x)).view(len(x), model.n_heads, model.head_dim)
@@ -75,7 +79,7 @@ class LwF(Method):
             self._loaded = None
         if self.old_model is None:
             return None
-        x = ctx.batch.x
+        x = self.distillation_inputs(ctx)
         with torch.no_grad():
             old = self._earlier_outputs(self.old_model, x, ctx)
         new = self._earlier_outputs(ctx.model, x, ctx)
