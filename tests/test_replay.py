@@ -13,7 +13,7 @@ import torch
 from engram.config import TrainConfig
 from engram.data.streams import TensorSet
 from engram.methods.base import Context
-from engram.methods.replay import Replay, ReplayParams
+from engram.methods.replay import Replay, ReplayParams, herding_selection
 
 
 def make_ctx(seed: int = 0, batch_size: int = 32) -> Context:
@@ -205,3 +205,72 @@ def test_extra_bytes_is_the_buffer():
     assert replay.extra_bytes() == sum(p.numel() * p.element_size() for p in replay.buffer)
     offer(replay, ctx, [30])
     assert replay.extra_bytes() == 8 * per_example
+
+
+# ----------------------------------------------------------------------------- policies
+
+def test_herding_is_the_greedy_mean_matching_order_on_a_hand_made_example():
+    # mean 3.25. k=1: 2 is closest (1.25). k=2: with 2 chosen, adding 1 gives mean 1.5 (1.75
+    # away) vs 0 -> 1.0 (2.25), 10 -> 6.0 (2.75). k=3: adding 10 gives 4.33 (1.08) vs 0 -> 1.0.
+    # Nearest-to-the-mean would pick 0 third; herding picks 10.
+    features = torch.tensor([[0.0], [1.0], [2.0], [10.0]])
+    assert herding_selection(features, 3).tolist() == [2, 1, 3]
+    assert herding_selection(features, 10).tolist() == [2, 1, 3, 0]  # at most every row once
+
+
+def test_class_balanced_memory_gives_every_class_an_equal_share():
+    replay, ctx = Replay(ReplayParams(memory=20, policy="class_balanced")), make_ctx()
+    zeros = TensorSet(torch.randn(100, 1, 1, 2), torch.zeros(100, dtype=torch.long),
+                      torch.zeros(100, dtype=torch.long))
+    ones = TensorSet(torch.randn(10, 1, 1, 2), torch.ones(10, dtype=torch.long),
+                     torch.zeros(10, dtype=torch.long))
+    for data in (zeros, ones):
+        for start in range(0, len(data), 8):
+            replay.after_step(TensorSet(*(part[start:start + 8] for part in data)), ctx)
+    assert replay.n_filled == 20
+    assert torch.bincount(replay.buffer.y).tolist() == [10, 10]  # reservoir would keep ~2 ones
+    # every stored example is one that was offered, with its own input
+    for x, y in zip(replay.buffer.x, replay.buffer.y):
+        source = zeros if y == 0 else ones
+        assert any(torch.equal(x, other) for other in source.x)
+
+
+def test_herding_memory_is_chosen_at_task_end_and_old_classes_keep_a_prefix():
+    from tests.conftest import tiny_config
+    from tests.test_methods import _context
+
+    ctx = _context(tiny_config(stream={"scenario": "class", "n_tasks": 2}))
+    replay = Replay(ReplayParams(memory=30, policy="herding"))
+    task1, task2 = ctx.stream.tasks[:2]
+    ctx.task = task1
+    replay.after_step(task1.train, ctx)  # per-step offers change nothing under herding
+    assert replay.n_filled == 0
+    replay.after_task(ctx)
+    first = replay.buffer
+    assert torch.bincount(first.y).tolist()[min(task1.train.y):] == [15, 15]
+    for cls in task1.train.y.unique():  # each class's exemplars are its herding choice
+        members = task1.train.x[task1.train.y == cls]
+        with torch.no_grad():
+            features = torch.nn.functional.normalize(ctx.model.features(members), dim=1)
+        expected = members[herding_selection(features, 15)]
+        assert torch.equal(first.x[first.y == cls], expected)
+    ctx.task = task2
+    replay.after_task(ctx)
+    counts = torch.bincount(replay.buffer.y)
+    assert sorted(counts[counts > 0].tolist()) == [7, 7, 7, 7]  # 30 // 4 classes
+    for cls in task1.train.y.unique():  # the first 7 of the earlier ordered list stay
+        assert torch.equal(replay.buffer.x[replay.buffer.y == cls], first.x[first.y == cls][:7])
+
+
+@pytest.mark.parametrize("policy", ["class_balanced", "herding"])
+@pytest.mark.parametrize("scenario", ["task", "domain", "class"])
+def test_every_policy_trains_and_keeps_memory(policy, scenario, tmp_path):
+    from engram.results import read_rows
+    from engram.runner import run_experiment
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(stream={"scenario": scenario},
+                      methods=[{"name": "replay", "memory": 24, "policy": policy}])
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    memory = [float(r["value"]) for r in rows if r["metric"] == "extra_bytes"]
+    assert memory[-1] > 0 and any(r["metric"] == "run_complete" for r in rows)

@@ -1,11 +1,24 @@
-"""Experience replay with a fixed memory budget filled by reservoir sampling.
+"""Experience replay with a fixed memory budget and a choice of memory policy.
 
 Memory: `memory` examples (x, target, task id), never more, so cost does not grow with the
-stream. Every training example offered to the buffer (the task's own mini-batch, not the
-replayed part) is stored with probability memory / n_seen, replacing a uniformly chosen
-slot: reservoir sampling (Vitter 1985, "Random sampling with a reservoir", Algorithm R),
-which keeps a uniform sample of everything seen so far. As a continual-learning baseline:
-Chaudhry et al. 2019, "On tiny episodic memories in continual learning" (ER-reservoir).
+stream. What the memory keeps is the `policy`:
+
+- `reservoir` (default): every training example offered to the buffer (the task's own
+  mini-batch, not the replayed part) is stored with probability memory / n_seen, replacing a
+  uniformly chosen slot: reservoir sampling (Vitter 1985, "Random sampling with a
+  reservoir", Algorithm R), a uniform sample of everything seen so far. As a
+  continual-learning baseline: Chaudhry et al. 2019, "On tiny episodic memories in
+  continual learning" (ER-reservoir).
+- `class_balanced`: examples are stored while there is room; once full, a new example
+  replaces a random stored example of the class that holds the most slots (ties: the class
+  met first), as REMIND's buffer does (Hayes et al. 2020; reference sheet, section 14,
+  variant c). Classes end up with equal shares however unequal the stream.
+- `herding`: the memory changes only at the end of a task. Each class of the finished task
+  gets m = memory // (classes seen) exemplars chosen by iCaRL's herding (Rebuffi et al.
+  2017, Algorithm 4): on L2-normalised features of the network's body, greedily add the
+  example that brings the mean of the chosen set closest to the class mean ("review only the
+  underlined parts"); earlier classes keep the first m of their ordered lists (Algorithm 5).
+  A class is identified by (task id, target), so this works in all three scenarios.
 
 Each step trains on the concatenation of the current mini-batch and `replay_batch_size`
 examples drawn uniformly (with replacement) from the memory; the loss is the mean cross
@@ -15,9 +28,10 @@ entropy over the concatenated batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 
 from engram.config import opt
 from engram.data.streams import TensorSet
@@ -28,6 +42,32 @@ from engram.methods.base import Batch, Context, Method
 class ReplayParams:
     memory: int = opt(200, "examples the buffer holds (fixed budget)", low=1)
     replay_batch_size: int | None = opt(None, "memory examples per step (null: train.batch_size)", low=1)
+    policy: Literal["reservoir", "class_balanced", "herding"] = opt(
+        "reservoir", "what the memory keeps: a uniform sample, equal shares per class, or "
+        "iCaRL's herding exemplars chosen at each task's end")
+
+
+def class_keys(data: TensorSet) -> torch.Tensor:
+    """One integer per example naming its class: (task id, target), unique in every scenario."""
+    return data.task.long() * 2**32 + data.y.long()
+
+
+def herding_selection(features: torch.Tensor, m: int) -> torch.Tensor:
+    """iCaRL's herding (Rebuffi et al. 2017, Alg. 4): indices of m rows of `features` (N, d),
+    in the order chosen; the k-th is the row that brings the mean of the first k closest to
+    the mean of all rows, never picking a row twice."""
+    target = features.mean(dim=0)                      # (d,)
+    chosen: list[int] = []
+    total = torch.zeros_like(target)                   # sum of the chosen rows
+    available = torch.ones(len(features), dtype=torch.bool, device=features.device)
+    for k in range(1, min(m, len(features)) + 1):
+        distance = (target - (total + features) / k).norm(dim=1)  # (N,) if each were added
+        distance[~available] = float("inf")
+        pick = int(distance.argmin())
+        chosen.append(pick)
+        total += features[pick]
+        available[pick] = False
+    return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
 class Replay(Method):
@@ -42,6 +82,8 @@ class Replay(Method):
 
     @property
     def n_filled(self) -> int:
+        if self.params.policy == "herding":
+            return 0 if self.buffer is None else len(self.buffer)
         return min(self.n_seen, self.params.memory)
 
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:
@@ -53,9 +95,14 @@ class Replay(Method):
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         memory, n = self.params.memory, len(batch)
+        if self.params.policy == "herding":
+            return  # chosen at the task's end
         if self.buffer is None:
             self.buffer = TensorSet(*(torch.zeros((memory,) + part.shape[1:], dtype=part.dtype,
                                                   device=part.device) for part in batch))
+        if self.params.policy == "class_balanced":
+            self._class_balanced_insert(batch, ctx)
+            return
         # Algorithm R, one batch at a time: example number p (0-based count of examples
         # offered before it) goes to slot p while the buffer fills, afterwards to a slot
         # j ~ U{0..p} if j < memory.
@@ -77,6 +124,51 @@ class Replay(Method):
             for stored, new in zip(self.buffer, batch):
                 stored[slots.to(device)] = new[winner[slots].to(device)]
         self.n_seen += n
+
+    def _class_balanced_insert(self, batch: Batch, ctx: Context) -> None:
+        """Store while there is room; then replace a random example of the largest class."""
+        memory = self.params.memory
+        batch_keys = class_keys(batch)
+        keys = class_keys(self.buffer)
+        for i in range(len(batch)):  # one at a time: each insertion changes the class counts
+            if self.n_seen < memory:
+                slot = self.n_seen
+            else:
+                classes, counts = torch.unique(keys, return_counts=True)  # sorted by key
+                largest = classes[counts.argmax()]  # the first of the tied, by key order
+                members = torch.nonzero(keys == largest).squeeze(1)
+                slot = int(members[torch.randint(len(members), (1,), generator=ctx.generator)])
+            for stored, new in zip(self.buffer, batch):
+                stored[slot] = new[i]
+            keys[slot] = batch_keys[i]
+            self.n_seen += 1
+
+    @torch.no_grad()
+    def after_task(self, ctx: Context) -> None:
+        if self.params.policy != "herding":
+            return
+        was_training = ctx.model.training
+        ctx.model.eval()  # features without dropout noise
+        old = self.buffer
+        new_data = ctx.task.train
+        new_keys = class_keys(new_data)
+        old_keys = class_keys(old) if old is not None else new_keys[:0]
+        old_classes = list(dict.fromkeys(old_keys.tolist()))  # in stored order
+        new_classes = [k for k in dict.fromkeys(new_keys.tolist()) if k not in old_classes]
+        per_class = self.params.memory // (len(old_classes) + len(new_classes))
+        parts = []
+        for key in old_classes + new_classes:
+            if key in old_classes:  # stored in chosen order: the first m stay (Alg. 5)
+                index = torch.nonzero(old_keys == key).squeeze(1)[:per_class]
+                parts.append(TensorSet(*(part[index] for part in old)))
+            else:
+                index = torch.nonzero(new_keys == key).squeeze(1)
+                members = TensorSet(*(part[index] for part in new_data))
+                features = F.normalize(ctx.model.features(members.x), dim=1)  # (n, d)
+                pick = herding_selection(features, per_class)
+                parts.append(TensorSet(*(part[pick] for part in members)))
+        self.buffer = TensorSet.concat(parts)
+        ctx.model.train(was_training)
 
     def state_dict(self) -> dict[str, Any]:
         buffer = None if self.buffer is None else list(self.buffer)
