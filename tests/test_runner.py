@@ -181,3 +181,41 @@ def test_checkpoints_without_results_are_not_resumed_silently(tmp_path):
                 "step": 99, "tasks_done": 2}, stale)
     run_experiment(cfg, tmp_path / "b", show_progress=False)
     assert _comparable(read_rows(tmp_path / "b" / "results.csv")) == expected
+
+
+def test_a_checkpoint_ahead_of_the_results_is_not_resumed(tmp_path, monkeypatch):
+    """A sweep worker can checkpoint a task whose rows its killed parent never wrote; resuming
+    that checkpoint would leave the task without rows, so the run starts over instead."""
+    import csv
+
+    import engram.runner as runner
+    from engram.results import COLUMNS
+
+    cfg = tiny_config(checkpoint_seconds=0.0)  # a checkpoint after every task but the last
+    run_experiment(cfg, tmp_path / "full", show_progress=False)
+    real_train_task = runner.train_task
+
+    def stop_in_task_3(ctx, method, on_epoch):
+        if ctx.task.index == 2:
+            raise KeyboardInterrupt
+        real_train_task(ctx, method, on_epoch)
+
+    monkeypatch.setattr(runner, "train_task", stop_in_task_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    monkeypatch.setattr(runner, "train_task", real_train_task)
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("*.pt"))) == 1  # after task 2
+    results = tmp_path / "cut" / "results.csv"
+    kept = [r for r in read_rows(results) if r["task_trained"] != "2"]  # task 2's rows lost
+    with open(results, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(kept)
+    run_experiment(cfg, tmp_path / "cut", resume=True, show_progress=False)
+
+    def measured(path):
+        return sorted((r["task_trained"], r["epoch"], r["task_eval"], r["split"], r["metric"],
+                       r["value"]) for r in read_rows(path / "results.csv")
+                      if r["metric"] != "train_seconds")
+
+    assert measured(tmp_path / "cut") == measured(tmp_path / "full")

@@ -23,7 +23,7 @@ from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, ru
 from engram.data.streams import Stream, TensorSet
 from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.methods.base import Context, Method
-from engram.results import ResultWriter
+from engram.results import ResultWriter, row_key
 
 EVAL_CHUNK = 4096  # examples per forward pass when evaluating
 # Config keys that change how a run is carried out but not its numbers: --resume may differ.
@@ -132,6 +132,14 @@ def _evaluation_rows(ident: RunIdentity, ctx: Context, task_trained: int, epoch:
     return rows
 
 
+def task_end_recorded(keys: set, run_id: str, task: int, epochs: int) -> bool:
+    """Whether the results hold the rows written at the end of `task` (1-based) of a run:
+    its extra_bytes row, the last of that batch, so the batch before it is complete too."""
+    marker = {"run_id": run_id, "task_trained": task, "epoch": epochs, "task_eval": "",
+              "split": "", "metric": "extra_bytes"}
+    return task == 0 or row_key(marker) in keys
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -154,12 +162,20 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
                   generator=torch.Generator().manual_seed(seed), device=device)
     checkpoint = checkpoint_dir / f"{ident.run_id}.pt"
     tasks_done = 0
+    state = None
     if checkpoint.exists():
         try:
             state = torch.load(checkpoint, map_location=device, weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
             raise EngramError(f"checkpoint {checkpoint} cannot be read ({err}); delete it to "
                               "restart this run from its first task") from None
+        if not task_end_recorded(writer.keys, ident.run_id, state["tasks_done"], cfg.train.epochs):
+            # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
+            # a results file cut short): resuming would leave tasks without rows. Start over;
+            # the rows already there are re-measured identically and skipped.
+            checkpoint.unlink()
+            state = None
+    if state is not None:
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
         ctx.generator.set_state(state["generator"].cpu())  # map_location moved it

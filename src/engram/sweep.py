@@ -26,6 +26,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import os
 import queue as queue_module
 import traceback
 import types
@@ -211,9 +212,13 @@ class _QueueWriter:
 
     def __init__(self, messages: Any) -> None:
         self.messages = messages
+        self.parent = os.getppid()
         self.completed_runs: set[str] = set()  # the parent only hands out unfinished runs
+        self.keys: set[tuple[str, ...]] = set()  # the job's task-end markers, from the parent
 
     def write(self, rows: Any) -> None:
+        if os.getppid() != self.parent:
+            os._exit(1)  # the parent died: nobody would write these rows, so stop computing
         self.messages.put(("rows", list(rows)))
 
 
@@ -222,7 +227,7 @@ def _worker(worker_id: int, jobs: Any, messages: Any, checkpoint_dir: Path) -> N
     writer = _QueueWriter(messages)
     try:
         while (item := jobs.get()) is not None:
-            index, job = item
+            index, job, writer.keys = item
             messages.put(("start", worker_id, index))
             # Sent through the same queue after the job's rows, so the parent sees them first.
             messages.put(("done", worker_id, index, _execute(job, writer, checkpoint_dir)))
@@ -320,7 +325,10 @@ def _run_in_workers(todo: list[Job], workers: int, writer: Any, checkpoint_dir: 
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     jobs, messages = context.Queue(), context.Queue()
     for index, job in enumerate(todo):
-        jobs.put((index, job))
+        # The rows the parent holds that say which tasks of this run are fully recorded: a
+        # worker resumes a checkpoint only if its rows are there (runner.task_end_recorded).
+        markers = {key for key in writer.keys if key[0] == job.run_id and key[-1] == "extra_bytes"}
+        jobs.put((index, job, markers))
     processes: dict[int, Any] = {}
     running: dict[int, int] = {}  # worker id -> index of the job it holds
     worker_ids = itertools.count()
@@ -354,7 +362,7 @@ def _run_in_workers(todo: list[Job], workers: int, writer: Any, checkpoint_dir: 
                     del processes[worker_id]
                     if remaining:
                         start()
-                if not any(process.is_alive() for process in processes.values()):
+                if remaining and not any(process.is_alive() for process in processes.values()):
                     raise EngramError(f"every sweep worker process exited with {remaining} runs "
                                       "left; rerun the sweep to resume them")
                 continue
