@@ -61,6 +61,8 @@ class ModelConfig:
     hidden: list[int] = opt([256, 256], "mlp: hidden layer widths", low=1)
     channels: list[int] = opt([16, 32], "cnn: output channels of each 3x3 conv block", low=1)
     activation: Literal["relu", "tanh", "sigmoid", "leaky_relu"] = opt("relu", "hidden activation")
+    dropout: float = opt(0.0, "dropout probability after each hidden block (0: none)", low=0.0,
+                         high=0.95)
 
 
 @dataclass

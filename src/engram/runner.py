@@ -53,9 +53,11 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
 def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
     """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares."""
     cfg, model = ctx.train_cfg, ctx.model
-    optimizer = make_optimizer(model, cfg)  # fresh each task: no momentum carried across tasks
     model.train()
     method.before_task(ctx)
+    # Fresh each task, so no momentum is carried across tasks; made after before_task, which
+    # may change which parameters train (progressive nets, PackNet).
+    optimizer = make_optimizer(model, cfg)
     data = method.training_data(ctx.task.train, ctx)  # joint training widens this
     n = len(data)
     for epoch in range(1, cfg.epochs + 1):
@@ -117,14 +119,16 @@ class RunIdentity:
             "scenario": self.cfg.stream.scenario, "task_eval": "", "split": "", **fields}
 
 
-def _evaluation_rows(ident: RunIdentity, ctx: Context, task_trained: int, epoch: int) -> list[dict]:
+def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+                     epoch: int) -> list[dict]:
     rows = []
+    net = method.eval_model(ctx)  # the live model unless the method picks weights per task
     for task in ctx.stream.tasks:
         for split in ctx.train_cfg.eval_splits:
             data = task.val if split == "val" else task.test
             if data is None or len(data) == 0:
                 continue
-            accuracy, loss = evaluate(ctx.model, data)
+            accuracy, loss = evaluate(net, data)
             common = dict(task_trained=task_trained, epoch=epoch, step=ctx.step,
                           task_eval=task.index + 1, split=split)
             rows.append(ident.row(metric="accuracy", value=accuracy, **common))
@@ -160,6 +164,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
     method: Method = METHODS.get(spec.name)(spec.params)
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
                   generator=torch.Generator().manual_seed(seed), device=device)
+    ctx.model = model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
     checkpoint = checkpoint_dir / f"{ident.run_id}.pt"
     tasks_done = 0
     state = None
@@ -181,7 +186,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
-        writer.write(_evaluation_rows(ident, ctx, task_trained=0, epoch=0))  # the untrained baseline
+        writer.write(_evaluation_rows(ident, ctx, method, task_trained=0, epoch=0))  # the untrained baseline
 
     epochs = cfg.train.epochs
     if progress is not None:
@@ -200,14 +205,14 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
             writer.write([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
                                     metric="train_loss", value=mean_loss)])
             if cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and epoch < epochs:
-                writer.write(_evaluation_rows(ident, ctx, number, epoch))
+                writer.write(_evaluation_rows(ident, ctx, method, number, epoch))
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(task=f"{number}/{len(stream)}", loss=f"{mean_loss:.3f}")
 
         train_task(ctx, method, on_epoch)
         seconds = time.perf_counter() - started
-        rows = _evaluation_rows(ident, ctx, number, epochs)
+        rows = _evaluation_rows(ident, ctx, method, number, epochs)
         rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
                               metric="train_seconds", value=seconds))
         # What the method keeps beyond the live model after this task: the memory bill.

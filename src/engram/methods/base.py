@@ -2,6 +2,7 @@
 
 The runner owns the step (see `engram.runner.train_task`):
 
+    model = method.prepare_model(model, ctx)     # once per run: progressive nets add columns
     method.before_task(ctx)
     data = method.training_data(task.train, ctx)
     for batch in batches(data):
@@ -12,6 +13,7 @@ The runner owns the step (see `engram.runner.train_task`):
         optimizer.zero_grad(); loss.backward()
         method.after_backward(ctx); optimizer.step(); method.after_step(batch, ctx)
     method.after_task(ctx)
+    accuracy = evaluate(method.eval_model(ctx), test_data)  # snapshots, PackNet pick by task
 
 A method never calls `optimizer.step()` itself, so methods compose. All of its state that
 matters for resuming lives in `state_dict()` (tensors, numbers, strings, lists and dicts
@@ -59,6 +61,11 @@ class Method:
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()
 
+    def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Called once per run, before any task (and before a checkpoint is loaded into the
+        model): return the network to train. Architecture methods return a wrapper."""
+        return model
+
     def before_task(self, ctx: Context) -> None:
         pass
 
@@ -80,6 +87,12 @@ class Method:
     def after_task(self, ctx: Context) -> None:
         pass
 
+    def eval_model(self, ctx: Context) -> nn.Module:
+        """The network that is evaluated, `net(x, task) -> logits`: the live model, unless
+        the method keeps per-task weights (snapshots, PackNet masks) and may pick them by
+        task id, which only task-incremental learning allows (see `task_ids_at_test`)."""
+        return ctx.model
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -89,6 +102,11 @@ class Method:
     def extra_bytes(self) -> int:
         """Bytes of tensors the method keeps between tasks (anchors, Fishers, buffers)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self.state_dict()))
+
+
+def task_ids_at_test(ctx: Context) -> bool:
+    """Whether the task identity may be used at test time: task-incremental learning only."""
+    return ctx.stream.scenario == "task"
 
 
 def _tensors(tree: Any):

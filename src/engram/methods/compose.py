@@ -46,6 +46,11 @@ class Compose(Method):
         self.parts: list[Method] = [METHODS.get(spec.name)(spec.params)
                                     for spec in self.params.methods]
 
+    def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
+        for part in self.parts:
+            model = part.prepare_model(model, ctx)
+        return model
+
     def before_task(self, ctx: Context) -> None:
         for part in self.parts:
             part.before_task(ctx)
@@ -75,6 +80,17 @@ class Compose(Method):
     def after_task(self, ctx: Context) -> None:
         for part in self.parts:
             part.after_task(ctx)
+
+    def eval_model(self, ctx: Context) -> torch.nn.Module:
+        """The first part that evaluates something other than the live model decides."""
+        for part in self.parts:
+            net = part.eval_model(ctx)
+            if net is not ctx.model:
+                return net
+        return ctx.model
+
+    def extra_bytes(self) -> int:
+        return sum(part.extra_bytes() for part in self.parts)
 
     def state_dict(self) -> dict[str, Any]:
         return {str(i): part.state_dict() for i, part in enumerate(self.parts)}

@@ -18,6 +18,8 @@ def mlp_body(input_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[nn.Module,
     width = math.prod(input_shape)
     for hidden in cfg.hidden:
         layers += [nn.Linear(width, hidden), ACTIVATIONS[cfg.activation]()]
+        if cfg.dropout > 0:  # only when asked, so the default body's layer indices stay put
+            layers.append(nn.Dropout(cfg.dropout))
         width = hidden
     return nn.Sequential(*layers), width
 
@@ -31,6 +33,8 @@ def cnn_body(input_shape: tuple[int, ...], cfg: ModelConfig) -> tuple[nn.Module,
         if min(height, width) >= 2:  # 8x8 digits allow three halvings, 28x28 MNIST more
             layers.append(nn.MaxPool2d(2))
             height, width = height // 2, width // 2
+        if cfg.dropout > 0:
+            layers.append(nn.Dropout(cfg.dropout))
         channels = out_channels
     layers.append(nn.Flatten())
     return nn.Sequential(*layers), channels * height * width
@@ -54,13 +58,18 @@ class ContinualNet(nn.Module):
         return self.body(x)
 
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        logits = self.head(self.body(x))
+        return self.output(self.body(x), task)
+
+    def output(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits from body features (B, F): the head, then each example's own head."""
+        logits = self.head(features)
         if self.n_heads == 1:
             return logits
         if task is None:
             raise ValueError("a multi-head model needs the task id of every example")
-        per_head = logits.view(len(x), self.n_heads, self.head_dim)  # (B, H, K)
-        return per_head[torch.arange(len(x), device=x.device), task]  # (B, K)
+        rows = len(features)
+        per_head = logits.view(rows, self.n_heads, self.head_dim)  # (B, H, K)
+        return per_head[torch.arange(rows, device=features.device), task]  # (B, K)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_heads: int,
