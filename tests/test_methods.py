@@ -35,8 +35,9 @@ def _train_two_tasks(name, scenario="class"):
     """Train a fresh model with the method's defaults on tasks 1 and 2 of a tiny stream."""
     cfg = tiny_config(stream={"scenario": scenario})
     ctx = _context(cfg)
-    initial = [p.detach().clone() for p in ctx.model.parameters()]
     method = METHODS.get(name)(parse_method(name, {}, "test").params)
+    ctx.model = method.prepare_model(ctx.model, ctx)  # as run_one does: a wrapper, or the same
+    initial = [p.detach().clone() for p in ctx.model.parameters()]
     losses = []
     for task in ctx.stream.tasks[:2]:
         ctx.task = task
