@@ -142,3 +142,21 @@ def test_one_sgd_step_moves_only_the_used_head(three_heads):
     after = model.head.weight.detach()
     assert not torch.equal(after[0:4], before[0:4])
     assert torch.equal(after[4:12], before[4:12])
+
+
+def test_dropout_option_adds_dropout_after_each_hidden_block_only_when_asked():
+    from engram.config import ModelConfig
+    from engram.models.nets import cnn_body, mlp_body
+
+    plain, _ = mlp_body((1, 8, 8), ModelConfig(hidden=[16, 8]))
+    assert not any(isinstance(m, torch.nn.Dropout) for m in plain)
+    body, _ = mlp_body((1, 8, 8), ModelConfig(hidden=[16, 8], dropout=0.3))
+    drops = [m for m in body if isinstance(m, torch.nn.Dropout)]
+    assert len(drops) == 2 and all(m.p == 0.3 for m in drops)
+    assert isinstance(body[3], torch.nn.Dropout)  # Flatten, Linear, ReLU, Dropout, ...
+    cnn, _ = cnn_body((1, 8, 8), ModelConfig(channels=[4, 4], dropout=0.5))
+    assert sum(isinstance(m, torch.nn.Dropout) for m in cnn) == 2
+    # dropout acts in training only: eval is deterministic
+    body.eval()
+    x = torch.rand(4, 1, 8, 8)
+    assert torch.equal(body(x), body(x))
