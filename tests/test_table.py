@@ -270,3 +270,19 @@ def test_cli_table_names_a_missing_results_file(tmp_path, capsys):
 
     assert main(["table", str(tmp_path)]) == 2
     assert "results.csv does not exist" in capsys.readouterr().err
+
+
+def test_table_joins_several_folders_into_one_table(tmp_path, capsys):
+    from engram.cli import main
+
+    main_dir, baselines = tmp_path / "main", tmp_path / "baselines"
+    for folder, name, label in ((main_dir, "exp", "naive"), (baselines, "wide", "naive")):
+        folder.mkdir()
+        with ResultWriter(folder / "results.csv") as writer:
+            writer.write(two_seeds(name=name, label=label))
+    assert main(["table", str(main_dir), str(baselines), "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| exp / naive |" in out and "| wide / naive |" in out
+    assert (main_dir / "plots" / "scenario_table.png").is_file()
+    assert main(["table", str(main_dir), str(tmp_path / "nowhere")]) == 2
+    assert "nowhere/results.csv does not exist" in capsys.readouterr().err

@@ -123,8 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "forgetting and backward transfer as mean ± standard error over seeds, the "
                     "wall time of training and the extra memory the method keeps (anchors, "
                     "importances, buffers, stored gradients, stored data). Writes "
-                    "RUN_DIR/plots/scenario_table.png.")
+                    "RUN_DIR/plots/scenario_table.png. More folders (e.g. a second sweep of "
+                    "baselines) join the same table; rows then read 'experiment / method'.")
     scenario_table.add_argument("run_dir", help="a folder holding results.csv")
+    scenario_table.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
+                                help="further folders whose runs join the table")
     scenario_table.add_argument("--markdown", action="store_true",
                                 help="print GitHub-markdown tables (for a README)")
     scenario_table.add_argument("--split", choices=["test", "val"], default=None,
@@ -271,25 +274,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
-                          split: str | None = None) -> None:
+                          split: str | None = None, more_dirs: list[str] = ()) -> None:
     from engram.errors import DataError
     from engram.results import read_rows
     from engram.summary import format_scenario_table, scenario_table
 
-    path = Path(run_dir) / "results.csv"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
-                        "or `engram sweep`")
-    table = scenario_table(read_rows(path), split)
+    rows = []
+    for folder in [run_dir, *more_dirs]:
+        path = Path(folder) / "results.csv"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
+                            "or `engram sweep`")
+        rows += read_rows(path)
+    table = scenario_table(rows, split)
     print(format_scenario_table(table, markdown=markdown))
     if png and table:
         from engram.plots import write_table_png
-        print(f"\ntable plot: {write_table_png(run_dir, split)}")
+        print(f"\ntable plot: {write_table_png(run_dir, split, more_dirs)}")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
     _print_scenario_table(Path(args.run_dir), png=not args.no_png, markdown=args.markdown,
-                          split=args.split)
+                          split=args.split, more_dirs=args.more_dirs)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:

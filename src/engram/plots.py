@@ -535,18 +535,22 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     return written
 
 
-def write_table_png(run_dir: str | Path, split: str | None = None) -> Path:
+def write_table_png(run_dir: str | Path, split: str | None = None,
+                    more_dirs: Sequence[str | Path] = ()) -> Path:
     """Draw the three-scenario table of a run folder into ``run_dir/plots/scenario_table.png``.
 
     Four panels of :func:`plot_scenario_table` over the complete runs of
-    ``run_dir/results.csv``: average accuracy, average forgetting, wall time and extra
-    memory, on `split` (default: test when measured, else val). Returns the path. Raises
-    DataError when results.csv is missing or has no complete run.
+    ``run_dir/results.csv`` (and of each folder in `more_dirs`, drawn in the same table):
+    average accuracy, average forgetting, wall time and extra memory, on `split` (default:
+    test when measured, else val). Returns the path. Raises DataError when a results.csv is
+    missing or there is no complete run.
     """
     from engram.summary import method_names, scenario_columns, scenario_table
 
     run_dir = Path(run_dir)
     path, rows = _read_results(run_dir)
+    for extra in more_dirs:
+        rows = rows + _read_results(Path(extra))[1]
     table = scenario_table(rows, split)
     if not table:
         raise DataError(f"{path} has no complete runs yet; the scenario table averages "
