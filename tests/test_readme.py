@@ -24,3 +24,11 @@ def test_quickstart_is_two_commands_install_and_demo_then_install_and_test():
 def test_ci_runs_the_readme_test_command():
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert _quickstart_commands()[1] in ci_lines
+
+
+def test_every_registered_method_has_a_row_in_the_readme_methods_table():
+    from engram.methods import METHODS
+
+    readme = (ROOT / "README.md").read_text()
+    missing = [name for name in METHODS.names() if f"| `{name}` |" not in readme]
+    assert not missing, f"README methods table lacks: {missing}"

@@ -11,14 +11,22 @@ from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
 from engram.methods.ewc import EWC
+from engram.methods.generative_replay import GenerativeReplay
 from engram.methods.joint import Joint
+from engram.methods.latent_replay import LatentReplay
 from engram.methods.lwf import LwF
+from engram.methods.mcsgd import MCSGD
+from engram.methods.multihead import MultiHead
 from engram.methods.naive import Naive
 from engram.methods.ogd import OGD
+from engram.methods.packnet import PackNet
+from engram.methods.progressive import Progressive
 from engram.methods.pseudo_rehearsal import PseudoRehearsal
 from engram.methods.replay import Replay
 from engram.methods.sam import SAM
 from engram.methods.si import SI
+from engram.methods.sleep import Sleep
+from engram.methods.snapshots import Snapshots
 from engram.registry import Registry
 
 METHODS: Registry = Registry("method")
@@ -34,7 +42,15 @@ METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic m
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
 METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
+METHODS.add("latent_replay", LatentReplay, "REMIND-style latent replay: freeze the lower layers after task 1, replay product-quantised features through the upper layers (Hayes et al. 2020)")
+METHODS.add("multihead", MultiHead, "shared trunk, one head per task; the trunk frozen after N tasks (task-IL heads)")
+METHODS.add("snapshots", Snapshots, "store the whole model after every task; task-IL picks each task's copy by task id")
+METHODS.add("generative_replay", GenerativeReplay, "deep generative replay: a VAE generates earlier inputs, the previous model labels them (Shin et al. 2017)")
 METHODS.add("sam", SAM, "sharpness-aware minimisation, the flat-minimum option; compose it with any method (Foret et al. 2021)")
+METHODS.add("mcsgd", MCSGD, "mode-connectivity SGD: merge each task's solution with the previous one along low-loss lines (Mirzadeh et al. 2021)")
+METHODS.add("packnet", PackNet, "PackNet: per-task weight masks by iterative magnitude pruning; task-incremental (Mallya & Lazebnik 2018)")
+METHODS.add("progressive", Progressive, "progressive neural networks: a new column per task with lateral connections, earlier columns frozen (Rusu et al. 2016)")
+METHODS.add("sleep", Sleep, "sleep replay consolidation: spiking sleep with Hebbian plasticity after each task (Tadros et al. 2022)")
 METHODS.add("compose", Compose, "several methods at once, e.g. replay + EWC: hooks in order, penalties summed")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]
