@@ -71,3 +71,23 @@ def test_stored_directions_are_the_true_logit_gradients():
         g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(logit, params)])
         residual = g - method.basis.T @ (method.basis @ g)
         assert residual.norm() < 1e-4 * g.norm()
+
+
+def test_frozen_parameters_give_a_clear_error_not_a_crash():
+    import pytest
+
+    from engram.config import parse_method
+    from engram.errors import ConfigError
+    from engram.methods import METHODS
+    from engram.runner import train_task
+    from tests.conftest import tiny_config
+    from tests.test_methods import _context
+
+    ctx = _context(tiny_config(stream={"scenario": "task"}))
+    spec = parse_method("compose", {"methods": ["multihead", "ogd"]}, "test")
+    method = METHODS.get("compose")(spec.params)
+    with pytest.raises(ConfigError, match="does not compose with methods that freeze"):
+        for task in ctx.stream.tasks[:2]:
+            ctx.task = task
+            ctx.seen_tasks.append(task)
+            train_task(ctx, method, lambda epoch, loss: None)

@@ -4,6 +4,7 @@ so `engram --help` answers at once and start-up costs only what a command needs.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -339,6 +340,11 @@ def main(argv: list[str] | None = None) -> int:
     except EngramError as err:
         print(f"engram: error: {err}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader went away (`engram table DIR | head`): stop quietly. Point stdout at
+        # devnull so the interpreter's final flush does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("\nengram: interrupted; every row measured so far is in results.csv. "
               "Rerun the same command (engram run: with --resume) to finish.",

@@ -22,6 +22,7 @@ import torch
 from torch.func import functional_call, grad, vmap
 
 from engram.config import opt
+from engram.errors import ConfigError
 from engram.methods.base import Context, Method, flat_grad, random_subset, set_flat_grad
 
 
@@ -66,6 +67,10 @@ class OGD(Method):
         if self.basis is None:
             return
         params = list(ctx.model.parameters())
+        if any(p.grad is None for p in params):
+            raise ConfigError("ogd projects the gradient of every parameter, but some got none "
+                              "(frozen by multihead, progressive or latent_replay?); OGD does "
+                              "not compose with methods that freeze parameters")
         flat = flat_grad(params)
         set_flat_grad(params, flat - self.basis.T @ (self.basis @ flat))
 
