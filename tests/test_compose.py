@@ -52,3 +52,15 @@ def test_compose_runs_end_to_end(tmp_path):
     rows = read_rows(tmp_path / "results.csv")
     assert {r["label"] for r in rows} == {"replay+ewc"}
     assert any(r["metric"] == "run_complete" for r in rows)
+
+
+@pytest.mark.parametrize("other", ["sam", "agem", "ogd"])
+def test_packnet_with_a_gradient_rewriting_method_is_refused(other):
+    from engram.config import parse_method
+    from engram.errors import ConfigError
+    from engram.methods import METHODS
+
+    for order in (["packnet", other], [other, "packnet"]):
+        spec = parse_method("compose", {"methods": order}, "test")
+        with pytest.raises(ConfigError, match="packnet freezes weights"):
+            METHODS.get("compose")(spec.params)

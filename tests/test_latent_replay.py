@@ -115,8 +115,8 @@ def trained(scenario="class", model=None, train=None, tasks=3, **params):
 def test_lower_part_is_bit_identical_after_the_base_task_and_upper_part_learns(model, train):
     ctx, method, snapshots = trained(model=model, train=train)
     lower = ["body." + name for name in method.lower(ctx.model).state_dict()]
-    assert lower == ["body.0.weight", "body.0.bias"] if model["kind"] == "cnn" else \
-        ["body.1.weight", "body.1.bias"]
+    assert lower == (["body.0.weight", "body.0.bias"] if model["kind"] == "cnn"
+                     else ["body.1.weight", "body.1.bias"])
     upper = [name for name in snapshots[0] if name not in lower]
     for before, after in zip(snapshots[:-1], snapshots[1:]):  # tasks 1 -> 2, 2 -> 3
         for name in lower:
@@ -232,3 +232,23 @@ def test_live_forward_passes_quantise_g_output_only_after_the_base_task(quantise
         assert not torch.allclose(quantised, features)  # 4 centroids cannot be exact
         through_f = method.upper_logits(model, quantised if quantise_live else features, task)
         torch.testing.assert_close(model(x), through_f)
+
+
+def test_copying_the_model_does_not_copy_the_method():
+    """LwF and snapshots deep-copy the model; the quantising hook must not drag the method's
+    codes and codebooks along (an unbilled second copy)."""
+    import copy
+    import gc
+
+    ctx, method, _ = trained()
+
+    def alive() -> int:
+        gc.collect()
+        return sum(type(obj) is LatentReplay for obj in gc.get_objects())
+
+    before = alive()
+    clone = copy.deepcopy(ctx.model)
+    assert alive() == before
+    x = ctx.stream.tasks[0].test.x[:4]
+    with torch.no_grad():  # the copy still quantises through the one method
+        torch.testing.assert_close(clone.body(x), ctx.model.body(x))

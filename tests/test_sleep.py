@@ -272,3 +272,18 @@ def test_refuses_models_that_are_not_relu_mlps(model):
     ctx.model = net
     with pytest.raises(ConfigError, match="relu"):
         Sleep().before_task(ctx)
+
+
+def test_thresholds_must_be_positive():
+    import pytest
+
+    from engram.errors import ConfigError
+    from engram.methods.sleep import Sleep, SleepParams, layer_values
+    from tests.conftest import tiny_config
+    from tests.test_methods import _context
+
+    with pytest.raises(ConfigError, match="every beta must be > 0"):
+        layer_values([1.0, 0.0, 2.0], 3)
+    ctx = _context(tiny_config())
+    with pytest.raises(ConfigError, match="threshold must be > 0"):
+        Sleep(SleepParams(threshold=0.0)).prepare_model(ctx.model, ctx)

@@ -48,6 +48,7 @@ class AGEM(Method):
     """Project each gradient so it does not increase the loss on an episodic memory."""
 
     Params = AGEMParams
+    rewrites_gradients = True  # see Method.rewrites_gradients
 
     def __init__(self, params: AGEMParams | None = None) -> None:
         super().__init__(params)

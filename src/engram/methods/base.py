@@ -57,6 +57,10 @@ class Method:
     """Base class: every hook does nothing. Subclasses override the hooks they need."""
 
     Params: ClassVar[type] = NoParams
+    # Freezing by zeroing gradients (PackNet) is undone by a method that recomputes the
+    # gradient (SAM, A-GEM, OGD); Compose refuses to combine the two kinds.
+    masks_gradients: ClassVar[bool] = False
+    rewrites_gradients: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -20,6 +20,7 @@ import torch
 
 from engram.config import MethodSpec
 from engram.data.streams import TensorSet
+from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
 
 
@@ -45,6 +46,13 @@ class Compose(Method):
             self.params.methods = [parse_method(n, {}, "compose") for n in self.default_methods]
         self.parts: list[Method] = [METHODS.get(spec.name)(spec.params)
                                     for spec in self.params.methods]
+        masking = [s.name for s, m in zip(self.params.methods, self.parts) if m.masks_gradients]
+        rewriting = [s.name for s, m in zip(self.params.methods, self.parts) if m.rewrites_gradients]
+        if masking and rewriting:
+            raise ConfigError(
+                f"compose: {', '.join(masking)} freezes weights by zeroing their gradients and "
+                f"{', '.join(rewriting)} recomputes the gradient, which would move the frozen "
+                "weights; these methods cannot be combined")
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         for part in self.parts:

@@ -13,8 +13,9 @@ solver labels (reference sheet, section 17):
 The replay term is this method's `penalty`: each step draws `replay_batch_size` fresh x'
 (64, a constant, so the cost per step does not grow with the number of tasks) and returns
 ((1 - r) / r) * CE(S(x'), y'). The runner's loss is the real mini-batch's mean CE with weight
-1, so the total is L_S / r: the same minimiser and, under Adam, the same steps (under SGD the
-step size is 1/r larger). r is `real_fraction`, by default 1/t at task t, van de Ven's
+1, so the total is L_S / r: the same minimiser and, under Adam without weight decay, nearly
+the same steps (Adam is invariant to the loss scale up to its eps; under SGD the step size is
+1/r larger). r is `real_fraction`, by default 1/t at task t, van de Ven's
 `rnt = 1/context` (each earlier task weighs as much as the new one); the kuc2477 DGR code
 uses r = 1/2.
 
@@ -222,6 +223,9 @@ class GenerativeReplay(Method):
         loss.backward()
         self.optimizer.step()
         self.vae_loss = loss.detach()
+
+    def after_task(self, ctx: Context) -> None:
+        self.optimizer = None  # the VAE's Adam moments: rebuilt at the next task start, not kept
 
     def _materialise_old_solver(self, ctx: Context) -> None:
         if self.old_solver is None and self._loaded_solver is not None:  # from a state dict

@@ -69,6 +69,7 @@ sum of the state's tensors). The frozen G is part of the live model and is not b
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -195,6 +196,14 @@ def block_cut(body: nn.Module, frozen_layers: int) -> int:
     return starts[frozen_layers] if frozen_layers < len(starts) else len(body)
 
 
+def _weak_hook(method_ref: weakref.ref) -> Any:
+    """A forward hook calling `method._quantise_output` while the method is alive."""
+    def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> Any:
+        method = method_ref()
+        return None if method is None else method._quantise_output(module, inputs, output)
+    return hook
+
+
 class LatentReplay(Method):
     """Freeze the lower layers after the first task; replay product-quantised features of
     stored examples through the upper layers."""
@@ -258,7 +267,9 @@ class LatentReplay(Method):
         if self.params.quantise_live:
             if self._hook is not None:
                 self._hook.remove()
-            self._hook = lower[-1].register_forward_hook(self._quantise_output)
+            # Through a weak reference: a bound method would make copy.deepcopy(model) (LwF,
+            # snapshots) silently copy this whole method, codes and codebooks included.
+            self._hook = lower[-1].register_forward_hook(_weak_hook(weakref.ref(self)))
         return model
 
     def before_task(self, ctx: Context) -> None:

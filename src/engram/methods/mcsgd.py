@@ -168,7 +168,8 @@ class MCSGD(Method):
                     weight.sub_(p.lmc_lr * velocity[name])
             last = loss.detach()
         model.train(was_training)
-        if not torch.isfinite(last):
+        finite = torch.isfinite(last) and all(bool(torch.isfinite(t).all()) for t in w.values())
+        if not finite:  # also after the last update, whose objective was never evaluated
             raise DivergenceError(
                 f"MC-SGD's connectivity search diverged after task {ctx.task.index + 1} (objective "
                 f"{float(last)}); lower the method's lmc_lr (now {p.lmc_lr})")

@@ -58,6 +58,7 @@ class OGD(Method):
     """Project gradients orthogonal to stored prediction gradients of earlier tasks."""
 
     Params = OGDParams
+    rewrites_gradients = True  # see Method.rewrites_gradients
 
     def __init__(self, params: OGDParams | None = None) -> None:
         super().__init__(params)

@@ -28,7 +28,8 @@ What is frozen, and why it is exact: gradients are zeroed from the first step of
 task and the runner makes a fresh optimizer each task, so Adam's / SGD-momentum's state of a
 frozen weight stays exactly zero and its update is exactly 0 (pitfall 1 of the reference
 sheet). Weight decay would still move frozen weights, so train.weight_decay > 0 is a
-ConfigError. Biases of the body (and any body parameter that is not a masked weight) are
+ConfigError, and so is composing PackNet with a method that recomputes the gradient after
+the mask (SAM, A-GEM, OGD: see Compose). Biases of the body (and any body parameter that is not a masked weight) are
 trained with task 1 and frozen afterwards: the reference's default `nobias`, which freezes
 the pretrained network's biases; engram starts from random weights, so task 1 sets them.
 
@@ -137,6 +138,7 @@ class PackNet(Method):
     """Per-task weight ownership: train the free weights, prune, retrain, freeze."""
 
     Params = PackNetParams
+    masks_gradients = True  # see Method.masks_gradients
 
     def __init__(self, params: PackNetParams | None = None) -> None:
         super().__init__(params)

@@ -34,6 +34,7 @@ class SAM(Method):
     """Replace the cross-entropy gradient by its value at the worst nearby weights."""
 
     Params = SAMParams
+    rewrites_gradients = True  # see Method.rewrites_gradients
 
     def after_backward(self, ctx: Context) -> None:
         model, batch = ctx.model, ctx.batch

@@ -223,6 +223,8 @@ def layer_values(values: list[float], n_layers: int) -> list[float]:
     values = [float(v) for v in values]
     if not values:
         raise ConfigError("sleep: betas must hold at least one threshold")
+    if any(v <= 0 for v in values):  # a unit with threshold <= 0 would fire on no input at all
+        raise ConfigError(f"sleep: every beta must be > 0, got {values}")
     if len(values) == n_layers or len(values) == 1:
         return values * (n_layers // len(values))
     hidden = values[:-1] or values[-1:]
@@ -297,6 +299,8 @@ class Sleep(Method):
 
     def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
         sleeping_layers(model)  # refuse a CNN or another activation before any training
+        if self.params.threshold <= 0:  # units would fire on no input at all
+            raise ConfigError(f"sleep: threshold must be > 0, got {self.params.threshold}")
         return model
 
     def before_task(self, ctx: Context) -> None:
