@@ -171,7 +171,7 @@ def fit_codebooks(features: torch.Tensor, subvectors: int, codebook_size: int,
     codebooks = vectors[:, first.to(features.device)].clone()              # (M, K, s)
     size = vectors.shape[-1]
     for _ in range(iterations):
-        nearest = squared_distances(vectors, codebooks).argmin(-1)         # (M, N)
+        nearest = pq_encode(features.float(), codebooks).long().T         # (M, N), chunked
         sums = torch.zeros_like(codebooks).scatter_add_(
             1, nearest.unsqueeze(-1).expand(-1, -1, size), vectors)        # (M, K, s)
         counts = torch.zeros(codebooks.shape[:2], device=features.device).scatter_add_(
