@@ -37,8 +37,8 @@ COLUMNS = ["run_id", "name", "seed", "method", "label", "params", "dataset", "st
 KEY = ("run_id", "task_trained", "epoch", "task_eval", "split", "metric")
 
 
-def row_key(row: dict[str, Any]) -> tuple[str, ...]:
-    return tuple(str(row[k]) for k in KEY)
+def row_key(row: dict[str, Any], key: tuple[str, ...] = KEY) -> tuple[str, ...]:
+    return tuple(str(row[k]) for k in key)
 
 
 def _repair_tail(path: Path) -> None:
@@ -58,22 +58,27 @@ def _repair_tail(path: Path) -> None:
 
 
 class ResultWriter:
-    """Append rows to `results.csv`, flushing each batch, skipping keys already present."""
+    """Append rows to `results.csv`, flushing each batch, skipping keys already present.
 
-    def __init__(self, path: str | Path) -> None:
+    `columns` and `key` default to the continual-learning table above; other tables (the
+    importance profiler's) pass their own."""
+
+    def __init__(self, path: str | Path, columns: list[str] = COLUMNS,
+                 key: tuple[str, ...] = KEY) -> None:
         self.path = Path(path)
+        self.columns, self.key = columns, key
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set[tuple[str, ...]] = set()
         self.completed_runs: set[str] = set()
         if self.path.exists():
             _repair_tail(self.path)
-            for row in read_rows(self.path):
-                self.keys.add(row_key(row))
-                if row["metric"] == "run_complete":
+            for row in read_rows(self.path, columns, key):
+                self.keys.add(row_key(row, key))
+                if row.get("metric") == "run_complete":
                     self.completed_runs.add(row["run_id"])
         new_file = not self.path.exists() or self.path.stat().st_size == 0
         self._file = open(self.path, "a", newline="")
-        self._writer = csv.DictWriter(self._file, fieldnames=COLUMNS, lineterminator="\n")
+        self._writer = csv.DictWriter(self._file, fieldnames=columns, lineterminator="\n")
         if new_file:
             self._writer.writeheader()
             self._file.flush()
@@ -82,7 +87,7 @@ class ResultWriter:
         """Append the rows not already present; flush; return how many were written."""
         written = 0
         for row in rows:
-            key = row_key(row)
+            key = row_key(row, self.key)
             if key in self.keys:
                 continue
             self.keys.add(key)
@@ -101,14 +106,16 @@ class ResultWriter:
         self.close()
 
 
-def read_rows(path: str | Path) -> list[dict[str, str]]:
-    """All complete rows of a results CSV as dicts of strings (a torn last line is ignored)."""
+def read_rows(path: str | Path, columns: list[str] = COLUMNS,
+              key: tuple[str, ...] = KEY) -> list[dict[str, str]]:
+    """All complete rows of a results CSV as dicts of strings (a torn last line is ignored).
+    DataError when the file's header is not a table of `columns` (identified by `key`)."""
     text = Path(path).read_text()
     if text and not text.endswith("\n"):
         text = text[: text.rfind("\n") + 1]
     reader = csv.DictReader(io.StringIO(text))
-    if reader.fieldnames is not None and reader.fieldnames[: len(KEY)] != COLUMNS[: len(KEY)] \
-            and not set(KEY) <= set(reader.fieldnames):
+    if reader.fieldnames is not None and reader.fieldnames[: len(key)] != columns[: len(key)] \
+            and not set(key) <= set(reader.fieldnames):
         from engram.errors import DataError
         raise DataError(f"{path} is not an engram results file (columns: {reader.fieldnames})")
     return list(reader)
