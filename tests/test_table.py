@@ -124,9 +124,12 @@ def test_entries_in_first_seen_order_and_methods_not_run_in_a_scenario_show_a_da
 def test_method_names_show_the_experiment_only_when_there_are_several():
     entry = lambda name, label: {"name": name, "label": label, "cells": {}}  # noqa: E731
     assert method_names([entry("a", "naive"), entry("a", "ewc")]) == ["naive", "ewc"]
-    assert method_names([entry("a", "naive"), entry("b", "naive")]) == ["a / naive", "b / naive"]
+    assert method_names([entry("a", "naive"), entry("b", "naive")]) == ["naive", "b / naive"]
+    # the experiment with most rows reads bare; grid names lose their section prefixes
+    table = [entry("b[model.hidden=[8]]", "naive"), entry("a", "naive"), entry("a", "ewc")]
+    assert method_names(table) == ["b[hidden=[8]] / naive", "naive", "ewc"]
     rows = run_rows(R0, 0, name="a") + run_rows(R0, 0, name="b")
-    assert format_scenario_table(scenario_table(rows)).splitlines()[3].startswith("a / naive  ")
+    assert format_scenario_table(scenario_table(rows)).splitlines()[3].startswith("naive  ")
 
 
 def test_format_scenario_table_reads_as_expected():
@@ -282,7 +285,7 @@ def test_table_joins_several_folders_into_one_table(tmp_path, capsys):
             writer.write(two_seeds(name=name, label=label))
     assert main(["table", str(main_dir), str(baselines), "--markdown"]) == 0
     out = capsys.readouterr().out
-    assert "| exp / naive |" in out and "| wide / naive |" in out
+    assert "| naive |" in out and "| wide / naive |" in out
     assert (main_dir / "plots" / "scenario_table.png").is_file()
     assert main(["table", str(main_dir), str(tmp_path / "nowhere")]) == 2
     assert "nowhere/results.csv does not exist" in capsys.readouterr().err

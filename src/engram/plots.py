@@ -367,6 +367,12 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     scale, unit = 1.0, {"wall_seconds": "s"}.get(metric, "")
     if metric == "extra_bytes":
         scale, unit = byte_unit(max([abs(m) for m, _ in values] + [0.0]))
+    # Memory spanning orders of magnitude (a few bytes to a basis of gradients) reads on a
+    # log axis; 0 B bars are then drawn as nothing, their labels sitting on the axis floor.
+    positive = [m for m, _ in values if m > 0]
+    log_floor = None
+    if metric == "extra_bytes" and positive and max(positive) > 1000 * min(positive):
+        log_floor = min(positive) / scale / 3
     width = 0.8 / max(len(scenarios), 1)
     for k, scenario in enumerate(scenarios):
         offset = (k - (len(scenarios) - 1) / 2) * width  # centre the group on the tick
@@ -380,14 +386,22 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
         has_se = np.isfinite(se) & (se > 0)  # a zero-length bar would only draw its caps
         if metric == "extra_bytes":
             for xpos, m, top in zip(x, mean, np.where(has_se, mean + se, mean)):
-                ax.annotate(format_bytes(m), (xpos, top / scale), xytext=(0, 2),
+                y = top / scale if log_floor is None else max(top / scale, log_floor)
+                ax.annotate(format_bytes(m), (xpos, y), xytext=(0, 2),
                             textcoords="offset points", ha="center", va="bottom",
                             rotation=90, fontsize=7)
             ax.margins(y=0.25)  # room for the labels above the tallest bar
         if has_se.any():
             ax.errorbar(x[has_se], mean[has_se] / scale, yerr=se[has_se] / scale, fmt="none",
                         ecolor="black", capsize=3, linewidth=1)
-    ax.set_xticks(range(len(table)), [_wrap(n) for n in method_names(table)], fontsize=8)
+    if len(table) > ROTATE_LABELS_ABOVE:  # many methods: slanted one-line labels stay apart
+        ax.set_xticks(range(len(table)), method_names(table), fontsize=8, rotation=55,
+                      ha="right", rotation_mode="anchor")
+    else:
+        ax.set_xticks(range(len(table)), [_wrap(n) for n in method_names(table)], fontsize=8)
+    if log_floor is not None:
+        ax.set_yscale("log")
+        ax.set_ylim(bottom=log_floor, top=max(positive) / scale * 3000)  # room for the labels
     ax.axhline(0, color="black", linewidth=0.6)
     if metric == "average_accuracy":
         ax.set_ylim(0, 1.05)
@@ -401,6 +415,9 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     if scenarios:
         ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     return ax
+
+
+ROTATE_LABELS_ABOVE = 12  # methods in a scenario-table panel beyond which tick labels slant
 
 
 def _wrap(label: str) -> str:
@@ -559,11 +576,21 @@ def write_table_png(run_dir: str | Path, split: str | None = None,
     out.mkdir(exist_ok=True)
     # Panels stacked, each wide enough that a method's group of bars or its wrapped label
     # (8 pt, ~0.065 in a character) fits, capped so the figure stays readable on a page.
-    longest = max(len(line) for n in method_names(table) for line in _wrap(n).split("\n"))
-    per_method = max(0.3 * len(scenario_columns(table)) + 0.3, 0.065 * longest + 0.2)
+    if len(table) > ROTATE_LABELS_ABOVE:  # slanted labels: the width needs only the bars
+        per_method = 0.25 * len(scenario_columns(table)) + 0.2
+    else:
+        longest = max(len(line) for n in method_names(table) for line in _wrap(n).split("\n"))
+        per_method = max(0.3 * len(scenario_columns(table)) + 0.3, 0.065 * longest + 0.2)
     metrics = ("average_accuracy", "average_forgetting", "wall_seconds", "extra_bytes")
-    fig = _new_figure(min(max(9.0, per_method * len(table) + 2.5), 18.0), 3.2 * len(metrics))
-    for ax, metric in zip(fig.subplots(len(metrics), 1), metrics):
+    slanted = len(table) > ROTATE_LABELS_ABOVE
+    longest = max(len(n) for n in method_names(table))
+    label_room = 0.06 * longest if slanted else 0.0  # inches under the bottom panel
+    fig = _new_figure(min(max(9.0, per_method * len(table) + 2.5), 18.0),
+                      3.2 * len(metrics) + label_room)
+    axes = fig.subplots(len(metrics), 1, sharex=True)
+    for ax, metric in zip(axes, metrics):
         plot_scenario_table(table, ax, metric)
+    for ax in axes[:-1]:  # one set of method names, under the bottom panel
+        ax.tick_params(labelbottom=False)
     return _save(fig, out / ("scenario_table.png" if split in (None, "test")
                              else f"scenario_table_{split}.png"))

@@ -13,7 +13,8 @@ scenarios, with what each method costs in time and memory).
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+import re
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -210,10 +211,17 @@ def scenario_columns(table: list[dict[str, object]]) -> list[str]:
 
 
 def method_names(table: list[dict[str, object]]) -> list[str]:
-    """Row names: the label alone when every entry comes from one experiment, else
-    ``name / label``."""
-    one_name = len({entry["name"] for entry in table}) == 1
-    return [str(e["label"]) if one_name else f"{e['name']} / {e['label']}" for e in table]
+    """Row names: the label alone for the experiment with the most rows (the first such on a
+    tie), ``name / label`` for rows of any other experiment (e.g. a baselines sweep joined to
+    the table), with grid names' section prefixes dropped: ``capacity[hidden=[1024]] / naive``."""
+    counts = Counter(str(entry["name"]) for entry in table)
+    main = max(counts, key=counts.get) if counts else None  # first-seen wins a tie
+
+    def short(name: str) -> str:
+        return re.sub(r"\b(?:data|stream|model|train)\.", "", name)
+
+    return [str(e["label"]) if e["name"] == main else f"{short(str(e['name']))} / {e['label']}"
+            for e in table]
 
 
 def byte_unit(n_bytes: float) -> tuple[float, str]:
