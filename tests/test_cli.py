@@ -17,7 +17,7 @@ from engram.summary import accuracy_matrices, summary_table
 from engram.results import read_rows
 from tests.conftest import tiny_config
 
-SUBCOMMANDS = ["demo", "run", "sweep", "table", "plot", "summary", "list"]
+SUBCOMMANDS = ["demo", "run", "sweep", "table", "plot", "summary", "list", "profile", "profile-report"]
 
 
 def test_every_subcommand_has_help(capsys):
@@ -32,10 +32,15 @@ def test_every_subcommand_has_help(capsys):
 def test_python_dash_m_engram_lists_every_registry_entry():
     out = subprocess.run([sys.executable, "-m", "engram", "list"], capture_output=True, text=True,
                          check=True).stdout
+    from engram.importance.measures import MEASURES
+
     lines = out.strip().splitlines()
-    expected = DATASETS.names() + STREAMS.names() + MODELS.names() + METHODS.names()
-    assert [line.split(" ", 1)[0] for line in lines] == expected
-    assert all(len(line.split(" ", 1)) == 2 and line.split(" ", 1)[1].strip() for line in lines)
+    registries = (DATASETS, STREAMS, MODELS, METHODS, MEASURES)
+    assert [line for line in lines if not line.startswith(" ")] == \
+        [f"{r.kind}s:" for r in registries]
+    entries = [line.strip() for line in lines if line.startswith(" ")]
+    assert [e.split(" ", 1)[0] for e in entries] == [n for r in registries for n in r.names()]
+    assert all(len(e.split(" ", 1)) == 2 and e.split(" ", 1)[1].strip() for e in entries)
 
 
 def test_help_does_not_import_torch():

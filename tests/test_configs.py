@@ -11,7 +11,7 @@ from engram.results import read_rows
 from engram.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if "profile" not in p.parts)
 MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 QUICK = ["train.epochs=1", "seeds=[0]", "plots=false", "data.limit=300"]
 

@@ -22,6 +22,28 @@ Start here:
                                    parallel (--workers N); see `engram sweep -h`
   engram table runs/X              methods x scenarios table (+ PNG) of a run or sweep folder
   engram plot runs/demo            redraw the plots of a run folder from its results.csv
+  engram profile configs/profile/digits.yaml
+                                   which importance measure knows which weights matter:
+                                   replace the least important weights, watch the loss
+  engram profile-report runs/profile_digits
+                                   ranking table with intervals and paired tests, plots
+"""
+
+PROFILE_DESCRIPTION = """Train a network on one task (digits, all 10 classes, by default) and at the chosen epochs
+score every weight with each importance measure; group the scores per weight, unit (a unit's
+fan-in weights and bias), conv filter or layer; for each threshold t from 0 to 1 replace the
+lowest-scored fraction t of the groups (or the highest, direction most_first) with small random
+values and record validation loss and accuracy. The trained network is never changed.
+Rows go to OUT/results.csv as they are measured; rerun the same command to resume, or to
+extend the grid (more seeds, measures, thresholds) measuring only what is new.
+"""
+
+PROFILE_EPILOG = """examples:
+  engram profile configs/profile/digits.yaml                       # the default grid
+  engram profile configs/profile/digits.yaml seeds=[0,1,2,3,4] profile.epochs=[2,10]
+  engram profile configs/profile/digits.yaml task.classes_per_task=2 task.n_tasks=5 task.task=1
+  engram profile-report runs/profile_digits --markdown
+`engram profile --help-config` lists every key; `engram list` the measures.
 """
 
 RUN_EPILOG = """\
@@ -117,6 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
                        help="list the grid's runs and which are already done; run nothing")
     _add_quiet(sweep)
 
+    profile = commands.add_parser(
+        "profile", help="rank weight-importance measures by replacing the weights they call "
+                        "unimportant", description=PROFILE_DESCRIPTION, epilog=PROFILE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    profile.add_argument("config", nargs="?", help="profile YAML (see configs/profile/digits.yaml)")
+    profile.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                         help="dotted overrides, e.g. seeds=[0,1,2] profile.epochs=[2,5]")
+    profile.add_argument("--out", help="folder (default: runs/<the config's name>)")
+    profile.add_argument("--help-config", action="store_true",
+                         help="list every profile config key with its default, then exit")
+    _add_quiet(profile)
+
+    profile_report = commands.add_parser(
+        "profile-report", help="ranking table and plots of a profile folder",
+        description="Read DIR/results.csv of `engram profile`; per (epoch, aggregation, reducer, "
+                    "scope): the area under each measure's validation-loss curve and the largest "
+                    "threshold before the loss rises by --margin, mean and t-interval over seeds, "
+                    "paired t-tests against the random measure (Holm-corrected); plots of loss "
+                    "against threshold with bands and the chance level ln(classes) in DIR/plots/.")
+    profile_report.add_argument("run_dir", help="a folder written by engram profile")
+    profile_report.add_argument("--margin", type=float, default=0.1,
+                                help="loss rise that ends the 'safe' thresholds (default 0.1)")
+    profile_report.add_argument("--direction", choices=["least_first", "most_first"],
+                                default="least_first", help="which curves to rank")
+    profile_report.add_argument("--markdown", action="store_true", help="GitHub-markdown tables")
+    profile_report.add_argument("--no-png", action="store_true", help="do not write plots")
+
     scenario_table = commands.add_parser(
         "table", help="methods x scenarios table of a run or sweep folder, and its PNG",
         description="Read RUN_DIR/results.csv and print, per method (rows) and scenario "
@@ -167,17 +216,19 @@ def cmd_list(args: argparse.Namespace) -> None:
     import dataclasses
 
     from engram.data import DATASETS, STREAMS
+    from engram.importance.measures import MEASURES
     from engram.methods import METHODS
     from engram.models import MODELS
 
-    for registry in (DATASETS, STREAMS, MODELS, METHODS):
+    for registry in (DATASETS, STREAMS, MODELS, METHODS, MEASURES):
+        print(f"{registry.kind}s:")  # a header per registry: `mas` is a method and a measure
         for entry in registry.entries():
-            print(f"{entry.name} {entry.description}")
+            print(f"  {entry.name} {entry.description}")
             if args.params and registry is METHODS:
                 for f in dataclasses.fields(entry.obj.Params):
                     default = getattr(entry.obj, "default_methods", None) \
                         if f.default is dataclasses.MISSING else f.default
-                    print(f"    {f.name} = {default!r}: {f.metadata.get('doc', '')}")
+                    print(f"      {f.name} = {default!r}: {f.metadata.get('doc', '')}")
 
 
 def _finish(out: Path, plots: bool) -> None:
@@ -317,8 +368,47 @@ def cmd_summary(args: argparse.Namespace) -> None:
     print(format_table(summary_table(read_rows(path))))
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from engram.config import describe_fields
+    from engram.importance.profile import ProfileConfig, load_profile_config, run_profile
+
+    if args.help_config:
+        print("\n".join(describe_fields(ProfileConfig)))
+        return 0
+    if not args.config:
+        raise SystemExit("engram profile: give a profile config, e.g. configs/profile/digits.yaml")
+    cfg = load_profile_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    report = run_profile(cfg, out, show_progress=not args.quiet)
+    print(f"{report.rows_written} rows measured, {report.rows_skipped} already there, "
+          f"in {report.seconds:.1f} s")
+    print(f"results: {out / 'results.csv'}\nnext: engram profile-report {out}")
+    return 0
+
+
+def cmd_profile_report(args: argparse.Namespace) -> int:
+    from engram.errors import DataError
+    from engram.importance.profile import PROFILE_COLUMNS, PROFILE_KEY
+    from engram.importance.report import format_ranking_table, ranking_table, write_profile_plots
+    from engram.results import read_rows
+
+    path = Path(args.run_dir) / "results.csv"
+    if not path.is_file():
+        raise DataError(f"{path} does not exist; point at a folder written by `engram profile`")
+    rows = read_rows(path, PROFILE_COLUMNS, PROFILE_KEY)
+    if not rows:
+        raise DataError(f"{path} has no rows yet; let `engram profile` measure some")
+    table = ranking_table(rows, margin=args.margin, direction=args.direction)
+    print(format_ranking_table(table, markdown=args.markdown))
+    if not args.no_png:
+        for plot in write_profile_plots(rows, Path(args.run_dir) / "plots"):
+            print(f"plot: {plot}")
+    return 0
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
-            "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list}
+            "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
+            "profile": cmd_profile, "profile-report": cmd_profile_report}
 
 
 def main(argv: list[str] | None = None) -> int:

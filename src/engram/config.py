@@ -201,6 +201,10 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
 
 def _check_registry(value: Any, registry: str, key: str) -> None:
     names = registry_names(registry)
+    if isinstance(value, list):  # a list of registry names, each checked
+        for i, item in enumerate(value):
+            _check_registry(item, registry, f"{key}[{i}]")
+        return
     if value not in names:
         raise ConfigError(f"{key}: unknown {registry[:-1]} {value!r}; choose one of: "
                           + ", ".join(names))
@@ -216,6 +220,8 @@ def registry_names(registry: str) -> list[str]:
         from engram.models import MODELS as reg
     elif registry == "methods":
         from engram.methods import METHODS as reg
+    elif registry == "measures":
+        from engram.importance.measures import MEASURES as reg
     else:
         raise ValueError(registry)
     return reg.names()

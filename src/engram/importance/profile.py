@@ -1,0 +1,329 @@
+"""The weight-importance profiler: which measure knows which weights matter?
+
+For each seed: train a network on one task, and at chosen epochs score every weight with
+each importance measure; group the scores (per weight, unit, filter or layer), order the
+groups (least or most important first, ties at random) and, for every threshold t of a grid,
+replace the first fraction t of the groups with small random values; record the validation
+loss and accuracy of each thresholded network. A measure whose curve stays low longer knows
+better which weights matter. The trained network itself is never changed: the thresholded
+parameter sets are stacked copies evaluated together (`aggregate.evaluate_stacked`).
+
+Every result is one row of `OUT/results.csv`, appended as it is measured (`PROFILE_COLUMNS`);
+a rerun skips the rows already there, so an interrupted grid resumes, and a grid grown by
+more seeds, measures or thresholds measures only what is new. `profile_id` hashes what
+determines the numbers besides the grid axes (data, task, model, training, replacement), and
+a results file with another profile_id is refused.
+
+    engram profile configs/profile/digits.yaml --out runs/profile_digits
+    engram profile-report runs/profile_digits
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, _load_yaml_text,
+                           apply_override, opt, parse_dataclass)
+from engram.errors import ConfigError, EngramError
+
+DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
+                    "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
+DEFAULT_THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1
+
+PROFILE_COLUMNS = ["profile_id", "name", "seed", "epoch", "measure", "aggregation", "reducer",
+                   "scope", "direction", "threshold", "fraction_replaced", "train_loss",
+                   "val_loss", "val_accuracy", "n_classes"]
+PROFILE_KEY = ("profile_id", "seed", "epoch", "measure", "aggregation", "reducer", "scope",
+               "direction", "threshold")
+
+
+@dataclass
+class ProfileTask:
+    kind: str = opt("split", "stream the task comes from (see `engram list`)", registry="streams")
+    n_tasks: int = opt(1, "tasks in that stream (split: at most classes / classes_per_task)", low=1)
+    classes_per_task: int = opt(10, "split only: classes per task (10 on digits: all of them)",
+                                low=1)
+    rotation_step: float = opt(30.0, "rotated only: degrees added per task", low=-360, high=360)
+    task: int = opt(1, "which task of the stream to train and profile (1-based); e.g. "
+                       "classes_per_task: 2, task: 1 is 'classify 0s and 1s'", low=1)
+
+
+@dataclass
+class ProfileTrain:
+    batch_size: int = opt(32, "examples per optimizer step", low=1)
+    optimizer: Literal["sgd", "adam"] = opt("sgd", "optimizer")
+    lr: float = opt(0.1, "learning rate", low=0.0)
+    momentum: float = opt(0.9, "sgd momentum", low=0.0, high=0.999)
+    weight_decay: float = opt(0.0, "L2 weight decay of the optimizer", low=0.0)
+
+
+@dataclass
+class ProfileGrid:
+    epochs: list[int] = opt([2], "profile after these training epochs (training runs to the "
+                                 "largest)", low=1)
+    measures: list[str] = opt(list(DEFAULT_MEASURES), "importance measures (see `engram list`)",
+                              registry="measures")
+    aggregations: list[Literal["weight", "unit", "filter", "layer"]] = opt(
+        ["weight", "unit", "layer"], "groups replaced together: weight, unit (fan-in + bias), "
+        "filter (conv output channel), layer")
+    reducers: list[Literal["mean", "min", "max"]] = opt(["mean"], "a group's score from its "
+                                                                 "weights' scores")
+    scopes: list[Literal["layer", "model"]] = opt(
+        ["layer"], "rank groups within each layer, or across the whole model (layer "
+        "aggregation is always ranked across the model: a layer holds one layer-group)")
+    directions: list[Literal["least_first", "most_first"]] = opt(
+        ["least_first", "most_first"], "replace the least or the most important first")
+    thresholds: list[float] = opt(list(DEFAULT_THRESHOLDS), "fractions of groups replaced",
+                                  low=0.0, high=1.0)
+    replacement: Literal["normal", "zero"] = opt("normal", "replaced weights become N(0, (scale "
+                                                           "* layer weight std)^2), or 0")
+    replacement_scale: float = opt(0.1, "std of the replacement, in units of the layer's "
+                                        "weight std", low=0.0)
+    importance_examples: int = opt(1000, "training examples the measures see", low=1)
+
+
+@dataclass
+class ProfileConfig:
+    name: str = opt("profile", "a name for this grid, shown in reports")
+    seeds: list[int] = opt([0, 1, 2], "random seeds: data split, initialisation, order, ties")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    threads: int = opt(1, "CPU threads for torch (0: torch's default)", low=0)
+    data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.2),
+                             metadata={"doc": "where examples come from (val_fraction: the "
+                                              "validation set the curves are measured on)"})
+    task: ProfileTask = field(default_factory=ProfileTask, metadata={"doc": "the task trained"})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the network"})
+    train: ProfileTrain = field(default_factory=ProfileTrain, metadata={"doc": "its training"})
+    profile: ProfileGrid = field(default_factory=ProfileGrid, metadata={"doc": "the grid"})
+
+    def __post_init__(self) -> None:
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"seeds: give distinct seeds, e.g. [0, 1, 2]; got {self.seeds}")
+        if self.data.val_fraction <= 0:
+            raise ConfigError("data.val_fraction: the profiler measures validation loss; give "
+                              "a fraction > 0, e.g. 0.2")
+        if self.task.task > self.task.n_tasks:
+            raise ConfigError(f"task.task: {self.task.task} is beyond the stream's "
+                              f"{self.task.n_tasks} tasks")
+        for key in ("epochs", "measures", "aggregations", "reducers", "scopes", "directions",
+                    "thresholds"):
+            if not getattr(self.profile, key):
+                raise ConfigError(f"profile.{key}: give at least one value")
+
+
+def load_profile_config(path: str | Path, overrides: list[str] = ()) -> ProfileConfig:
+    """Read a profile YAML (safe loader), apply dotted overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = _load_yaml_text(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for override in overrides:
+        apply_override(raw, override)
+    return parse_dataclass(ProfileConfig, raw)
+
+
+def profile_id(cfg: ProfileConfig) -> str:
+    """Hash of what determines the numbers apart from the grid axes and seeds."""
+    grid = cfg.profile
+    canonical = {"data": dataclasses.asdict(cfg.data), "task": dataclasses.asdict(cfg.task),
+                 "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                 "replacement": [grid.replacement, grid.replacement_scale],
+                 "importance_examples": grid.importance_examples}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def derived_generator(*parts: Any) -> torch.Generator:
+    """A CPU generator seeded by a stable hash of `parts` (same on every rerun, so a resumed
+    grid draws the same random measure, ties and replacement values)."""
+    return torch.Generator().manual_seed(zlib.crc32("/".join(map(str, parts)).encode()))
+
+
+@dataclass
+class ProfileReport:
+    rows_written: int
+    rows_skipped: int
+    seconds: float
+
+
+def _combinations(grid: ProfileGrid) -> list[tuple[str, str, str, str]]:
+    """(aggregation, reducer, scope, direction) of every curve. Whole layers are ranked across
+    the model only: within a layer the one group would be all-or-nothing at t = 0.5."""
+    combos = []
+    for agg in grid.aggregations:
+        scopes = ["model"] if agg == "layer" else grid.scopes
+        combos += [(agg, red, scope, direction) for red in grid.reducers for scope in scopes
+                   for direction in grid.directions]
+    return combos
+
+
+def run_profile(cfg: ProfileConfig, out: str | Path, *, show_progress: bool = True) -> ProfileReport:
+    """Run (or resume) the whole grid of `cfg` into `out/results.csv`."""
+    import yaml
+
+    from engram.data import DATASETS, build_stream
+    from engram.results import ResultWriter, read_rows
+    from engram.runner import resolve_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    pid = profile_id(cfg)
+    results = out / "results.csv"
+    if results.exists() and results.stat().st_size > 0:
+        ids = {row["profile_id"] for row in read_rows(results, PROFILE_COLUMNS, PROFILE_KEY)}
+        if ids - {pid}:
+            raise EngramError(
+                f"{results} holds a profile of another data/task/model/training/replacement "
+                f"setting (profile_id {', '.join(sorted(ids - {pid}))}, this config {pid}); "
+                "use the same settings to extend it, or choose another --out")
+    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+
+    source = DATASETS.get(cfg.data.source)(cfg.data.path)
+    stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
+                              classes_per_task=cfg.task.classes_per_task,
+                              rotation_step=cfg.task.rotation_step)
+    combos = _combinations(cfg.profile)
+    per_seed = len(cfg.profile.epochs) * len(cfg.profile.measures) * len(combos) * \
+        len(cfg.profile.thresholds)
+    started = time.perf_counter()
+    written = skipped = 0
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=per_seed * len(cfg.seeds), unit="curve point", disable=None,
+                        dynamic_ncols=True)
+    try:
+        with ResultWriter(results, PROFILE_COLUMNS, PROFILE_KEY) as writer:
+            for seed in cfg.seeds:
+                keys = _seed_keys(cfg, pid, seed, combos)
+                if keys <= writer.keys:  # this seed is complete
+                    skipped += len(keys)
+                    if progress is not None:
+                        progress.update(len(keys))
+                    continue
+                stream = build_stream(source, cfg.data, stream_cfg, seed, device)
+                n, s = _profile_seed(cfg, pid, seed, stream.tasks[cfg.task.task - 1], stream,
+                                     device, writer, progress)
+                written, skipped = written + n, skipped + s
+    finally:
+        if progress is not None:
+            progress.close()
+    return ProfileReport(written, skipped, time.perf_counter() - started)
+
+
+def _seed_keys(cfg: ProfileConfig, pid: str, seed: int, combos: list) -> set[tuple[str, ...]]:
+    from engram.results import row_key
+
+    return {row_key({"profile_id": pid, "seed": seed, "epoch": epoch, "measure": measure,
+                     "aggregation": agg, "reducer": red, "scope": scope, "direction": direction,
+                     "threshold": threshold}, PROFILE_KEY)
+            for epoch in cfg.profile.epochs for measure in cfg.profile.measures
+            for agg, red, scope, direction in combos for threshold in cfg.profile.thresholds}
+
+
+def _profile_seed(cfg: ProfileConfig, pid: str, seed: int, task: Any, stream: Any,
+                  device: torch.device, writer: Any, progress: Any) -> tuple[int, int]:
+    """Train one seed's network, profiling it at each chosen epoch; (rows written, skipped)."""
+    from engram.importance.measures import TrajectoryRecorder
+    from engram.methods.base import Context
+    from engram.models import build_model
+    from engram.runner import train_task
+
+    torch.manual_seed(seed)  # initialisation; training draws come from ctx.generator
+    model = build_model(cfg.model, stream.input_shape, 1, stream.head_dim).to(device)
+    train_cfg = TrainConfig(epochs=max(cfg.profile.epochs), **dataclasses.asdict(cfg.train))
+    ctx = Context(model=model, stream=stream, train_cfg=train_cfg, device=device,
+                  generator=torch.Generator().manual_seed(seed), task=task, seen_tasks=[task])
+    recorder = TrajectoryRecorder()
+    counts = [0, 0]
+
+    def on_epoch(epoch: int, mean_loss: float) -> None:
+        if epoch in cfg.profile.epochs:
+            n, s = profile_network(cfg, pid, seed, epoch, model, task, recorder, mean_loss,
+                                   writer, progress)
+            counts[0] += n
+            counts[1] += s
+
+    train_task(ctx, recorder, on_epoch)
+    return counts[0], counts[1]
+
+
+def _importance_batches(task: Any, cfg: ProfileConfig, seed: int) -> list[tuple]:
+    """The training examples the measures see: a fixed random subset, in training batches."""
+    data = task.train
+    pick = torch.randperm(len(data), generator=derived_generator(seed, "importance"))
+    pick = pick[:cfg.profile.importance_examples].to(data.y.device)
+    x, y = data.x[pick], data.y[pick]
+    size = cfg.train.batch_size
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(x), size)]
+
+
+def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: torch.nn.Module,
+                    task: Any, recorder: Any, train_loss: float, writer: Any,
+                    progress: Any = None) -> tuple[int, int]:
+    """Score, threshold and evaluate `model` for every measure and combination of the grid.
+    The model is not changed (measures are pure; thresholded copies are stacked)."""
+    from engram.importance import aggregate
+    from engram.importance.measures import MEASURES
+    from engram.results import row_key
+
+    grid = cfg.profile
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    values = aggregate.replacement_values(params, model, grid.replacement,
+                                          grid.replacement_scale,
+                                          derived_generator(seed, epoch, "replacement"))
+    thresholds = torch.tensor(grid.thresholds, dtype=torch.float64)  # round(t * n) as written
+    val = task.val
+    batches = _importance_batches(task, cfg, seed)
+    groups = {agg: aggregate.make_groups(model, agg) for agg in grid.aggregations}
+    trajectory = recorder.trajectory()
+    written = skipped = 0
+    for measure in grid.measures:
+        common = {"profile_id": pid, "name": cfg.name, "seed": seed, "epoch": epoch,
+                  "measure": measure, "n_classes": len(task.classes)}
+        todo = []
+        for agg, red, scope, direction in _combinations(grid):
+            rows = [{**common, "aggregation": agg, "reducer": red, "scope": scope,
+                     "direction": direction, "threshold": t} for t in grid.thresholds]
+            if all(row_key(r, PROFILE_KEY) in writer.keys for r in rows):
+                skipped += len(rows)
+                if progress is not None:
+                    progress.update(len(rows))
+                continue
+            todo.append((agg, red, scope, direction, rows))
+        if not todo:
+            continue
+        fn = MEASURES.get(measure)
+        importance = fn(model, batches, F.cross_entropy, trajectory=trajectory,
+                        generator=derived_generator(seed, epoch, "measure", measure))
+        for agg, red, scope, direction, rows in todo:
+            scores = aggregate.group_scores(importance, groups[agg], red)
+            order = aggregate.replacement_order(
+                scores, groups[agg], scope, direction,
+                derived_generator(seed, epoch, "ties", measure, agg, red, scope, direction))
+            stacked, fraction = aggregate.thresholded_parameters(
+                params, groups[agg], order, scope, thresholds, values)
+            losses, accuracies = aggregate.evaluate_stacked(model, stacked, val.x, val.y)
+            for row, f, loss, acc in zip(rows, fraction.tolist(), losses.tolist(),
+                                         accuracies.tolist()):
+                row.update(fraction_replaced=f, train_loss=train_loss, val_loss=loss,
+                           val_accuracy=acc)
+            written += writer.write(rows)
+            if progress is not None:
+                progress.update(len(rows))
+    return written, skipped
