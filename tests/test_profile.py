@@ -180,3 +180,15 @@ def test_default_digits_grid_ranks_fisher_and_magnitude_above_random(tmp_path):
 def test_shipped_profile_configs_validate(path):
     cfg = load_profile_config(path)
     assert len(cfg.profile.measures) >= 8 and cfg.profile.thresholds[0] == 0.0
+
+
+def test_a_later_epoch_added_retrains_the_same_network(tmp_path):
+    """Profiling at a new epoch retrains the seed from scratch: the rows already measured at
+    epoch 1 would be measured again identically (they are skipped, not duplicated)."""
+    run_profile(tiny(), tmp_path / "one", show_progress=False)
+    report = run_profile(tiny(profile={"epochs": [1, 2]}), tmp_path / "one", show_progress=False)
+    assert report.rows_written == 2 * 2 * 6 * 3 and report.rows_skipped == 2 * 2 * 6 * 3
+    run_profile(tiny(profile={"epochs": [1, 2]}), tmp_path / "both", show_progress=False)
+    rows = [read_rows(tmp_path / d / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)
+            for d in ("one", "both")]
+    assert values(rows[0]) == values(rows[1])
