@@ -63,11 +63,15 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(n, generator=ctx.generator).to(ctx.device)
         loss_sum = torch.zeros((), device=ctx.device)
+        correct_sum = torch.zeros((), device=ctx.device)
         for start in range(0, n, cfg.batch_size):
             index = order[start:start + cfg.batch_size]
             task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
             batch = method.make_batch(task_batch, ctx)  # replay mixes memory in here
-            loss = F.cross_entropy(model(batch.x, batch.task), batch.y)
+            outputs = model(batch.x, batch.task)
+            loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
+            if ctx.count_correct:  # online accuracy: this step's own examples, before the update
+                correct_sum += (outputs[:len(index)].argmax(1) == task_batch.y).sum()
             ctx.batch = batch  # LwF distils on the batch being trained
             penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
             total = loss if penalty is None else loss + penalty
@@ -79,6 +83,7 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             loss_sum += loss.detach()
             ctx.step += 1
         mean_loss = float(loss_sum) / -(-n // cfg.batch_size)  # one sync per epoch
+        ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
         if not math.isfinite(mean_loss):
             raise DivergenceError(
                 f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "

@@ -23,9 +23,10 @@ only: checkpoints are loaded with `torch.load(weights_only=True)`).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engram.config import TrainConfig
@@ -46,6 +47,13 @@ class Context:
     step: int = 0
     seen_tasks: list[Task] = field(default_factory=list)  # tasks started so far, current last
     batch: TensorSet | None = None  # the batch of the current step, set before penalty()
+    # The training loss, (outputs, targets) -> scalar: cross-entropy for classification;
+    # the plasticity problems' regression uses mean squared error.
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+    # Online accuracy: when set, the runner counts the task examples each step classifies
+    # correctly *before* its update and leaves the epoch's fraction in epoch_accuracy.
+    count_correct: bool = False
+    epoch_accuracy: float | None = None
 
 
 @dataclass
