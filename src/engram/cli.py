@@ -27,6 +27,9 @@ Start here:
                                    replace the least important weights, watch the loss
   engram profile-report runs/profile_digits
                                    ranking table with intervals and paired tests, plots
+  engram plasticity configs/plasticity/bit_flipping.yaml
+                                   loss of plasticity on a long changing stream: online
+                                   error, dead units, effective rank, weight norm
 """
 
 PROFILE_DESCRIPTION = """Train a network on one task (digits, all 10 classes, by default) and at the chosen epochs
@@ -165,6 +168,24 @@ def build_parser() -> argparse.ArgumentParser:
                                 default="least_first", help="which curves to rank")
     profile_report.add_argument("--markdown", action="store_true", help="GitHub-markdown tables")
     profile_report.add_argument("--no-png", action="store_true", help="do not write plots")
+
+    plasticity = commands.add_parser(
+        "plasticity", help="loss of plasticity: learn a long non-stationary stream online and "
+                           "record online error and diagnostics",
+        description="Train each method x seed of a plasticity config on a long non-stationary "
+                    "problem (bit_flipping: slowly-changing regression; permuted_digits: a new "
+                    "pixel permutation per task), one example per step. Rows in OUT/results.csv "
+                    "per task: online_loss (and online_accuracy), and at each task's start dead "
+                    "and dormant units, effective and stable rank, weight and gradient "
+                    "magnitude per layer; OUT/plots/plasticity.png. Finished runs are skipped on "
+                    "a rerun.")
+    plasticity.add_argument("config", nargs="?", help="plasticity YAML (configs/plasticity/)")
+    plasticity.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                            help="dotted overrides, e.g. seeds=[0] problem.n_tasks=20")
+    plasticity.add_argument("--out", help="folder (default: runs/<the config's name>)")
+    plasticity.add_argument("--help-config", action="store_true",
+                            help="list every plasticity config key with its default, then exit")
+    _add_quiet(plasticity)
 
     scenario_table = commands.add_parser(
         "table", help="methods x scenarios table of a run or sweep folder, and its PNG",
@@ -386,6 +407,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plasticity(args: argparse.Namespace) -> int:
+    from engram.config import describe_fields
+    from engram.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
+                                   load_plasticity_config, run_plasticity,
+                                   write_plasticity_plots)
+    from engram.results import read_rows
+
+    if args.help_config:
+        print("\n".join(describe_fields(PlasticityConfig)))
+        return 0
+    if not args.config:
+        raise SystemExit("engram plasticity: give a config, e.g. "
+                         "configs/plasticity/bit_flipping.yaml")
+    cfg = load_plasticity_config(args.config, args.overrides)
+    out = Path(args.out or Path("runs") / cfg.name)
+    report = run_plasticity(cfg, out, show_progress=not args.quiet)
+    print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+          f"in {report.seconds:.1f} s")
+    rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
+    print(f"results: {out / 'results.csv'}\nplot: {write_plasticity_plots(rows, out / 'plots')}")
+    return 0
+
+
 def cmd_profile_report(args: argparse.Namespace) -> int:
     from engram.errors import DataError
     from engram.importance.profile import PROFILE_COLUMNS, PROFILE_KEY
@@ -408,7 +452,8 @@ def cmd_profile_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
             "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
-            "profile": cmd_profile, "profile-report": cmd_profile_report}
+            "profile": cmd_profile, "profile-report": cmd_profile_report,
+            "plasticity": cmd_plasticity}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,352 @@
+"""Loss of plasticity: long non-stationary problems, learned online, with diagnostics.
+
+A network trained on a long, changing stream can slowly lose the ability to learn (Dohare et
+al., Nature 2024). `engram plasticity CONFIG.yaml` trains each method on such a stream, one
+example per step, and records as rows of `OUT/results.csv`:
+
+- `online_loss` / `online_accuracy` per task: the mean over the task's examples of the loss
+  (or correctness) on each example *before* the step that trains on it, the online error of
+  the paper, one value per task (a bin);
+- the plasticity diagnostics of `engram.metrics.plasticity` (dead and dormant units,
+  effective and stable rank, weight and gradient magnitude per layer) on a probe batch of
+  the next task, measured at each task's start, before training on it, as LoP does.
+
+The problems (each a generator of tasks; same seed, same tasks):
+
+- `bit_flipping`: the slowly-changing regression of Dohare et al. (formerly "bit-flipping").
+  Inputs are `n_inputs` bits: `n_flipping` of them are constant within a task and all redrawn
+  at each task change (LoP's default generator; `flip_one: true` flips a single one, the
+  paper's text), the rest are fresh random bits every example. The target is a fixed random
+  network, n_inputs -> `target_hidden` linear threshold units -> 1, weights and biases
+  uniform in {-1, +1}, unit i firing when its input exceeds beta * (n_inputs + 1) - S_i with
+  S_i = (n_inputs - sum_j w_ij + b_i) / 2 (LoP's fix_ltu_net.py). A task is `flip_every`
+  examples; squared-error loss.
+- `permuted_digits`: online permuted digits (the paper's online permuted MNIST on the
+  bundled digits, or MNIST with data.source: mnist): each task a fresh pixel permutation of
+  the whole training set, examples in a new random order, each seen once.
+
+The training loop is the runner's own `train_task` (one epoch of batch size 1 per task); it
+makes a fresh optimizer at each task, which for plain SGD, the problems' default, is the same
+as one optimizer for the whole stream.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import torch
+import torch.nn.functional as F
+
+from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _load_yaml_text,
+                           _parse_methods, apply_override, opt, params_dict, parse_dataclass)
+from engram.data.streams import Stream, Task, TensorSet
+from engram.errors import ConfigError
+
+PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
+                      "metric", "value"]
+PLASTICITY_KEY = ("run_id", "task", "metric")
+
+
+@dataclass
+class ProblemConfig:
+    kind: Literal["bit_flipping", "permuted_digits"] = opt(
+        "bit_flipping", "the non-stationary problem (see `engram plasticity --help`)")
+    n_tasks: int = opt(100, "tasks in the stream (bit flipping: flips; permuted: permutations)",
+                       low=1)
+    flip_every: int = opt(10000, "bit_flipping: examples per task (T)", low=1)
+    n_inputs: int = opt(20, "bit_flipping: input bits (m)", low=2)
+    n_flipping: int = opt(15, "bit_flipping: bits constant within a task (f)", low=1)
+    flip_one: bool = opt(False, "bit_flipping: flip one bit per task instead of redrawing all")
+    target_hidden: int = opt(100, "bit_flipping: threshold units of the target network", low=1)
+    beta: float = opt(0.7, "bit_flipping: threshold parameter of the target's units", low=0.0)
+    examples_per_task: int | None = opt(None, "permuted_digits: examples per task (default: "
+                                              "the whole training set)", low=1)
+    probe_size: int = opt(500, "examples of the next task the diagnostics are measured on",
+                          low=2)
+
+
+@dataclass
+class PlasticityConfig:
+    name: str = opt("plasticity", "a name for this experiment")
+    seeds: list[int] = opt([0, 1, 2, 3, 4], "random seeds: target network, inputs, init, order")
+    threads: int = opt(1, "CPU threads for torch (0: torch's default)", low=0)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    data: DataConfig = field(default_factory=DataConfig,
+                             metadata={"doc": "permuted_digits: where the images come from"})
+    problem: ProblemConfig = field(default_factory=ProblemConfig,
+                                   metadata={"doc": "the non-stationary problem"})
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(hidden=[5]),
+                               metadata={"doc": "the learner"})
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        epochs=1, batch_size=1, optimizer="sgd", lr=0.01), metadata={"doc": "its optimiser"})
+    methods: list[MethodSpec] = field(default_factory=lambda: [MethodSpec("naive", None)],
+                                      metadata={"doc": "methods, as in `engram run`"})
+
+    def __post_init__(self) -> None:
+        if self.train.epochs != 1:
+            raise ConfigError("train.epochs: plasticity problems are learned online, each "
+                              "example once; leave train.epochs at 1")
+        if self.problem.kind == "bit_flipping" and \
+                self.problem.n_flipping >= self.problem.n_inputs:
+            raise ConfigError("problem.n_flipping must be below problem.n_inputs (the other "
+                              "bits are redrawn every example)")
+        from engram.config import parse_method
+        self.methods = [m if m.params is not None else parse_method(m.name, {}, "methods[0]")
+                        for m in self.methods]
+
+
+def load_plasticity_config(path: str | Path, overrides: list[str] = ()) -> PlasticityConfig:
+    """Read a plasticity YAML (safe loader), apply dotted overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = _load_yaml_text(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for override in overrides:
+        apply_override(raw, override)
+    methods = raw.pop("methods", None)
+    cfg = parse_dataclass(PlasticityConfig, raw)
+    if methods is not None:
+        cfg.methods = _parse_methods(methods)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- problems
+
+@dataclass
+class LTUTarget:
+    """The bit-flipping target: x (N, m) bits -> y (N,), through `hidden` linear threshold
+    units with weights and biases in {-1, +1} (Dohare et al.; LoP fix_ltu_net.py)."""
+    w_in: torch.Tensor   # (hidden, m)
+    b_in: torch.Tensor   # (hidden,)
+    w_out: torch.Tensor  # (hidden,)
+    b_out: torch.Tensor  # ()
+    threshold: torch.Tensor  # (hidden,)
+
+    @classmethod
+    def draw(cls, m: int, hidden: int, beta: float, generator: torch.Generator) -> LTUTarget:
+        def signs(*shape: int) -> torch.Tensor:
+            return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
+
+        w_in, b_in, w_out, b_out = signs(hidden, m), signs(hidden), signs(hidden), signs()
+        s = (m - w_in.sum(1) + b_in) / 2  # LoP's S_i ("number of -1 input weights")
+        return cls(w_in, b_in, w_out, b_out, beta * (m + 1) - s)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        fired = (x @ self.w_in.T + self.b_in > self.threshold).float()  # (N, hidden)
+        return fired @ self.w_out + self.b_out
+
+
+def bit_flipping_tasks(cfg: ProblemConfig, seed: int) -> Iterator[Task]:
+    """The slowly-changing regression's tasks, one per flip, generated lazily."""
+    generator = torch.Generator().manual_seed(seed)
+    target = LTUTarget.draw(cfg.n_inputs, cfg.target_hidden, cfg.beta, generator)
+    flipping = torch.randint(0, 2, (cfg.n_flipping,), generator=generator).float()
+    for index in range(cfg.n_tasks):
+        if index > 0:
+            if cfg.flip_one:
+                bit = int(torch.randint(cfg.n_flipping, (1,), generator=generator))
+                flipping[bit] = 1 - flipping[bit]
+            else:
+                flipping = torch.randint(0, 2, (cfg.n_flipping,), generator=generator).float()
+        free = torch.randint(0, 2, (cfg.flip_every, cfg.n_inputs - cfg.n_flipping),
+                             generator=generator).float()
+        x = torch.cat([flipping.expand(cfg.flip_every, -1), free], dim=1)  # (T, m)
+        data = TensorSet(x, target(x), torch.zeros(cfg.flip_every, dtype=torch.long))
+        yield Task(index, f"flip {index}", [0], data, None, data)
+
+
+def permuted_digits_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torch.Tensor,
+                          seed: int) -> Iterator[Task]:
+    """Online permuted digits: each task a fresh pixel permutation, examples reshuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    flat = images.reshape(len(images), -1)  # (N, D)
+    n = min(cfg.examples_per_task or len(flat), len(flat))
+    for index in range(cfg.n_tasks):
+        pixels = torch.randperm(flat.shape[1], generator=generator)
+        order = torch.randperm(len(flat), generator=generator)[:n]
+        x = flat[order][:, pixels]
+        data = TensorSet(x, labels[order], torch.zeros(n, dtype=torch.long))
+        yield Task(index, f"permutation {index}", list(range(10)), data, None, data)
+
+
+def problem_tasks(cfg: PlasticityConfig, seed: int) -> tuple[Iterator[Task], tuple[int, ...], int]:
+    """(tasks, input shape, outputs) of the configured problem for one seed."""
+    p = cfg.problem
+    if p.kind == "bit_flipping":
+        return bit_flipping_tasks(p, seed), (p.n_inputs,), 1
+    from engram.data import DATASETS
+
+    source = DATASETS.get(cfg.data.source)(cfg.data.path)
+    flat = source.x_train.reshape(len(source.x_train), -1)
+    return permuted_digits_tasks(p, flat, source.y_train, seed), (flat.shape[1],), \
+        int(source.y_train.max()) + 1
+
+
+def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.mse_loss(outputs.squeeze(-1), targets)
+
+
+# ----------------------------------------------------------------------------- running
+
+def plasticity_run_id(cfg: PlasticityConfig, method: MethodSpec, seed: int) -> str:
+    canonical = {"data": dataclasses.asdict(cfg.data), "problem": dataclasses.asdict(cfg.problem),
+                 "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                 "method": {"name": method.name, **params_dict(method.params)}, "seed": seed}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass
+class PlasticityReport:
+    runs_done: int
+    runs_skipped: int
+    seconds: float
+
+
+def run_plasticity(cfg: PlasticityConfig, out: str | Path, *,
+                   show_progress: bool = True) -> PlasticityReport:
+    """Run every method x seed of `cfg` into `out/results.csv`; finished runs are skipped,
+    an unfinished one is rerun (its rows are re-measured identically and not duplicated)."""
+    import yaml
+
+    from engram.results import ResultWriter
+    from engram.runner import resolve_device
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    dump = dataclasses.asdict(cfg)
+    dump["methods"] = [{"name": m.name, **params_dict(m.params)} for m in cfg.methods]
+    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
+    started = time.perf_counter()
+    done = skipped = 0
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=len(cfg.seeds) * len(cfg.methods) * cfg.problem.n_tasks,
+                        unit="task", dynamic_ncols=True, disable=None)
+    try:
+        with ResultWriter(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY) as writer:
+            for seed in cfg.seeds:
+                for spec in cfg.methods:
+                    run_id = plasticity_run_id(cfg, spec, seed)
+                    if (run_id, "", "run_complete") in writer.keys:
+                        skipped += 1
+                        if progress is not None:
+                            progress.update(cfg.problem.n_tasks)
+                        continue
+                    _run_one(cfg, spec, seed, run_id, device, writer, progress)
+                    done += 1
+    finally:
+        if progress is not None:
+            progress.close()
+    return PlasticityReport(done, skipped, time.perf_counter() - started)
+
+
+def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
+             device: torch.device, writer: Any, progress: Any) -> None:
+    from engram.methods import METHODS
+    from engram.methods.base import Context
+    from engram.metrics.plasticity import plasticity_diagnostics
+    from engram.models import build_model
+    from engram.runner import train_task
+
+    tasks, input_shape, outputs = problem_tasks(cfg, seed)
+    regression = cfg.problem.kind == "bit_flipping"
+    torch.manual_seed(seed)
+    model = build_model(cfg.model, input_shape, 1, outputs).to(device)
+    method = METHODS.get(spec.name)(spec.params)
+    stream = Stream([], "domain", 1, outputs, input_shape, [])
+    ctx = Context(model=model, stream=stream, train_cfg=cfg.train, device=device,
+                  generator=torch.Generator().manual_seed(seed + 1_000_003),
+                  loss_fn=_regression_loss if regression else F.cross_entropy,
+                  count_correct=not regression)
+    ctx.model = model = method.prepare_model(model, ctx).to(device)
+    common = {"run_id": run_id, "name": cfg.name, "seed": seed, "method": spec.name,
+              "label": spec.label(), "problem": cfg.problem.kind}
+    for task in tasks:
+        task = Task(task.index, task.name, task.classes, task.train.to(device), None,
+                    task.test.to(device))
+        stream.tasks.append(task)
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        # diagnostics of the network as it meets the new task, before training on it
+        probe = task.train.x[:cfg.problem.probe_size]
+        rows = [{**common, "task": task.index + 1, "step": ctx.step, "metric": key, "value": v}
+                for key, v in plasticity_diagnostics(model, probe).items()]
+        losses: list[float] = []
+        train_task(ctx, method, lambda epoch, loss: losses.append(loss))
+        rows.append({**common, "task": task.index + 1, "step": ctx.step,
+                     "metric": "online_loss", "value": losses[-1]})
+        if not math.isfinite(losses[-1]):
+            raise ConfigError(f"{spec.label()} seed {seed} diverged on task {task.index + 1}")
+        if ctx.epoch_accuracy is not None:
+            rows.append({**common, "task": task.index + 1, "step": ctx.step,
+                         "metric": "online_accuracy", "value": ctx.epoch_accuracy})
+        writer.write(rows)
+        if progress is not None:
+            progress.update(1)
+    writer.write([{**common, "task": "", "step": ctx.step, "metric": "run_complete", "value": 1}])
+
+
+# ----------------------------------------------------------------------------- plots
+
+PLOTTED = (("online_loss", "online error (mean squared error per task)"),
+           ("online_accuracy", "online accuracy per task"),
+           ("dead_units", "fraction of dead units"),
+           ("effective_rank", "effective rank of hidden features (mean over layers)"),
+           ("weight_magnitude", "mean |w|"))
+
+
+def metric_curves(rows: list[dict[str, str]], metric: str) -> dict[str, tuple]:
+    """label -> (tasks (T,), mean over seeds (T,), standard error (T,), n seeds), for one
+    metric; only tasks every seed of the label has reached."""
+    import numpy as np
+
+    per_label: dict[str, dict[int, dict[int, float]]] = {}
+    for r in rows:
+        if r["metric"] != metric:
+            continue
+        per_label.setdefault(r["label"], {}).setdefault(int(r["seed"]), {})[int(r["task"])] = \
+            float(r["value"])
+    curves = {}
+    for label, by_seed in per_label.items():
+        tasks = sorted(set.intersection(*(set(v) for v in by_seed.values())))
+        values = np.array([[by_seed[s][t] for t in tasks] for s in sorted(by_seed)])  # (S, T)
+        se = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else \
+            np.zeros(len(tasks))
+        curves[label] = (np.array(tasks), values.mean(0), se, len(values))
+    return curves
+
+
+def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path) -> Path:
+    """One figure, `out_dir/plasticity.png`: a panel per recorded metric of `PLOTTED` against
+    the task number, a line per method with a ±1 SE band over seeds."""
+    from engram.plots import _new_figure, _save
+
+    present = [(m, title) for m, title in PLOTTED if any(r["metric"] == m for r in rows)]
+    fig = _new_figure(7.0, 2.6 * len(present))
+    axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
+    for ax, (metric, title) in zip(axes, present):
+        for label, (tasks, mean, se, n) in metric_curves(rows, metric).items():
+            line, = ax.plot(tasks, mean, label=f"{label} ({n} seeds)", linewidth=1.2)
+            ax.fill_between(tasks, mean - se, mean + se, color=line.get_color(), alpha=0.25,
+                            linewidth=0)
+        ax.set_title(title, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8, frameon=False)
+    axes[-1].set_xlabel("task (diagnostics at its start; online error over it)")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return _save(fig, out / "plasticity.png")
