@@ -134,3 +134,13 @@ def test_shipped_plasticity_configs_validate():
     for path in sorted((Path(__file__).resolve().parents[1] / "configs" / "plasticity").glob("*.yaml")):
         cfg = load_plasticity_config(path)
         assert cfg.problem.n_tasks >= 10 and math.isfinite(cfg.train.lr)
+
+
+def test_parallel_workers_write_the_same_rows(tmp_path):
+    cfg = tiny()
+    run_plasticity(cfg, tmp_path / "one", show_progress=False)
+    run_plasticity(cfg, tmp_path / "two", show_progress=False, workers=2)
+    rows = [read_rows(tmp_path / d / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
+            for d in ("one", "two")]
+    key = lambda r: tuple(r[k] for k in PLASTICITY_KEY)  # noqa: E731
+    assert {key(r): r["value"] for r in rows[0]} == {key(r): r["value"] for r in rows[1]}

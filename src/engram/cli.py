@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     plasticity.add_argument("--out", help="folder (default: runs/<the config's name>)")
     plasticity.add_argument("--help-config", action="store_true",
                             help="list every plasticity config key with its default, then exit")
+    plasticity.add_argument("--workers", type=int, default=1, metavar="N",
+                            help="runs in parallel processes (default 1); a worker's rows are "
+                                 "written when its run finishes")
     _add_quiet(plasticity)
 
     scenario_table = commands.add_parser(
@@ -422,7 +425,7 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
                          "configs/plasticity/bit_flipping.yaml")
     cfg = load_plasticity_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    report = run_plasticity(cfg, out, show_progress=not args.quiet)
+    report = run_plasticity(cfg, out, show_progress=not args.quiet, workers=args.workers)
     print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
           f"in {report.seconds:.1f} s")
     rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)

@@ -212,10 +212,14 @@ class PlasticityReport:
     seconds: float
 
 
-def run_plasticity(cfg: PlasticityConfig, out: str | Path, *,
-                   show_progress: bool = True) -> PlasticityReport:
+def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: bool = True,
+                   workers: int = 1) -> PlasticityReport:
     """Run every method x seed of `cfg` into `out/results.csv`; finished runs are skipped,
-    an unfinished one is rerun (its rows are re-measured identically and not duplicated)."""
+    an unfinished one is rerun (its rows are re-measured identically and not duplicated).
+
+    With workers > 1, runs go to that many spawned processes; each returns its rows when it
+    finishes and this process writes them, so a killed parallel run loses the runs in flight
+    (a rerun redoes them), where a single process writes every task's rows as measured."""
     import yaml
 
     from engram.results import ResultWriter
@@ -238,6 +242,7 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *,
                         unit="task", dynamic_ncols=True, disable=None)
     try:
         with ResultWriter(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY) as writer:
+            todo = []
             for seed in cfg.seeds:
                 for spec in cfg.methods:
                     run_id = plasticity_run_id(cfg, spec, seed)
@@ -245,13 +250,49 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *,
                         skipped += 1
                         if progress is not None:
                             progress.update(cfg.problem.n_tasks)
-                        continue
+                    else:
+                        todo.append((spec, seed, run_id))
+            if workers <= 1 or len(todo) <= 1:
+                for spec, seed, run_id in todo:
                     _run_one(cfg, spec, seed, run_id, device, writer, progress)
                     done += 1
+            else:
+                import multiprocessing
+                from concurrent.futures import ProcessPoolExecutor, as_completed
+
+                context = multiprocessing.get_context("spawn")
+                with ProcessPoolExecutor(workers, mp_context=context) as pool:
+                    futures = [pool.submit(_run_in_worker, cfg, spec, seed, run_id, str(device))
+                               for spec, seed, run_id in todo]
+                    for future in as_completed(futures):
+                        writer.write(future.result())
+                        done += 1
+                        if progress is not None:
+                            progress.update(cfg.problem.n_tasks)
     finally:
         if progress is not None:
             progress.close()
     return PlasticityReport(done, skipped, time.perf_counter() - started)
+
+
+class _RowCollector:
+    """A writer stand-in for worker processes: keeps the rows to hand back."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+
+    def write(self, rows: list[dict[str, Any]]) -> int:
+        self.rows.extend(rows)
+        return len(rows)
+
+
+def _run_in_worker(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
+                   device: str) -> list[dict[str, Any]]:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    collector = _RowCollector()
+    _run_one(cfg, spec, seed, run_id, torch.device(device), collector, None)
+    return collector.rows
 
 
 def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
@@ -302,7 +343,7 @@ def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
 
 # ----------------------------------------------------------------------------- plots
 
-PLOTTED = (("online_loss", "online error (mean squared error per task)"),
+PLOTTED = (("online_loss", "online loss per task (squared error; cross-entropy for classes)"),
            ("online_accuracy", "online accuracy per task"),
            ("dead_units", "fraction of dead units"),
            ("effective_rank", "effective rank of hidden features (mean over layers)"),
