@@ -10,9 +10,11 @@ from engram.methods.agem import AGEM
 from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
+from engram.methods.continual_backprop import ContinualBackprop
 from engram.methods.ewc import EWC
 from engram.methods.generative_replay import GenerativeReplay
 from engram.methods.joint import Joint
+from engram.methods.l2_init import L2Init
 from engram.methods.latent_replay import LatentReplay
 from engram.methods.lwf import LwF
 from engram.methods.mcsgd import MCSGD
@@ -22,8 +24,10 @@ from engram.methods.ogd import OGD
 from engram.methods.packnet import PackNet
 from engram.methods.progressive import Progressive
 from engram.methods.pseudo_rehearsal import PseudoRehearsal
+from engram.methods.redo import ReDo
 from engram.methods.replay import Replay
 from engram.methods.sam import SAM
+from engram.methods.shrink_perturb import ShrinkPerturb
 from engram.methods.si import SI
 from engram.methods.sleep import Sleep
 from engram.methods.snapshots import Snapshots
@@ -51,6 +55,10 @@ METHODS.add("mcsgd", MCSGD, "mode-connectivity SGD: merge each task's solution w
 METHODS.add("packnet", PackNet, "PackNet: per-task weight masks by iterative magnitude pruning; task-incremental (Mallya & Lazebnik 2018)")
 METHODS.add("progressive", Progressive, "progressive neural networks: a new column per task with lateral connections, earlier columns frozen (Rusu et al. 2016)")
 METHODS.add("sleep", Sleep, "sleep replay consolidation: spiking sleep with Hebbian plasticity after each task (Tadros et al. 2022)")
+METHODS.add("continual_backprop", ContinualBackprop, "continual backprop: replace the mature hidden units of lowest utility, a few per step (Dohare et al. 2024)")
+METHODS.add("shrink_perturb", ShrinkPerturb, "shrink and perturb: theta <- shrink*theta + noise, per task (Ash & Adams 2020) or per step (Dohare et al. 2024)")
+METHODS.add("l2_init", L2Init, "L2 toward the initial weights: lambda*||theta - theta_0||^2 (Kumar et al. 2023)")
+METHODS.add("redo", ReDo, "ReDo: every F steps reinitialise the dormant hidden units (Sokar et al. 2023)")
 METHODS.add("compose", Compose, "several methods at once, e.g. replay + EWC: hooks in order, penalties summed")
 
 __all__ = ["METHODS", "Batch", "Context", "Method"]
