@@ -144,3 +144,15 @@ def test_parallel_workers_write_the_same_rows(tmp_path):
             for d in ("one", "two")]
     key = lambda r: tuple(r[k] for k in PLASTICITY_KEY)  # noqa: E731
     assert {key(r): r["value"] for r in rows[0]} == {key(r): r["value"] for r in rows[1]}
+
+
+def test_class_stream_cycles_class_groups():
+    from engram.plasticity import class_stream_tasks
+
+    images, labels = torch.rand(60, 4), torch.arange(60) % 6
+    cfg = ProblemConfig(kind="class_stream", n_tasks=7, classes_per_task=2)
+    tasks = list(class_stream_tasks(cfg, images, labels, seed=0))
+    groups = [tuple(sorted(t.classes)) for t in tasks]
+    assert len(set(groups[:3])) == 3 and groups[3:6] == groups[:3] and groups[6] == groups[0]
+    for task in tasks:
+        assert set(task.train.y.tolist()) == set(task.classes) and len(task.train) == 20

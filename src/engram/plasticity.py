@@ -24,6 +24,9 @@ The problems (each a generator of tasks; same seed, same tasks):
 - `permuted_digits`: online permuted digits (the paper's online permuted MNIST on the
   bundled digits, or MNIST with data.source: mnist): each task a fresh pixel permutation of
   the whole training set, examples in a new random order, each seen once.
+- `class_stream`: a long class-incremental stream: the classes in a random order per seed,
+  cut into groups of `classes_per_task`, each task the examples of one group (one shared
+  10-way head, labels are the classes), the groups cycling for `n_tasks` tasks.
 
 The training loop is the runner's own `train_task` (one epoch of batch size 1 per task); it
 makes a fresh optimizer at each task, which for plain SGD, the problems' default, is the same
@@ -56,7 +59,7 @@ PLASTICITY_KEY = ("run_id", "task", "metric")
 
 @dataclass
 class ProblemConfig:
-    kind: Literal["bit_flipping", "permuted_digits"] = opt(
+    kind: Literal["bit_flipping", "permuted_digits", "class_stream"] = opt(
         "bit_flipping", "the non-stationary problem (see `engram plasticity --help`)")
     n_tasks: int = opt(100, "tasks in the stream (bit flipping: flips; permuted: permutations)",
                        low=1)
@@ -68,6 +71,7 @@ class ProblemConfig:
     beta: float = opt(0.7, "bit_flipping: threshold parameter of the target's units", low=0.0)
     examples_per_task: int | None = opt(None, "permuted_digits: examples per task (default: "
                                               "the whole training set)", low=1)
+    classes_per_task: int = opt(2, "class_stream: classes in each task", low=1)
     probe_size: int = opt(500, "examples of the next task the diagnostics are measured on",
                           low=2)
 
@@ -178,6 +182,22 @@ def permuted_digits_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torc
         yield Task(index, f"permutation {index}", list(range(10)), data, None, data)
 
 
+def class_stream_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torch.Tensor,
+                       seed: int) -> Iterator[Task]:
+    """A long class-incremental stream: class groups in a seeded order, cycling."""
+    generator = torch.Generator().manual_seed(seed)
+    classes = labels.unique()[torch.randperm(len(labels.unique()), generator=generator)]
+    groups = [classes[i:i + cfg.classes_per_task]
+              for i in range(0, len(classes), cfg.classes_per_task)]
+    flat = images.reshape(len(images), -1)
+    for index in range(cfg.n_tasks):
+        group = groups[index % len(groups)]
+        members = torch.nonzero(torch.isin(labels, group)).flatten()
+        members = members[torch.randperm(len(members), generator=generator)]
+        data = TensorSet(flat[members], labels[members], torch.zeros(len(members), dtype=torch.long))
+        yield Task(index, "/".join(str(int(c)) for c in group), group.tolist(), data, None, data)
+
+
 def problem_tasks(cfg: PlasticityConfig, seed: int) -> tuple[Iterator[Task], tuple[int, ...], int]:
     """(tasks, input shape, outputs) of the configured problem for one seed."""
     p = cfg.problem
@@ -187,8 +207,8 @@ def problem_tasks(cfg: PlasticityConfig, seed: int) -> tuple[Iterator[Task], tup
 
     source = DATASETS.get(cfg.data.source)(cfg.data.path)
     flat = source.x_train.reshape(len(source.x_train), -1)
-    return permuted_digits_tasks(p, flat, source.y_train, seed), (flat.shape[1],), \
-        int(source.y_train.max()) + 1
+    make = permuted_digits_tasks if p.kind == "permuted_digits" else class_stream_tasks
+    return make(p, flat, source.y_train, seed), (flat.shape[1],), int(source.y_train.max()) + 1
 
 
 def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
