@@ -156,3 +156,14 @@ def test_class_stream_cycles_class_groups():
     assert len(set(groups[:3])) == 3 and groups[3:6] == groups[:3] and groups[6] == groups[0]
     for task in tasks:
         assert set(task.train.y.tolist()) == set(task.classes) and len(task.train) == 20
+
+
+def test_binned_curves_average_each_seed_then_across_seeds():
+    from engram.plasticity import metric_curves
+
+    rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
+             "value": str(10 * s + t)} for s in (0, 1) for t in range(1, 7)]
+    tasks, mean, se, n = metric_curves(rows, "online_loss", bin_tasks=3)["m"]
+    assert list(tasks) == [3, 6] and n == 2
+    assert list(mean) == [(2 + 12) / 2, (5 + 15) / 2]  # seed bins: 2, 5 and 12, 15
+    assert list(se) == pytest.approx([5.0, 5.0])  # sd 10/sqrt(2), over sqrt(2)

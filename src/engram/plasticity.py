@@ -370,9 +370,12 @@ PLOTTED = (("online_loss", "online loss per task (squared error; cross-entropy f
            ("weight_magnitude", "mean |w|"))
 
 
-def metric_curves(rows: list[dict[str, str]], metric: str) -> dict[str, tuple]:
+def metric_curves(rows: list[dict[str, str]], metric: str, bin_tasks: int = 1
+                  ) -> dict[str, tuple]:
     """label -> (tasks (T,), mean over seeds (T,), standard error (T,), n seeds), for one
-    metric; only tasks every seed of the label has reached."""
+    metric; only tasks every seed of the label has reached. With bin_tasks > 1 each seed's
+    values are first averaged over bins of that many tasks (x = the bin's last task), as the
+    paper bins the online error, and the mean and SE are taken over the seeds' bin values."""
     import numpy as np
 
     per_label: dict[str, dict[int, dict[int, float]]] = {}
@@ -385,26 +388,36 @@ def metric_curves(rows: list[dict[str, str]], metric: str) -> dict[str, tuple]:
     for label, by_seed in per_label.items():
         tasks = sorted(set.intersection(*(set(v) for v in by_seed.values())))
         values = np.array([[by_seed[s][t] for t in tasks] for s in sorted(by_seed)])  # (S, T)
+        if bin_tasks > 1 and len(tasks) >= bin_tasks:
+            n_bins = len(tasks) // bin_tasks
+            values = values[:, :n_bins * bin_tasks].reshape(len(values), n_bins, bin_tasks)
+            values = values.mean(-1)  # (S, bins)
+            tasks = tasks[bin_tasks - 1:n_bins * bin_tasks:bin_tasks]
         se = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else \
             np.zeros(len(tasks))
         curves[label] = (np.array(tasks), values.mean(0), se, len(values))
     return curves
 
 
-def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path) -> Path:
+def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
+                           bin_tasks: int | None = None) -> Path:
     """One figure, `out_dir/plasticity.png`: a panel per recorded metric of `PLOTTED` against
-    the task number, a line per method with a ±1 SE band over seeds."""
+    the task number, a line per method with a ±1 SE band over seeds; the online error and
+    accuracy in bins of `bin_tasks` tasks (default: a twentieth of the tasks)."""
     from engram.plots import _new_figure, _save
 
     present = [(m, title) for m, title in PLOTTED if any(r["metric"] == m for r in rows)]
+    n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=1)
+    bin_tasks = bin_tasks or max(1, n_tasks // 20)
     fig = _new_figure(7.0, 2.6 * len(present))
     axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (metric, title) in zip(axes, present):
-        for label, (tasks, mean, se, n) in metric_curves(rows, metric).items():
+        binned = bin_tasks if metric.startswith("online") else 1
+        for label, (tasks, mean, se, n) in metric_curves(rows, metric, binned).items():
             line, = ax.plot(tasks, mean, label=f"{label} ({n} seeds)", linewidth=1.2)
             ax.fill_between(tasks, mean - se, mean + se, color=line.get_color(), alpha=0.25,
                             linewidth=0)
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title + (f", bins of {binned} tasks" if binned > 1 else ""), fontsize=9)
         ax.grid(True, alpha=0.3)
     axes[0].legend(fontsize=8, frameon=False)
     axes[-1].set_xlabel("task (diagnostics at its start; online error over it)")
