@@ -33,9 +33,10 @@ def test_python_dash_m_engram_lists_every_registry_entry():
     out = subprocess.run([sys.executable, "-m", "engram", "list"], capture_output=True, text=True,
                          check=True).stdout
     from engram.importance.measures import MEASURES
+    from engram.plasticity import PROBLEMS
 
     lines = out.strip().splitlines()
-    registries = (DATASETS, STREAMS, MODELS, METHODS, MEASURES)
+    registries = (DATASETS, STREAMS, MODELS, METHODS, MEASURES, PROBLEMS)
     assert [line for line in lines if not line.startswith(" ")] == \
         [f"{r.kind}s:" for r in registries]
     entries = [line.strip() for line in lines if line.startswith(" ")]

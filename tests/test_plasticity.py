@@ -83,7 +83,7 @@ def test_online_error_is_the_loss_before_each_update(tmp_path):
                    problem={"kind": kind, "n_tasks": 2, "flip_every": 100, "examples_per_task": 100})
         run_plasticity(cfg, tmp_path / kind, show_progress=False)
         rows = read_rows(tmp_path / kind / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
-        tasks, shape, outputs = problem_tasks(cfg, 0)
+        tasks, shape, outputs, _ = problem_tasks(cfg, 0)
         torch.manual_seed(0)
         model = build_model(cfg.model, shape, 1, outputs)
         with torch.no_grad():
@@ -167,3 +167,10 @@ def test_binned_curves_average_each_seed_then_across_seeds():
     assert list(tasks) == [3, 6] and n == 2
     assert list(mean) == [(2 + 12) / 2, (5 + 15) / 2]  # seed bins: 2, 5 and 12, 15
     assert list(se) == pytest.approx([5.0, 5.0])  # sd 10/sqrt(2), over sqrt(2)
+
+
+def test_an_unknown_problem_is_named_in_the_error():
+    from engram.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="problem.kind: unknown plasticity problem 'flipping'"):
+        tiny(problem={"kind": "flipping"})

@@ -243,8 +243,9 @@ def cmd_list(args: argparse.Namespace) -> None:
     from engram.importance.measures import MEASURES
     from engram.methods import METHODS
     from engram.models import MODELS
+    from engram.plasticity import PROBLEMS
 
-    for registry in (DATASETS, STREAMS, MODELS, METHODS, MEASURES):
+    for registry in (DATASETS, STREAMS, MODELS, METHODS, MEASURES, PROBLEMS):
         print(f"{registry.kind}s:")  # a header per registry: `mas` is a method and a measure
         for entry in registry.entries():
             print(f"  {entry.name} {entry.description}")

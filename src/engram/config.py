@@ -220,6 +220,8 @@ def registry_names(registry: str) -> list[str]:
         from engram.models import MODELS as reg
     elif registry == "methods":
         from engram.methods import METHODS as reg
+    elif registry == "problems":
+        from engram.plasticity import PROBLEMS as reg
     elif registry == "measures":
         from engram.importance.measures import MEASURES as reg
     else:

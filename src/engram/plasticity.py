@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +51,7 @@ from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _lo
                            _parse_methods, apply_override, opt, params_dict, parse_dataclass)
 from engram.data.streams import Stream, Task, TensorSet
 from engram.errors import ConfigError
+from engram.registry import Registry
 
 PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
                       "metric", "value"]
@@ -59,8 +60,8 @@ PLASTICITY_KEY = ("run_id", "task", "metric")
 
 @dataclass
 class ProblemConfig:
-    kind: Literal["bit_flipping", "permuted_digits", "class_stream"] = opt(
-        "bit_flipping", "the non-stationary problem (see `engram plasticity --help`)")
+    kind: str = opt("bit_flipping", "the non-stationary problem (see `engram list`)",
+                    registry="problems")
     n_tasks: int = opt(100, "tasks in the stream (bit flipping: flips; permuted: permutations)",
                        low=1)
     flip_every: int = opt(10000, "bit_flipping: examples per task (T)", low=1)
@@ -198,17 +199,50 @@ def class_stream_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torch.T
         yield Task(index, "/".join(str(int(c)) for c in group), group.tolist(), data, None, data)
 
 
-def problem_tasks(cfg: PlasticityConfig, seed: int) -> tuple[Iterator[Task], tuple[int, ...], int]:
-    """(tasks, input shape, outputs) of the configured problem for one seed."""
-    p = cfg.problem
-    if p.kind == "bit_flipping":
-        return bit_flipping_tasks(p, seed), (p.n_inputs,), 1
+class Problem(NamedTuple):
+    """One seed's problem: its tasks (generated lazily), input shape, outputs, loss kind."""
+    tasks: Iterator[Task]
+    input_shape: tuple[int, ...]
+    outputs: int
+    regression: bool
+
+
+def bit_flipping_problem(cfg: PlasticityConfig, seed: int) -> Problem:
+    return Problem(bit_flipping_tasks(cfg.problem, seed), (cfg.problem.n_inputs,), 1, True)
+
+
+def _images(cfg: PlasticityConfig) -> tuple[torch.Tensor, torch.Tensor]:
     from engram.data import DATASETS
 
     source = DATASETS.get(cfg.data.source)(cfg.data.path)
-    flat = source.x_train.reshape(len(source.x_train), -1)
-    make = permuted_digits_tasks if p.kind == "permuted_digits" else class_stream_tasks
-    return make(p, flat, source.y_train, seed), (flat.shape[1],), int(source.y_train.max()) + 1
+    return source.x_train.reshape(len(source.x_train), -1), source.y_train  # (N, D), (N,)
+
+
+def permuted_digits_problem(cfg: PlasticityConfig, seed: int) -> Problem:
+    x, y = _images(cfg)
+    return Problem(permuted_digits_tasks(cfg.problem, x, y, seed), (x.shape[1],),
+                   int(y.max()) + 1, False)
+
+
+def class_stream_problem(cfg: PlasticityConfig, seed: int) -> Problem:
+    x, y = _images(cfg)
+    return Problem(class_stream_tasks(cfg.problem, x, y, seed), (x.shape[1],),
+                   int(y.max()) + 1, False)
+
+
+PROBLEMS: Registry = Registry("plasticity problem")
+PROBLEMS.add("bit_flipping", bit_flipping_problem,
+             "slowly-changing regression: input bits redrawn every T examples, fixed random "
+             "threshold-unit target (Dohare et al. 2024)")
+PROBLEMS.add("permuted_digits", permuted_digits_problem,
+             "online permuted digits: a fresh pixel permutation per task, each example once")
+PROBLEMS.add("class_stream", class_stream_problem,
+             "a long class-incremental stream: class groups cycling, one shared head, online")
+
+
+def problem_tasks(cfg: PlasticityConfig, seed: int) -> Problem:
+    """The configured problem for one seed."""
+    return PROBLEMS.get(cfg.problem.kind)(cfg, seed)
 
 
 def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -323,8 +357,7 @@ def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
     from engram.models import build_model
     from engram.runner import train_task
 
-    tasks, input_shape, outputs = problem_tasks(cfg, seed)
-    regression = cfg.problem.kind == "bit_flipping"
+    tasks, input_shape, outputs, regression = problem_tasks(cfg, seed)
     torch.manual_seed(seed)
     model = build_model(cfg.model, input_shape, 1, outputs).to(device)
     method = METHODS.get(spec.name)(spec.params)
