@@ -172,5 +172,5 @@ def test_binned_curves_average_each_seed_then_across_seeds():
 def test_an_unknown_problem_is_named_in_the_error():
     from engram.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="problem.kind: unknown plasticity problem 'flipping'"):
+    with pytest.raises(ConfigError, match="problem.kind: unknown problem 'flipping'; choose one of: bit_flipping"):
         tiny(problem={"kind": "flipping"})
