@@ -376,6 +376,20 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     return load_config_dict(raw, overrides, str(path))
 
 
+def read_config_tree(path: str | Path, overrides: list[str] = ()) -> dict:
+    """A YAML config file as a raw dict (safe loader only) with dotted overrides applied:
+    what the profiler's and the plasticity runner's loaders validate with their own schema."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    raw = _load_yaml_text(path.read_text(), str(path)) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
+    for override in overrides:
+        apply_override(raw, override)
+    return raw
+
+
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     """The plain-dict form of a config (what `config.yaml` in a run folder holds)."""
     out = dataclasses.asdict(cfg)

@@ -47,8 +47,8 @@ from typing import Any, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _load_yaml_text,
-                           _parse_methods, apply_override, opt, params_dict, parse_dataclass)
+from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _parse_methods, opt,
+                           params_dict, parse_dataclass, read_config_tree)
 from engram.data.streams import Stream, Task, TensorSet
 from engram.errors import ConfigError
 from engram.registry import Registry
@@ -109,14 +109,7 @@ class PlasticityConfig:
 
 def load_plasticity_config(path: str | Path, overrides: list[str] = ()) -> PlasticityConfig:
     """Read a plasticity YAML (safe loader), apply dotted overrides, validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = _load_yaml_text(path.read_text(), str(path)) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    for override in overrides:
-        apply_override(raw, override)
+    raw = read_config_tree(path, overrides)
     methods = raw.pop("methods", None)
     cfg = parse_dataclass(PlasticityConfig, raw)
     if methods is not None:

@@ -32,8 +32,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, _load_yaml_text,
-                           apply_override, opt, parse_dataclass)
+from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, opt,
+                           parse_dataclass, read_config_tree)
 from engram.errors import ConfigError, EngramError
 
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
@@ -123,15 +123,7 @@ class ProfileConfig:
 
 def load_profile_config(path: str | Path, overrides: list[str] = ()) -> ProfileConfig:
     """Read a profile YAML (safe loader), apply dotted overrides, validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = _load_yaml_text(path.read_text(), str(path)) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
-    for override in overrides:
-        apply_override(raw, override)
-    return parse_dataclass(ProfileConfig, raw)
+    return parse_dataclass(ProfileConfig, read_config_tree(path, overrides))
 
 
 def profile_id(cfg: ProfileConfig) -> str:

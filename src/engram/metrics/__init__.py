@@ -62,21 +62,5 @@ __all__ = [
     "mean_and_standard_error",
     "summarize",
     "t_interval",
-    # plasticity diagnostics (engram.metrics.plasticity)
-    "approximate_rank",
-    "dead_fraction",
-    "dormant_fraction",
-    "effective_rank",
-    "gradient_magnitude",
-    "hidden_activations",
-    "named_weight_layers",
-    "numerical_rank",
-    "numerical_stable_rank",
-    "plasticity_diagnostics",
-    "rank_measures",
-    "redo_scores",
-    "saturated_fraction",
-    "singular_values",
-    "stable_rank",
-    "weight_magnitude",
+    *_PLASTICITY,  # plasticity diagnostics (engram.metrics.plasticity)
 ]
