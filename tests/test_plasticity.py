@@ -174,3 +174,17 @@ def test_an_unknown_problem_is_named_in_the_error():
 
     with pytest.raises(ConfigError, match="problem.kind: unknown problem 'flipping'; choose one of: bit_flipping"):
         tiny(problem={"kind": "flipping"})
+
+
+def test_summary_windows_and_standard_errors_by_hand():
+    from engram.plasticity import format_plasticity_summary, plasticity_summary
+
+    # 10 tasks: early = tasks 2-3, late = tasks 9-10; value = seed * 10 + task
+    rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
+             "value": str(10 * s + t)} for s in (0, 1) for t in range(1, 11)]
+    (entry,) = plasticity_summary(rows)
+    assert entry["early_tasks"] == (2, 3) and entry["late_tasks"] == (9, 10)
+    assert entry["early"][0] == pytest.approx((2.5 + 12.5) / 2)
+    assert entry["late"][0] == pytest.approx((9.5 + 19.5) / 2)
+    assert entry["late"][1] == pytest.approx(5.0)  # sd 10/sqrt(2), over sqrt(2)
+    assert "tasks 2-3 -> tasks 9-10" in format_plasticity_summary([entry])

@@ -414,8 +414,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from engram.config import describe_fields
     from engram.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
-                                   load_plasticity_config, run_plasticity,
-                                   write_plasticity_plots)
+                                   format_plasticity_summary, load_plasticity_config,
+                                   plasticity_summary, run_plasticity, write_plasticity_plots)
     from engram.results import read_rows
 
     if args.help_config:
@@ -430,6 +430,7 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
     print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
           f"in {report.seconds:.1f} s")
     rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
+    print(format_plasticity_summary(plasticity_summary(rows)))
     print(f"results: {out / 'results.csv'}\nplot: {write_plasticity_plots(rows, out / 'plots')}")
     return 0
 

@@ -450,3 +450,55 @@ def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     return _save(fig, out / "plasticity.png")
+
+
+# ----------------------------------------------------------------------------- summary
+
+SUMMARISED = ("online_loss", "online_accuracy", "dead_units", "effective_rank",
+              "weight_magnitude")
+
+
+def plasticity_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """Per method label and metric of `SUMMARISED`: mean ± standard error over seeds of each
+    seed's mean over the early tasks (2 to 1 + T/5: the first, from-scratch task left out)
+    and over the late tasks (the last T/5). One entry per (label, metric)."""
+    n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=0)
+    fifth = max(1, n_tasks // 5)
+    windows = {"early": (2, 1 + fifth), "late": (n_tasks - fifth + 1, n_tasks)}
+    table = []
+    for metric in SUMMARISED:
+        for label, (tasks, _, _, _) in metric_curves(rows, metric).items():
+            entry: dict[str, Any] = {"label": label, "metric": metric}
+            per_seed: dict[str, dict[str, list[float]]] = {}
+            for r in rows:
+                if r["label"] == label and r["metric"] == metric and r["task"]:
+                    per_seed.setdefault(r["seed"], {}).setdefault(r["task"], []).append(
+                        float(r["value"]))
+            for name, (lo, hi) in windows.items():
+                means = [sum(v[0] for t, v in by_task.items() if lo <= int(t) <= hi) /
+                         max(1, sum(lo <= int(t) <= hi for t in by_task))
+                         for by_task in per_seed.values()]
+                m = sum(means) / len(means)
+                se = (math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1) / len(means))
+                      if len(means) > 1 else float("nan"))
+                entry[name] = (m, se)
+                entry[f"{name}_tasks"] = (lo, hi)
+            entry["n_seeds"] = len(per_seed)
+            table.append(entry)
+    return table
+
+
+def format_plasticity_summary(table: list[dict[str, Any]]) -> str:
+    """The summary as aligned text: one block per metric, a line per method."""
+    lines = []
+    for metric in dict.fromkeys(e["metric"] for e in table):
+        block = [e for e in table if e["metric"] == metric]
+        (lo1, hi1), (lo2, hi2) = block[0]["early_tasks"], block[0]["late_tasks"]
+        lines.append(f"{metric} (mean ± SE over seeds): tasks {lo1}-{hi1} -> tasks {lo2}-{hi2}")
+        width = max(len(e["label"]) for e in block)
+        for e in block:
+            (a, sa), (b, sb) = e["early"], e["late"]
+            lines.append(f"  {e['label']:<{width}}  {a:.3f} ± {sa:.3f}  ->  {b:.3f} ± {sb:.3f}"
+                         f"  ({e['n_seeds']} seeds)")
+        lines.append("")
+    return "\n".join(lines)
