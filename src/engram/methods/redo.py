@@ -41,11 +41,11 @@ from torch import nn
 from engram.config import opt
 from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
+from engram.metrics.plasticity import scores_from_activity  # the one ReDo score formula
 from engram.methods.continual_backprop import (ActivationRecorder, HiddenLayer, Init,
                                                draw_input_rows, hooked_layers, reinitialise_units,
                                                zero_outgoing)
 
-SCORE_EPS = 1e-9  # dopamine weight_recyclers.estimate_neuron_score
 
 
 @dataclass
@@ -67,11 +67,6 @@ class ReDoParams:
 def dormancy_scores(h: torch.Tensor) -> torch.Tensor:
     """s_i = mean_B |h_i| / (mean over units of mean_B |h_k| + 1e-9). h (B, n) -> (n,)."""
     return scores_from_activity(h.abs().mean(0))
-
-
-def scores_from_activity(activity: torch.Tensor) -> torch.Tensor:
-    """The same from the units' mean |h|, activity (n,) -> (n,)."""
-    return activity / (activity.mean() + SCORE_EPS)
 
 
 class ReDo(Method):

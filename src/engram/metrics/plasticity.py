@@ -113,8 +113,12 @@ def redo_scores(h: torch.Tensor) -> torch.Tensor:
     (the dormant neuron phenomenon); the 1e-9 and the mean over batch *and* spatial
     positions are from the code (google/dopamine labs/redo, estimate_neuron_score).
     """
-    m = _unit_mean_abs(h)  # (units,)
-    return m / (m.mean() + REDO_EPS)
+    return scores_from_activity(_unit_mean_abs(h))  # mean |h| per unit: (units,)
+
+
+def scores_from_activity(activity: torch.Tensor) -> torch.Tensor:
+    """ReDo's score from the units' mean |h| (units,): activity / (its mean + 1e-9)."""
+    return activity / (activity.mean() + REDO_EPS)
 
 
 def dormant_fraction(h: torch.Tensor, tau: float) -> float:
