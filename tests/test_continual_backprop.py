@@ -371,3 +371,47 @@ def test_state_resumes_a_run_exactly_through_the_runner():
     for a, b in zip(ctx.model.parameters(), ctx2.model.parameters()):
         assert torch.equal(a, b)
     assert method.replaced == method2.replaced
+
+
+def test_residual_blocks_are_hidden_layers_whose_skip_is_the_outgoing_identity():
+    """On the sliding-window network a unit is a block's activation output; its outgoing
+    'weights' are the identity skip, so contribution utility is mean |h|, and a replacement
+    resets only the unit's input row and bias (init: zeros gives a zero row)."""
+    from engram.models.residual import ResidualNet
+
+    torch.manual_seed(0)
+    model = ResidualNet(width=4, out_dim=2, depth=2, activation="atan", init="default")
+    layers = hidden_layers(model, "continual_backprop")
+    assert [layer.name for layer in layers] == ["blocks.0.linear", "blocks.1.linear"]
+    assert all(layer.outgoing is None for layer in layers)
+    assert torch.equal(layers[0].outgoing_weight(), torch.eye(4))
+    ctx = _ctx(model)
+    method = _cbp(model, ctx, replacement_rate=0.0, maturity=0, decay=0.5)
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        h0 = torch.atan(model.blocks[0].linear(x))  # (3, 4): block 0's units
+    _step(method, model, ctx, x)
+    # u = (1 - eta) * mean_B |h| * sum_k |I[k, i]| = 0.5 * mean_B |h|
+    torch.testing.assert_close(method.stats["blocks.0.linear"]["utility"],
+                               0.5 * h0.abs().mean(0))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    reinitialise_units(layers[1], torch.tensor([2]), torch.zeros(1, 4),
+                       method.stats["blocks.1.linear"]["mean"])
+    after = model.state_dict()
+    assert torch.equal(after["blocks.1.linear.weight"][2], torch.zeros(4))
+    assert after["blocks.1.linear.bias"][2] == 0
+    for key in before:  # nothing else moved: no outgoing weights, no next bias
+        if key.startswith("blocks.1.linear"):
+            keep = torch.ones_like(before[key], dtype=torch.bool)
+            keep[2] = False
+            assert torch.equal(after[key][keep], before[key][keep])
+        else:
+            assert torch.equal(after[key], before[key]), key
+
+
+def test_zeros_init_draws_zero_rows():
+    from engram.methods.continual_backprop import draw_input_rows
+
+    layer = hidden_layers(_net([3]), "continual_backprop")[0]
+    rows = draw_input_rows(layer, 2, "zeros", torch.Generator())
+    assert torch.equal(rows, torch.zeros(2, 2))

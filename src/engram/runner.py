@@ -50,6 +50,22 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
+                 loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet) -> None:
+    """One optimizer update from the training `loss` of `batch` (what make_batch returned for
+    `task_batch`), with the method's penalty and hooks in the order every method relies on.
+    Shared by train_task and the sliding-window experiment (engram.window)."""
+    ctx.batch = batch  # LwF distils on the batch being trained
+    penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
+    total = loss if penalty is None else loss + penalty
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    method.after_backward(ctx)  # gradient projections
+    optimizer.step()
+    method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
+    ctx.step += 1
+
+
 def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
     """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares."""
     cfg, model = ctx.train_cfg, ctx.model
@@ -72,16 +88,8 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
             if ctx.count_correct:  # online accuracy: this step's own examples, before the update
                 correct_sum += (outputs[:len(index)].argmax(1) == task_batch.y).sum()
-            ctx.batch = batch  # LwF distils on the batch being trained
-            penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
-            total = loss if penalty is None else loss + penalty
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            method.after_backward(ctx)  # gradient projections
-            optimizer.step()
-            method.after_step(task_batch, ctx)  # buffer updates, path integrals
+            apply_update(ctx, method, optimizer, loss, batch, task_batch)
             loss_sum += loss.detach()
-            ctx.step += 1
         mean_loss = float(loss_sum) / -(-n // cfg.batch_size)  # one sync per epoch
         ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
         if not math.isfinite(mean_loss):

@@ -1,4 +1,4 @@
-"""The sliding-window memorisation experiment (issue 7): watching forgetting.
+"""The sliding-window memorisation experiment (`engram window`): watching forgetting.
 
 A network memorises `n_points` random points (x ~ N(0, 1) of width `x_dim`, y ~ N(0, 1) of
 width `y_dim`, drawn independently) but is only ever trained on a contiguous window of
@@ -6,15 +6,16 @@ width `y_dim`, drawn independently) but is only ever trained on a contiguous win
 point being the squared norm ||N(x) - y||^2. Whenever the window's mean loss is below
 `threshold` the window moves forward by `shift` points, wrapping around the end.
 
-The network is `depth` residual blocks h <- h + act(W h + b) of width `width` (= `x_dim`)
-followed by a dense layer `width` -> `y_dim`. By default every weight and bias starts at zero.
-That does not freeze training: with zero blocks the network is the identity into the output
-layer, so the output layer's gradient 2 (N(x) - y) h^T is nonzero at step 0 while the blocks'
-gradients are zero (they pass through the zero output weights). After the first step the
-output weights are nonzero, the gradient reaches the blocks through the residual paths
-(atan'(0) = tanh'(0) = 1), and every block's weights become nonzero from step 1 on (checked
-in tests/test_window.py). With `activation: relu` and zero init the blocks never learn:
-relu'(0) = 0 in torch and every pre-activation is exactly 0.
+The network (engram.models.residual.ResidualNet) is `depth` residual blocks
+h <- h + act(W h + b) of width `width` (= `x_dim`) followed by a dense layer `width` ->
+`y_dim`; by default every weight and bias starts at zero.
+
+The step is the runner's (engram.runner.apply_update), so any registered method can ride
+along: `method: {name: continual_backprop}` resets units, `replay` mixes remembered points
+into the window's batch, `shrink_perturb` / `l2_init` act every step. The whole run is one
+task to the method, so methods that act only at task boundaries (EWC, LwF, ...) do nothing
+here. L2 is `weight_decay`, dropout `dropout` (on each block's output before the skip sum;
+the window check and the recorded losses are in eval mode, without dropout).
 
 What is recorded (`WindowRecord`): after 0, k, 2k, ... steps (k = `record_every`) every
 point's loss (one forward of all points), the window's start and the norm of all weights and
@@ -22,10 +23,10 @@ biases; per shift the step it happened and how many steps the window was trained
 it (`relearn_steps`).
 
 Step semantics: at step s (s = 0 .. max_steps - 1; s updates done so far) the current
-window's mean loss L is computed; if L < threshold the window shifts (shift step s, at most
-one shift per step) and the step trains on the new window; then one optimizer update. Row t of
-the record holds the state after t updates: `point_loss[t]` are the losses the step-t check
-sees and `window_start[t]` the window it checks.
+window's mean loss L is computed (eval mode, no gradient); if L < threshold the window shifts
+(shift step s, at most one shift per step) and the step trains on the new window; then one
+optimizer update. Row t of the record holds the state after t updates: `point_loss[t]` are
+the losses the step-t check sees and `window_start[t]` the window it checks.
 """
 
 from __future__ import annotations
@@ -35,15 +36,14 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Callable, Literal
 
 import numpy as np
 import torch
 
-from engram.config import _check_range, opt
+from engram.config import MethodSpec, TrainConfig, _check_range, opt
 from engram.errors import ConfigError, DivergenceError
-
-ACTIVATIONS = {"atan": torch.atan, "tanh": torch.tanh, "relu": torch.relu}
+from engram.models.residual import ACTIVATION_MODULES, ResidualNet
 
 
 @dataclass
@@ -56,6 +56,8 @@ class WindowConfig:
     activation: Literal["atan", "tanh", "relu"] = opt("atan", "activation in the blocks")
     init: Literal["zeros", "default"] = opt(
         "zeros", "zeros: every weight and bias 0; default: torch's Linear init")
+    dropout: float = opt(0.0, "dropout on each block's output before the skip sum (0: none)",
+                         low=0.0, high=0.95)
     window: int = opt(50, "points in the training window", low=1)
     threshold: float = opt(1.0, "the window shifts when its mean loss is below this "
                                  "(a point's loss starts near y_dim)", low=0.0)
@@ -64,10 +66,10 @@ class WindowConfig:
         "adam", "optimizer (with sgd the net ends up memorising all points and relearning "
         "gets faster; with adam relearning gets slower)")
     lr: float = opt(0.001, "learning rate", low=0.0)
-    weight_decay: float = opt(0.0, "L2 weight decay of the optimizer", low=0.0)
+    weight_decay: float = opt(0.0, "L2 penalty: the optimizer's weight decay", low=0.0)
     max_steps: int = opt(60000, "optimizer steps", low=0)
-    record_every: int = opt(1, "record every point's loss every this many steps", low=1)
-    seed: int = opt(0, "seed of the data (and of the default init)")
+    record_every: int = opt(20, "record every point's loss every this many steps", low=1)
+    seed: int = opt(0, "seed of the data, the init and dropout")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -77,13 +79,18 @@ class WindowConfig:
                               f"must equal x_dim ({self.x_dim}); got {self.width}")
         if self.window > self.n_points:
             raise ConfigError(f"window: {self.window} is more than n_points ({self.n_points})")
-        if self.activation not in ACTIVATIONS:
+        if self.activation not in ACTIVATION_MODULES:
             raise ConfigError(f"activation: unknown {self.activation!r}; choose one of: "
-                              + ", ".join(ACTIVATIONS))
+                              + ", ".join(ACTIVATION_MODULES))
         if self.init not in ("zeros", "default"):
             raise ConfigError(f"init: unknown {self.init!r}; choose zeros or default")
         if self.optimizer not in ("sgd", "adam"):
             raise ConfigError(f"optimizer: unknown {self.optimizer!r}; choose sgd or adam")
+
+    def network(self) -> ResidualNet:
+        """The network, initialised from torch's global generator (seeded by run_window)."""
+        return ResidualNet(self.width, self.y_dim, self.depth, self.activation, self.init,
+                           self.dropout)
 
 
 def window_data(cfg: WindowConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,46 +101,15 @@ def window_data(cfg: WindowConfig) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-class ResidualNet:
-    """depth blocks h <- h + act(h W_i^T + b_i), then h W_out^T + b_out; plain tensors.
+def squared_norm_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over points of ||N(x) - y||^2: outputs, targets (B, y_dim) -> scalar."""
+    return (outputs - targets).pow(2).sum(1).mean()
 
-    The block weights are stacked, `w` (depth, width, width) and `b` (depth, width), so the
-    parameters are four tensors whatever the depth.
-    """
 
-    def __init__(self, cfg: WindowConfig) -> None:
-        d, n, m = cfg.depth, cfg.width, cfg.y_dim
-        self.act = ACTIVATIONS[cfg.activation]
-        if cfg.init == "zeros":
-            self.w, self.b = torch.zeros(d, n, n), torch.zeros(d, n)
-            self.w_out, self.b_out = torch.zeros(m, n), torch.zeros(m)
-        else:  # torch.nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for both
-            g = torch.Generator().manual_seed(cfg.seed + 1)
-            bound = 1.0 / math.sqrt(n)
-
-            def u(*shape: int) -> torch.Tensor:
-                return (torch.rand(*shape, generator=g) * 2 - 1) * bound
-
-            self.w, self.b, self.w_out, self.b_out = u(d, n, n), u(d, n), u(m, n), u(m)
-        for p in self.parameters():
-            p.requires_grad_(True)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.w, self.b, self.w_out, self.b_out]
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        h = x
-        for i in range(self.w.shape[0]):
-            h = h + self.act(torch.addmm(self.b[i], h, self.w[i].T))
-        return torch.addmm(self.b_out, h, self.w_out.T)
-
-    def point_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Each point's squared norm ||N(x) - y||^2, shape (len(x),)."""
-        return (self(x) - y).pow(2).sum(1)
-
-    def weight_norm(self) -> float:
-        with torch.no_grad():
-            return math.sqrt(sum(float(p.pow(2).sum()) for p in self.parameters()))
+def weight_norm(model: torch.nn.Module) -> float:
+    """The Euclidean norm of all weights and biases together."""
+    with torch.no_grad():
+        return math.sqrt(sum(float(p.pow(2).sum()) for p in model.parameters()))
 
 
 def window_indices(start: int, window: int, n_points: int) -> torch.Tensor:
@@ -163,8 +139,11 @@ class WindowRecord:
         return np.take_along_axis(self.point_loss, idx, axis=1).mean(1)
 
     def save_npz(self, path: str | Path) -> None:
+        """Compressed arrays, no pickle; the point losses as float16 (3 significant digits,
+        half the size: 3 MB for the default run)."""
         np.savez_compressed(
-            path, steps=self.steps, point_loss=self.point_loss, window_start=self.window_start,
+            path, steps=self.steps, point_loss=self.point_loss.astype(np.float16),
+            window_start=self.window_start,
             weight_norm=self.weight_norm, shift_steps=np.asarray(self.shift_steps, np.int64),
             relearn_steps=np.asarray(self.relearn_steps, np.int64),
             window=np.int64(self.window), seed=np.int64(self.seed),
@@ -173,7 +152,7 @@ class WindowRecord:
     @classmethod
     def load_npz(cls, path: str | Path) -> WindowRecord:
         with np.load(path, allow_pickle=False) as z:
-            return cls(steps=z["steps"], point_loss=z["point_loss"],
+            return cls(steps=z["steps"], point_loss=z["point_loss"].astype(np.float32),
                        window_start=z["window_start"], weight_norm=z["weight_norm"],
                        shift_steps=[int(s) for s in z["shift_steps"]],
                        relearn_steps=[int(s) for s in z["relearn_steps"]],
@@ -194,40 +173,70 @@ class WindowRecord:
         return rows
 
 
-def run_window(cfg: WindowConfig) -> WindowRecord:
-    """Train on the sliding window for cfg.max_steps steps; see the module doc."""
+def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
+               on_steps: Callable[[int], None] | None = None) -> WindowRecord:
+    """Train on the sliding window for cfg.max_steps steps (see the module doc), with the
+    registered `method` (default: none). `on_steps(n)` is told every 1,000 steps done."""
+    from engram.data.streams import Stream, Task, TensorSet
+    from engram.methods import METHODS
+    from engram.methods.base import Context
+    from engram.runner import apply_update, make_optimizer
+
     t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed)  # init: default, dropout masks
     x, y = window_data(cfg)
-    net = ResidualNet(cfg)
-    params = net.parameters()
-    if cfg.optimizer == "sgd":
-        optim = torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay, foreach=True)
-    else:
-        optim = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                 foreach=True)
+    points = TensorSet(x, y, torch.zeros(cfg.n_points, dtype=torch.long))
+    task = Task(0, "window", [], points, None, points)
+    # The optimizer settings as the runner's TrainConfig: a method that draws extra examples
+    # (replay's replay_batch_size: null) draws a window's worth.
+    train_cfg = TrainConfig(epochs=1, batch_size=cfg.window, optimizer=cfg.optimizer,
+                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+    spec = method or MethodSpec("naive", None)
+    learner = METHODS.get(spec.name)(spec.params)
+    model = cfg.network()
+    ctx = Context(model=model, stream=Stream([task], "domain", 1, cfg.y_dim, (cfg.x_dim,), []),
+                  train_cfg=train_cfg, generator=torch.Generator().manual_seed(cfg.seed + 1),
+                  device=torch.device("cpu"), task=task, loss_fn=squared_norm_loss)
+    ctx.model = model = learner.prepare_model(model, ctx)
+    ctx.seen_tasks.append(task)
+    model.train()
+    learner.before_task(ctx)
+    optimizer = make_optimizer(model, train_cfg)
+
     n_rows = cfg.max_steps // cfg.record_every + 1
     steps = np.zeros(n_rows, np.int64)
     point_loss = np.zeros((n_rows, cfg.n_points), np.float32)
     window_start = np.zeros(n_rows, np.int64)
-    weight_norm = np.zeros(n_rows, np.float64)
+    norms = np.zeros(n_rows, np.float64)
     shift_steps: list[int] = []
     relearn_steps: list[int] = []
     start, last_shift, row = 0, 0, 0
+    has_dropout = cfg.dropout > 0
+
+    def window_loss(batch: TensorSet) -> float:
+        """The check: the window's mean loss at the current weights, without dropout."""
+        if has_dropout:
+            model.eval()
+        with torch.no_grad():
+            value = squared_norm_loss(model(batch.x), batch.y).item()
+        if has_dropout:
+            model.train()
+        return value
 
     def record(t: int) -> None:
         nonlocal row
+        model.eval()
         with torch.no_grad():
-            point_loss[row] = net.point_loss(x, y).numpy()
-            weight_norm[row] = math.sqrt(float(sum(p.pow(2).sum() for p in params)))
+            point_loss[row] = (model(x) - y).pow(2).sum(1).numpy()  # (n_points,)
+        model.train()
+        norms[row] = weight_norm(model)
         steps[row], window_start[row] = t, start
         row += 1
 
     record(0)
-    idx = window_indices(start, cfg.window, cfg.n_points)
-    xw, yw = x[idx], y[idx]
+    window_batch = points_at(points, start, cfg)
     for s in range(cfg.max_steps):
-        loss = net.point_loss(xw, yw).mean()
-        value = loss.item()
+        value = window_loss(window_batch)
         if not math.isfinite(value):
             raise DivergenceError(f"window run diverged at step {s} (window loss {value}); "
                                   f"lower lr (now {cfg.lr})")
@@ -236,15 +245,23 @@ def run_window(cfg: WindowConfig) -> WindowRecord:
             relearn_steps.append(s - last_shift)
             last_shift = s
             start = (start + cfg.shift) % cfg.n_points
-            idx = window_indices(start, cfg.window, cfg.n_points)
-            xw, yw = x[idx], y[idx]
-            loss = net.point_loss(xw, yw).mean()
-        optim.zero_grad(set_to_none=True)
-        loss.backward()
-        optim.step()
+            window_batch = points_at(points, start, cfg)
+        batch = learner.make_batch(window_batch, ctx)  # replay adds remembered points
+        loss = squared_norm_loss(model(batch.x, batch.task), batch.y)
+        apply_update(ctx, learner, optimizer, loss, batch, window_batch)
         if (s + 1) % cfg.record_every == 0:
             record(s + 1)
+        if on_steps is not None and (s + 1) % 1000 == 0:
+            on_steps(1000)
+    if on_steps is not None:
+        on_steps(cfg.max_steps % 1000)
     return WindowRecord(steps=steps[:row], point_loss=point_loss[:row],
-                        window_start=window_start[:row], weight_norm=weight_norm[:row],
+                        window_start=window_start[:row], weight_norm=norms[:row],
                         shift_steps=shift_steps, relearn_steps=relearn_steps,
                         window=cfg.window, seed=cfg.seed, seconds=time.perf_counter() - t0)
+
+
+def points_at(points, start: int, cfg: WindowConfig):
+    """The window's points (a TensorSet of `cfg.window` points) starting at `start`."""
+    idx = window_indices(start, cfg.window, cfg.n_points)
+    return type(points)(*(part[idx] for part in points))

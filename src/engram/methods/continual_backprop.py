@@ -48,7 +48,16 @@ weights win over the fresh input row; gnt.py leaves the fresh value there).
 nn.init.kaiming_uniform_ with the activation's gain (relu sqrt 2, tanh 5/3, sigmoid 1,
 leaky_relu sqrt(2 / (1 + slope^2))); lecun sqrt(3 / fan_in); xavier gain * sqrt(6 / (fan_in +
 fan_out)); default sqrt(1 / fan_in), which is PyTorch's nn.Linear initialisation and so the
-distribution engram's own mlp draws its first weights from.
+distribution engram's own mlp draws its first weights from; zeros: a zero row, which is the
+initial distribution of the sliding-window network (`engram window`, init: zeros).
+
+Residual networks (engram.models.residual.ResidualNet, the sliding-window network): a hidden
+unit is the output of a block's activation, added to the residual stream by the identity
+skip. Its outgoing weights are that identity's column (so utility=contribution is
+mean_B |h_i| * 1), which cannot be zeroed and has no next-layer bias to absorb the unit's mean:
+a replacement resets only the unit's input row and bias, and the network's output changes by
+the unit's old output minus its new one (0 with init: zeros). This residual rule is
+engram's own choice; the papers' networks give every reset unit outgoing weights to zero.
 
 Pluggable utility: `UNIT_UTILITIES` is a registry of functions
 `utility(h, w_in, w_out, mean_hat, generator) -> (n,) scores` (higher = more useful), with h
@@ -89,11 +98,12 @@ from torch import nn
 from engram.config import opt
 from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
+from engram.models.residual import Atan, ResidualNet
 from engram.registry import Registry
 
 UnitUtility = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
                        torch.Tensor]
-Init = Literal["kaiming", "lecun", "xavier", "default"]
+Init = Literal["kaiming", "lecun", "xavier", "default", "zeros"]
 
 # ----------------------------------------------------------------------------- utilities
 
@@ -146,7 +156,8 @@ register_utility("random", random_utility, "a uniform random score: random matur
 
 # ----------------------------------------------------------------------------- hidden layers
 
-_GAIN_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid"}
+# atan has no gain in nn.init; atan'(0) = 1, so it is given the linear gain 1.
+_GAIN_NAMES = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", Atan: "linear"}
 
 
 def activation_gain(module: nn.Module) -> float:
@@ -162,14 +173,28 @@ class HiddenLayer:
     name: str              # qualified name of the input Linear, e.g. "body.1"
     linear: nn.Linear      # W_l (n, fan_in): row i = unit i's input weights
     activation: nn.Module  # the module whose output h (B, n) is the layer's units
-    outgoing: nn.Linear    # W_{l+1} (n_next, n): column i = unit i's outgoing weights
+    # W_{l+1} (n_next, n): column i = unit i's outgoing weights; None for a residual block,
+    # whose units are added to the residual stream by the identity skip
+    outgoing: nn.Linear | None
     gain: float            # calculate_gain of the activation
+
+    def outgoing_weight(self) -> torch.Tensor:
+        """W_{l+1}, or for a residual block the identity (n, n) of its skip connection."""
+        if self.outgoing is not None:
+            return self.outgoing.weight
+        weight = self.linear.weight
+        return torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
 
 
 def hidden_layers(model: nn.Module, method: str) -> list[HiddenLayer]:
     """The hidden layers of a ContinualNet with an mlp body, in order. ConfigError otherwise:
     the body must be an nn.Sequential whose every Linear is directly followed by a ReLU, Tanh,
-    Sigmoid or LeakyReLU, with no Conv2d, and the model must have a Linear `head`."""
+    Sigmoid or LeakyReLU, with no Conv2d, and the model must have a Linear `head`.
+    A ResidualNet (the sliding-window network) has one hidden layer per block."""
+    if isinstance(model, ResidualNet):
+        return [HiddenLayer(f"blocks.{i}.linear", block.linear, block.activation, None,
+                            activation_gain(block.activation))
+                for i, block in enumerate(model.blocks)]
     body, head = getattr(model, "body", None), getattr(model, "head", None)
     if not isinstance(body, nn.Sequential) or not isinstance(head, nn.Linear):
         raise ConfigError(f"{method}: needs a network with an nn.Sequential body and a Linear head "
@@ -206,8 +231,10 @@ def init_bound(layer: HiddenLayer, init: str) -> float:
 def draw_input_rows(layer: HiddenLayer, count: int, init: str,
                     generator: torch.Generator) -> torch.Tensor:
     """(count, fan_in) fresh input rows from U(-b, b), drawn on the CPU generator."""
-    bound = init_bound(layer, init)
     weight = layer.linear.weight
+    if init == "zeros":
+        return torch.zeros(count, weight.shape[1], dtype=weight.dtype, device=weight.device)
+    bound = init_bound(layer, init)
     rows = torch.rand(count, weight.shape[1], generator=generator, dtype=weight.dtype)
     return ((2 * rows - 1) * bound).to(weight.device)
 
@@ -218,14 +245,17 @@ def reinitialise_units(layer: HiddenLayer, units: torch.Tensor, rows: torch.Tens
     """Give `units` (k,) the input rows `rows` (k, fan_in), bias 0 and zero outgoing weights.
     With mean_hat (n,), first add their mean output to the next layer's bias:
     b_{l+1} += W_{l+1}[:, units] @ mean_hat[units], so the next layer's output is unchanged
-    for a unit whose activation equals its mean."""
+    for a unit whose activation equals its mean. A residual block's unit has neither (its
+    skip is the identity): only its input row and bias are reset, so the network's output
+    changes at replacement by the unit's old output minus act(new row . h)."""
     out = layer.outgoing
-    if mean_hat is not None and out.bias is not None:
+    if out is not None and mean_hat is not None and out.bias is not None:
         out.bias += out.weight[:, units] @ mean_hat[units]  # (n_next, k) @ (k,)
     layer.linear.weight[units] = rows
     if layer.linear.bias is not None:
         layer.linear.bias[units] = 0.0
-    out.weight[:, units] = 0.0
+    if out is not None:
+        out.weight[:, units] = 0.0
 
 
 @torch.no_grad()
@@ -235,7 +265,8 @@ def zero_outgoing(replaced: list[tuple[HiddenLayer, torch.Tensor]]) -> None:
     weight to the new upper unit is 0 (it would otherwise be part of the upper unit's fresh
     input row), so every replaced unit has exactly zero outgoing weights."""
     for layer, units in replaced:
-        layer.outgoing.weight[:, units] = 0.0
+        if layer.outgoing is not None:
+            layer.outgoing.weight[:, units] = 0.0
 
 
 class ActivationRecorder:
@@ -297,7 +328,7 @@ class ContinualBackpropParams:
     utility: str = opt("contribution", "unit utility: contribution (Nature eq. 1), "
                        "adaptable_contribution (LoP), random, or one added with register_utility")
     init: Init = opt("kaiming", "distribution of new input weights: kaiming (activation gain, "
-                     "as LoP), lecun, xavier, default (PyTorch's nn.Linear init)")
+                     "as LoP), lecun, xavier, default (PyTorch's nn.Linear init), zeros")
 
     def __post_init__(self) -> None:
         if self.utility not in UNIT_UTILITIES:
@@ -399,7 +430,7 @@ class ContinualBackprop(Method):
         if spec.needs_mean_hat:
             correction = 1 - eta ** stats["age"].to(h.dtype)    # (n,) 1 - eta^a
             mean_hat = stats["mean"] / correction                 # f^
-        instant = spec.fn(h, layer.linear.weight, layer.outgoing.weight, mean_hat, generator)
+        instant = spec.fn(h, layer.linear.weight, layer.outgoing_weight(), mean_hat, generator)
         stats["utility"].mul_(eta).add_(instant, alpha=1 - eta)  # u, (n,)
         count = self._replacement_count(layer.name, n_eligible)
         if count == 0:
