@@ -195,3 +195,181 @@ def test_default_config_runs_and_weight_norm_grows():
     assert rec.weight_norm[0] == 0.0
     assert rec.weight_norm[-1] > rec.weight_norm[1] > 0
     assert rec.window_mean_loss()[-1] < rec.window_mean_loss()[0]
+
+
+# ----------------------------------------------------------------------------- methods ride along
+
+def test_weight_decay_pulls_the_weights_in():
+    """L2 (the optimizer's weight decay) changes every update: smaller weights than plain."""
+    plain = run_window(small(max_steps=100, threshold=2.0))
+    l2 = run_window(small(max_steps=100, threshold=2.0, weight_decay=0.5))
+    assert l2.weight_norm[1] == plain.weight_norm[1]  # decay of zero weights is zero
+    assert l2.weight_norm[2] < plain.weight_norm[2]
+    assert l2.weight_norm[-1] < plain.weight_norm[-1]
+
+
+def test_dropout_trains_differently_but_checks_and_records_without_dropout():
+    plain = run_window(small(max_steps=60, threshold=2.0))
+    dropped = run_window(small(max_steps=60, threshold=2.0, dropout=0.5))
+    np.testing.assert_array_equal(dropped.point_loss[0], plain.point_loss[0])  # same start
+    assert not np.allclose(dropped.weight_norm[5:], plain.weight_norm[5:])
+    # the shift rule sees the eval-mode window loss, the same numbers that are recorded
+    means = dropped.window_mean_loss()
+    for t in dropped.shift_steps:
+        assert means[t] < 2.0 + 1e-4
+
+
+def test_a_registered_method_takes_part_in_every_step():
+    from engram.config import parse_method
+
+    cfg = small(max_steps=300, threshold=2.0)
+    plain = run_window(cfg)
+    cbp = run_window(cfg, parse_method("continual_backprop", {
+        "replacement_rate": 0.2, "maturity": 5, "init": "default"}, "m"))
+    assert not np.allclose(cbp.weight_norm, plain.weight_norm)
+    replay = run_window(cfg, parse_method("replay", {"memory": 10, "replay_batch_size": 4},
+                                          "m"))
+    assert not np.allclose(replay.weight_norm, plain.weight_norm)
+    # naive is plain: the default method changes nothing
+    naive = run_window(cfg, parse_method("naive", {}, "m"))
+    np.testing.assert_array_equal(naive.point_loss, plain.point_loss)
+
+
+def test_relearn_by_pass_means_each_complete_pass():
+    from engram.window import relearn_by_pass
+
+    rec = WindowRecord(steps=np.zeros(1, np.int64), point_loss=np.zeros((1, 4), np.float32),
+                       window_start=np.zeros(1, np.int64), weight_norm=np.zeros(1),
+                       relearn_steps=[0, 2, 4, 6, 1, 1, 1, 1, 9], window=2)
+    np.testing.assert_allclose(relearn_by_pass(rec, n_points=4, shift=1), [3.0, 1.0])
+    # shift 3 on 4 points: a pass is ceil(4 / 3) = 2 shifts
+    np.testing.assert_allclose(relearn_by_pass(rec, n_points=4, shift=3), [1, 5, 1, 1])
+
+
+# ----------------------------------------------------------------------------- experiments
+
+def test_experiment_defaults_and_variants():
+    from engram.window import load_window_experiment, parse_window_experiment
+
+    default = load_window_experiment(None)
+    assert [v.name for v in default.variants] == ["plain"]
+    assert default.variants[0].config == WindowConfig()
+    assert default.variants[0].method.name == "naive"
+    exp = parse_window_experiment({
+        "seeds": [0, 1], "run": {"max_steps": 100, "window": 20},
+        "variants": ["plain", {"name": "l2", "weight_decay": 0.01},
+                     {"name": "cbp", "method": {"name": "continual_backprop", "init": "zeros"}}]})
+    plain, l2, cbp = exp.variants
+    assert plain.config == WindowConfig(max_steps=100, window=20)
+    assert l2.config == WindowConfig(max_steps=100, window=20, weight_decay=0.01)
+    assert cbp.method.name == "continual_backprop" and cbp.method.params.init == "zeros"
+    over = load_window_experiment(None, ["run.max_steps=7", "variants=[plain, {name: d, "
+                                         "dropout: 0.2}]"])
+    assert [v.config.max_steps for v in over.variants] == [7, 7]
+    assert over.variants[1].config.dropout == 0.2
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"variants": [{"name": "a"}, {"name": "a"}]}, "used twice"),
+    ({"variants": [{"name": "a b"}]}, "names files"),
+    ({"variants": [{"weight_decay": 1}]}, "needs a name"),
+    ({"variants": [{"name": "a", "wieght_decay": 1}]}, "wieght_decay"),
+    ({"variants": [{"name": "a", "method": {"name": "nope"}}]}, "nope"),
+    ({"run": {"seed": 3}}, "seeds"),
+    ({"run": {"window": 900}}, "window"),
+    ({"animate": ["b"]}, "no variant named 'b'"),
+])
+def test_experiment_config_errors_name_the_problem(raw, message):
+    from engram.window import parse_window_experiment
+
+    with pytest.raises(ConfigError, match=message):
+        parse_window_experiment(raw)
+
+
+def _tiny_experiment():
+    from engram.window import parse_window_experiment
+
+    return parse_window_experiment({
+        "seeds": [0, 1], "frames": 5,
+        "run": {"n_points": 30, "x_dim": 6, "y_dim": 3, "width": 6, "depth": 2, "window": 5,
+                "threshold": 2.0, "lr": 0.01, "max_steps": 150, "record_every": 10},
+        "variants": ["plain", {"name": "l2", "weight_decay": 0.1}]})
+
+
+def test_experiment_writes_rows_and_npz_and_resumes_without_duplicates(tmp_path):
+    from engram.results import read_rows
+    from engram.window import (WINDOW_COLUMNS, WINDOW_KEY, record_path,
+                               run_window_experiment, window_run_id)
+
+    exp = _tiny_experiment()
+    report = run_window_experiment(exp, tmp_path, show_progress=False)
+    assert (report.runs_done, report.runs_skipped) == (4, 0)
+    csv = tmp_path / "results.csv"
+    rows = read_rows(csv, WINDOW_COLUMNS, WINDOW_KEY)
+    assert set(WINDOW_COLUMNS) <= set(rows[0]) and {"variant", "seed", "step", "metric",
+                                                    "value"} <= set(rows[0])
+    for variant in exp.variants:
+        for seed in exp.seeds:
+            rec = report.records[variant.name][seed]
+            mine = [r for r in rows if r["run_id"] == window_run_id(variant, seed)]
+            relearn = [r for r in mine if r["metric"] == "relearn_steps"]
+            assert [int(r["step"]) for r in relearn] == rec.shift_steps
+            assert len([r for r in mine if r["metric"] == "weight_norm"]) == 16
+            assert record_path(tmp_path, variant.name, seed).is_file()
+    again = run_window_experiment(exp, tmp_path, show_progress=False)
+    assert (again.runs_done, again.runs_skipped) == (0, 4)
+    # a killed run: cut the table in the middle of the last run's rows
+    lines = csv.read_text().splitlines(keepends=True)
+    csv.write_text("".join(lines[:len(lines) - 40]))
+    resumed = run_window_experiment(exp, tmp_path, show_progress=False)
+    assert (resumed.runs_done, resumed.runs_skipped) == (1, 3)
+    assert csv.read_text().splitlines() == [line.rstrip("\n") for line in lines]
+
+
+def test_parallel_workers_give_the_same_rows(tmp_path):
+    from engram.window import run_window_experiment
+
+    exp = _tiny_experiment()
+    run_window_experiment(exp, tmp_path / "one", show_progress=False)
+    run_window_experiment(exp, tmp_path / "two", workers=2, show_progress=False)
+    one = sorted((tmp_path / "one" / "results.csv").read_text().splitlines())
+    two = sorted((tmp_path / "two" / "results.csv").read_text().splitlines())
+    assert one == two
+
+
+def test_pictures_are_written(tmp_path):
+    from PIL import Image
+
+    from engram.window import run_window_experiment
+    from engram.window_plots import write_window_pictures
+
+    exp = _tiny_experiment()
+    report = run_window_experiment(exp, tmp_path, show_progress=False)
+    written = write_window_pictures(exp, report.records, tmp_path)
+    names = sorted(p.name for p in written)
+    assert names == ["plain.gif", "relearn_comparison.png", "summary_l2.png",
+                     "summary_plain.png"]
+    with Image.open(tmp_path / "plain.gif") as gif:
+        assert gif.n_frames == exp.frames
+
+
+def test_mp4_without_ffmpeg_is_a_clear_error(monkeypatch):
+    from matplotlib import animation
+
+    from engram.window_plots import animation_writer
+
+    monkeypatch.setattr(animation.writers, "is_available", lambda name: False)
+    with pytest.raises(ConfigError, match="ffmpeg"):
+        animation_writer("mp4", 10)
+
+
+def test_cli_window_runs_and_prints_the_summary(tmp_path, capsys):
+    from engram.cli import main
+
+    out = tmp_path / "w"
+    assert main(["window", "run.max_steps=120", "run.n_points=40", "run.window=10",
+                 "run.record_every=10", "--out", str(out), "--no-animation", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "relearn steps per shift" in printed and "plain" in printed
+    assert (out / "plots" / "summary_plain.png").is_file()
+    assert not (out / "plain.gif").exists()

@@ -30,6 +30,33 @@ Start here:
   engram plasticity configs/plasticity/bit_flipping.yaml
                                    loss of plasticity on a long changing stream: online
                                    error, dead units, effective rank, weight norm
+  engram window --out runs/window  watch forgetting: a network memorising a sliding window
+                                   of 500 random points, as a movie and a summary figure
+"""
+
+WINDOW_DESCRIPTION = """The sliding-window memorisation experiment. A residual atan network (5 blocks of width 40,
+every weight zero at the start) is trained with Adam on a window of 50 of 500 random points
+(x, y ~ N(0, 1), widths 40 and 20); when the window's mean loss ||N(x) - y||² falls below 1
+the window moves on by one point, wrapping around. Each point's loss drops while it is in
+the window and climbs back once it has left; the weights keep growing and relearning slows.
+
+Writes OUT/results.csv (tidy rows run_id, variant, seed, step, metric, value: relearn_steps
+per window shift, weight_norm and window_mean_loss every record_every steps),
+OUT/runs/VARIANT-seedS.npz (every point's loss every record_every steps, window position,
+weight norm, shift steps), OUT/plots/summary_VARIANT.png (heatmap, weight norm, relearn
+steps), OUT/plots/relearn_comparison.png and the movie OUT/VARIANT.gif. Without a config,
+one variant `plain` and seed 0 (about a minute); configs/window/compare.yaml compares plain,
+L2, dropout and continual backprop. Finished runs are skipped on a rerun.
+"""
+
+WINDOW_EPILOG = """examples:
+  engram window --out runs/window                           # the default run and movie
+  engram window run.max_steps=10000 run.window=20 --out runs/short
+  engram window configs/window/compare.yaml --workers 2     # plain vs L2, dropout, CBP
+  engram window configs/window/compare.yaml animation=mp4   # MP4 (needs ffmpeg)
+`engram window --help-config` lists every key with its default; a variant is
+{name: NAME, method: {name: METHOD, ...}, KEY: VALUE} with run keys such as weight_decay,
+dropout, optimizer, activation, init, window, shift, threshold.
 """
 
 PROFILE_DESCRIPTION = """Train a network on one task (digits, all 10 classes, by default) and at the chosen epochs
@@ -189,6 +216,24 @@ def build_parser() -> argparse.ArgumentParser:
                             help="runs in parallel processes (default 1); a worker's rows are "
                                  "written when its run finishes")
     _add_quiet(plasticity)
+
+    window = commands.add_parser(
+        "window", help="watch forgetting: memorise a sliding window of random points; movie, "
+                       "summary figure, relearn steps per shift",
+        description=WINDOW_DESCRIPTION, epilog=WINDOW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    window.add_argument("config", nargs="?", help="window YAML (configs/window/); default: "
+                                                  "the experiment as first described")
+    window.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted overrides, e.g. run.max_steps=10000 seeds=[0,1]")
+    window.add_argument("--out", help="folder (default: runs/<the config's name>)")
+    window.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="runs in parallel processes (default 1)")
+    window.add_argument("--no-animation", action="store_true",
+                        help="skip the movie (the figures are still drawn)")
+    window.add_argument("--help-config", action="store_true",
+                        help="list every window config key with its default, then exit")
+    _add_quiet(window)
 
     scenario_table = commands.add_parser(
         "table", help="methods x scenarios table of a run or sweep folder, and its PNG",
@@ -435,6 +480,34 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_window(args: argparse.Namespace) -> int:
+    from engram.config import describe_fields
+    from engram.window import (WindowExperiment, format_window_summary, load_window_experiment,
+                               run_window_experiment, window_summary)
+    from engram.window_plots import write_window_pictures
+
+    if args.help_config:
+        print("\n".join(describe_fields(WindowExperiment)))
+        return 0
+    overrides = list(args.overrides)
+    config = args.config
+    if config is not None and "=" in config and not Path(config).is_file():
+        overrides.insert(0, config)  # `engram window run.max_steps=100`: no config file
+        config = None
+    experiment = load_window_experiment(config, overrides)
+    out = Path(args.out or Path("runs") / experiment.name)
+    report = run_window_experiment(experiment, out, workers=args.workers,
+                                   show_progress=not args.quiet)
+    print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+          f"in {report.seconds:.1f} s")
+    print(format_window_summary(window_summary(experiment, report.records)))
+    print(f"results: {out / 'results.csv'}")
+    for path in write_window_pictures(experiment, report.records, out,
+                                      animate=not args.no_animation):
+        print(f"wrote: {path}")
+    return 0
+
+
 def cmd_profile_report(args: argparse.Namespace) -> int:
     from engram.errors import DataError
     from engram.importance.profile import PROFILE_COLUMNS, PROFILE_KEY
@@ -458,7 +531,7 @@ def cmd_profile_report(args: argparse.Namespace) -> int:
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
             "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
             "profile": cmd_profile, "profile-report": cmd_profile_report,
-            "plasticity": cmd_plasticity}
+            "plasticity": cmd_plasticity, "window": cmd_window}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -42,7 +42,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -304,18 +304,13 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: boo
                     _run_one(cfg, spec, seed, run_id, device, writer, progress)
                     done += 1
             else:
-                import multiprocessing
-                from concurrent.futures import ProcessPoolExecutor, as_completed
+                from engram.parallel import run_in_processes
 
-                context = multiprocessing.get_context("spawn")
-                with ProcessPoolExecutor(workers, mp_context=context) as pool:
-                    futures = [pool.submit(_run_in_worker, cfg, spec, seed, run_id, str(device))
-                               for spec, seed, run_id in todo]
-                    for future in as_completed(futures):
-                        writer.write(future.result())
-                        done += 1
-                        if progress is not None:
-                            progress.update(cfg.problem.n_tasks)
+                jobs = [(cfg, spec, seed, run_id, str(device)) for spec, seed, run_id in todo]
+                update = progress.update if progress is not None else None
+                for _, rows in run_in_processes(_run_in_worker, jobs, workers, update):
+                    writer.write(rows)
+                    done += 1
     finally:
         if progress is not None:
             progress.close()
@@ -333,12 +328,20 @@ class _RowCollector:
         return len(rows)
 
 
+class _Reporter:
+    """A progress bar stand-in for worker processes: passes each update to `report`."""
+
+    def __init__(self, report: Callable[[int], None]) -> None:
+        self.update = report
+
+
 def _run_in_worker(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
-                   device: str) -> list[dict[str, Any]]:
+                   device: str, report: Callable[[int], None] | None) -> list[dict[str, Any]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     collector = _RowCollector()
-    _run_one(cfg, spec, seed, run_id, torch.device(device), collector, None)
+    _run_one(cfg, spec, seed, run_id, torch.device(device), collector,
+             None if report is None else _Reporter(report))
     return collector.rows
 
 

@@ -32,7 +32,10 @@ the losses the step-t check sees and `window_start[t]` the window it checks.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import math
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -265,3 +268,262 @@ def points_at(points, start: int, cfg: WindowConfig):
     """The window's points (a TensorSet of `cfg.window` points) starting at `start`."""
     idx = window_indices(start, cfg.window, cfg.n_points)
     return type(points)(*(part[idx] for part in points))
+
+
+# ----------------------------------------------------------------------------- experiments
+
+WINDOW_COLUMNS = ["run_id", "variant", "seed", "step", "metric", "value"]
+WINDOW_KEY = ("run_id", "step", "metric")
+_NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+
+@dataclass
+class WindowVariant:
+    """One line of the comparison: the run settings after this variant's overrides, and the
+    registered method that trains along."""
+    name: str
+    config: WindowConfig
+    method: MethodSpec
+
+    def label(self) -> str:
+        return self.name
+
+
+@dataclass
+class WindowExperiment:
+    name: str = opt("window", "a name for this experiment (default folder runs/<name>)")
+    seeds: list[int] = opt([0], "seeds: every variant runs once per seed (data, init, dropout)")
+    threads: int = opt(1, "CPU threads for torch per run (0: torch's default); one thread "
+                          "is fastest for this small network", low=0)
+    animation: Literal["gif", "mp4", "none"] = opt(
+        "gif", "the movie's format: gif (pillow), mp4 (needs ffmpeg), none")
+    animate: list[str] = opt([], "variants to animate (first seed); empty: the first variant")
+    frames: int = opt(240, "frames in the animation (evenly spaced recorded rows)", low=2)
+    fps: int = opt(20, "frames per second of the animation", low=1)
+    run: WindowConfig = field(default_factory=WindowConfig,
+                              metadata={"doc": "the run settings every variant starts from"})
+    variants: list[WindowVariant] = field(default_factory=list, metadata={
+        "doc": "list of {name: NAME, method: {name: METHOD, ...}, KEY: VALUE ...}: each "
+               "changes run settings (e.g. weight_decay, dropout) and/or adds a registered "
+               "method; default: one variant `plain`"})
+
+
+def load_window_experiment(path: str | Path | None, overrides: list[str] = ()
+                           ) -> WindowExperiment:
+    """A window experiment from YAML (safe loader; no file: the defaults) with dotted
+    overrides (`run.max_steps=5000`, `variants.1.dropout=0.2`), validated."""
+    from engram.config import apply_override, read_config_tree
+
+    if path is None:
+        raw: dict = {}
+        for override in overrides:
+            apply_override(raw, override)
+    else:
+        raw = read_config_tree(path, overrides)
+    return parse_window_experiment(raw)
+
+
+def parse_window_experiment(raw: dict) -> WindowExperiment:
+    from engram.config import parse_dataclass, parse_method
+
+    raw = dict(raw)
+    variants = raw.pop("variants", None) or [{"name": "plain"}]
+    base = raw.pop("run", None) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"run: expected a mapping of run settings, got {base!r}")
+    if not isinstance(variants, list):
+        raise ConfigError("variants: expected a list of {name: NAME, ...} entries")
+    for where, settings in [("run", base)] + [(f"variants[{i}]", v) for i, v in
+                                              enumerate(variants) if isinstance(v, dict)]:
+        if "seed" in settings:
+            raise ConfigError(f"{where}.seed: seeds are set for the whole experiment; use "
+                              "seeds: [0, 1, ...]")
+    experiment = parse_dataclass(WindowExperiment, raw)
+    experiment.run = parse_dataclass(WindowConfig, base, "run")
+    parsed, seen = [], set()
+    for i, entry in enumerate(variants):
+        where = f"variants[{i}]"
+        if isinstance(entry, str):
+            entry = {"name": entry}
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{where}: each variant needs a name, e.g. {{name: l2, "
+                              f"weight_decay: 0.001}}; got {entry!r}")
+        name = str(entry["name"])
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}.name: {name!r} names files; use letters, digits and "
+                              "_ . + - only")
+        if name in seen:
+            raise ConfigError(f"{where}.name: {name!r} is used twice")
+        seen.add(name)
+        method = entry.get("method", {"name": "naive"})
+        if isinstance(method, str):
+            method = {"name": method}
+        if not isinstance(method, dict) or "name" not in method:
+            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; got {method!r}")
+        spec = parse_method(method["name"], {k: v for k, v in method.items() if k != "name"},
+                            f"{where}.method")
+        settings = {**base, **{k: v for k, v in entry.items() if k not in ("name", "method")}}
+        parsed.append(WindowVariant(name, parse_dataclass(WindowConfig, settings, where), spec))
+    experiment.variants = parsed
+    names = [v.name for v in parsed]
+    for name in experiment.animate:
+        if name not in names:
+            raise ConfigError(f"animate: no variant named {name!r}; the variants are "
+                              + ", ".join(names))
+    return experiment
+
+
+def window_run_id(variant: WindowVariant, seed: int) -> str:
+    """A hash of everything that determines the run: settings, method, seed."""
+    from engram.config import params_dict
+
+    canonical = {"run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
+                 "method": {"name": variant.method.name, **params_dict(variant.method.params)}}
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def record_path(out: Path, variant: str, seed: int) -> Path:
+    return out / "runs" / f"{variant}-seed{seed}.npz"
+
+
+def _run_job(variant: WindowVariant, seed: int, threads: int,
+             report: Callable[[int], None] | None) -> WindowRecord:
+    """One (variant, seed) run; module level, so worker processes can call it."""
+    if threads:
+        torch.set_num_threads(threads)
+    return run_window(dataclasses.replace(variant.config, seed=seed), variant.method, report)
+
+
+@dataclass
+class WindowReport:
+    runs_done: int
+    runs_skipped: int
+    seconds: float
+    records: dict[str, list[WindowRecord]]  # variant -> one record per seed, in seed order
+
+
+def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
+                          workers: int = 1, show_progress: bool = True) -> WindowReport:
+    """Run every variant x seed into `out`: `runs/<variant>-seed<seed>.npz` and the tidy rows
+    of `results.csv`, written when each run finishes (its NPZ first, its `run_complete` row
+    last). A rerun skips finished runs and redoes unfinished ones, whose rows are measured
+    identically and not duplicated."""
+    import yaml
+
+    from engram.config import params_dict
+    from engram.results import ResultWriter
+
+    out = Path(out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    dump = dataclasses.asdict(experiment)
+    dump["variants"] = [{"name": v.name, **_changed(v.config, experiment.run),
+                         "method": {"name": v.method.name, **params_dict(v.method.params)}}
+                        for v in experiment.variants]
+    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
+    started = time.perf_counter()
+    if experiment.threads:
+        torch.set_num_threads(experiment.threads)
+    jobs = [(v, seed) for v in experiment.variants for seed in experiment.seeds]
+    progress = None
+    if show_progress:
+        from tqdm.auto import tqdm
+        progress = tqdm(total=sum(v.config.max_steps for v, _ in jobs), unit="step",
+                        unit_scale=True, dynamic_ncols=True, disable=None)
+    done = skipped = 0
+    try:
+        with ResultWriter(out / "results.csv", WINDOW_COLUMNS, WINDOW_KEY) as writer:
+            def finish(variant: WindowVariant, seed: int, record: WindowRecord) -> None:
+                record.save_npz(record_path(out, variant.name, seed))
+                run_id = window_run_id(variant, seed)
+                writer.write([{"run_id": run_id, **row} for row in record.tidy_rows(variant.name)]
+                             + [{"run_id": run_id, "variant": variant.name, "seed": seed,
+                                 "step": "", "metric": "run_complete", "value": 1}])
+
+            todo = []
+            for variant, seed in jobs:
+                finished = (window_run_id(variant, seed), "", "run_complete") in writer.keys
+                if finished and record_path(out, variant.name, seed).is_file():
+                    skipped += 1
+                    if progress is not None:
+                        progress.update(variant.config.max_steps)
+                else:
+                    todo.append((variant, seed))
+            update = progress.update if progress is not None else None
+            if workers <= 1 or len(todo) <= 1:
+                for variant, seed in todo:
+                    finish(variant, seed, _run_job(variant, seed, experiment.threads, update))
+                    done += 1
+            else:
+                from engram.parallel import run_in_processes
+
+                jobs_args = [(v, s, experiment.threads) for v, s in todo]
+                for (variant, seed, _), record in run_in_processes(_run_job, jobs_args,
+                                                                   workers, update):
+                    finish(variant, seed, record)
+                    done += 1
+    finally:
+        if progress is not None:
+            progress.close()
+    records = {v.name: [WindowRecord.load_npz(record_path(out, v.name, s))
+                        for s in experiment.seeds] for v in experiment.variants}
+    return WindowReport(done, skipped, time.perf_counter() - started, records)
+
+
+def _changed(cfg: WindowConfig, base: WindowConfig) -> dict:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(base, f.name)}
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def relearn_by_pass(record: WindowRecord, n_points: int, shift: int) -> np.ndarray:
+    """Mean relearn steps per shift in each complete pass over the points, shape (passes,).
+    A pass is ceil(n_points / shift) shifts: the window has moved once around."""
+    per_pass = -(-n_points // shift)
+    relearn = np.asarray(record.relearn_steps, np.float64)
+    n = len(relearn) // per_pass
+    return relearn[:n * per_pass].reshape(n, per_pass).mean(1)
+
+
+def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowRecord]]
+                   ) -> list[dict]:
+    """Per variant: mean relearn steps per shift in the first, second and last complete
+    pass (mean over seeds, and the seeds' standard error), shifts, final weight norm, seconds."""
+    table = []
+    for variant in experiment.variants:
+        runs = records[variant.name]
+        passes = [relearn_by_pass(r, variant.config.n_points, variant.config.shift)
+                  for r in runs]
+        n = min(len(p) for p in passes)
+        row = {"variant": variant.name, "seeds": len(runs), "passes": n,
+               "shifts": float(np.mean([len(r.shift_steps) for r in runs])),
+               "weight_norm": float(np.mean([r.weight_norm[-1] for r in runs])),
+               "seconds": float(np.mean([r.seconds for r in runs]))}
+        for key, index in (("pass_1", 0), ("pass_2", 1), ("last_pass", n - 1)):
+            values = np.array([p[index] for p in passes]) if 0 <= index < n else np.array([])
+            row[key] = float(values.mean()) if len(values) else float("nan")
+            row[key + "_se"] = (float(values.std(ddof=1) / math.sqrt(len(values)))
+                                if len(values) > 1 else float("nan"))
+        table.append(row)
+    return table
+
+
+def format_window_summary(table: list[dict]) -> str:
+    """The summary as a text table (relearn steps per shift, mean ± SE over seeds)."""
+    def cell(row: dict, key: str) -> str:
+        value, se = row[key], row[key + "_se"]
+        if math.isnan(value):
+            return "-"
+        return f"{value:.2f}" + (f" ± {se:.2f}" if not math.isnan(se) else "")
+
+    lines = ["relearn steps per shift, mean over each complete pass of the window "
+             "(± SE over seeds)",
+             f"{'variant':<20} {'seeds':>5} {'passes':>6} {'pass 1':>14} {'pass 2':>14} "
+             f"{'last pass':>14} {'|w| end':>8} {'s/run':>6}"]
+    for row in table:
+        lines.append(f"{row['variant']:<20} {row['seeds']:>5} {row['passes']:>6} "
+                     f"{cell(row, 'pass_1'):>14} {cell(row, 'pass_2'):>14} "
+                     f"{cell(row, 'last_pass'):>14} {row['weight_norm']:>8.1f} "
+                     f"{row['seconds']:>6.1f}")
+    return "\n".join(lines)
