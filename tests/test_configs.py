@@ -12,7 +12,7 @@ from engram.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")
-                 if not {"profile", "plasticity"} & set(p.parts))  # their own schemas
+                 if not {"profile", "plasticity", "window"} & set(p.parts))  # own schemas
 MNIST = ROOT.parent / "shared" / "data" / "mnist-t10k"
 QUICK = ["train.epochs=1", "seeds=[0]", "plots=false", "data.limit=300"]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -373,3 +374,15 @@ def test_cli_window_runs_and_prints_the_summary(tmp_path, capsys):
     assert "relearn steps per shift" in printed and "plain" in printed
     assert (out / "plots" / "summary_plain.png").is_file()
     assert not (out / "plain.gif").exists()
+
+
+def test_shipped_window_configs_validate_and_run_short(tmp_path):
+    from engram.window import load_window_experiment, run_window_experiment
+
+    root = Path(__file__).resolve().parents[1] / "configs" / "window"
+    paths = sorted(root.glob("*.yaml"))
+    assert paths
+    for path in paths:
+        exp = load_window_experiment(path, ["run.max_steps=30", "seeds=[0]"])
+        report = run_window_experiment(exp, tmp_path / path.stem, show_progress=False)
+        assert report.runs_done == len(exp.variants)

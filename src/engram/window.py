@@ -204,7 +204,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     ctx.seen_tasks.append(task)
     model.train()
     learner.before_task(ctx)
-    optimizer = make_optimizer(model, train_cfg)
+    optimizer = make_optimizer(model, train_cfg, foreach=True)  # 12 small tensors
 
     n_rows = cfg.max_steps // cfg.record_every + 1
     steps = np.zeros(n_rows, np.int64)

@@ -87,7 +87,11 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
         if n:
             values = np.array([p[:n] for p in passes])  # (seeds, passes)
             mean = values.mean(0)
-            x = np.arange(1, n + 1)
+            # x: the step each pass ended at (mean over seeds), so variants that move the
+            # window faster (more passes) share the axis with the others
+            per_pass = -(-n_points[name] // shift[name])
+            ends = np.arange(1, n + 1) * per_pass - 1
+            x = np.mean([np.asarray(r.shift_steps)[ends] for r in runs], 0)
             relearn_ax.plot(x, mean, "o-", ms=3, color=color, label=name)
             if len(runs) > 1:
                 se = values.std(0, ddof=1) / math.sqrt(len(runs))
@@ -97,8 +101,9 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
     seeds = len(next(iter(records.values())))
     band = f" (± SE over {seeds} seeds)" if seeds > 1 else ""
     relearn_ax.set_title(f"steps to relearn per window shift{band}", fontsize="medium")
-    relearn_ax.set_xlabel("pass over the points")
+    relearn_ax.set_xlabel("training step (end of each pass over the points)")
     relearn_ax.set_ylabel("mean steps per shift in the pass")
+    relearn_ax.set_ylim(bottom=0)
     if relearn_ax.lines:
         relearn_ax.legend(fontsize="small")
     else:
@@ -151,6 +156,8 @@ def write_animation(record: WindowRecord, title: str, path: str | Path, *, frame
     norm_ax.set_ylabel("|weights|")
     norm_ax.set_xlabel("training step", labelpad=1)
     colors = np.array([[0.839, 0.153, 0.157, 1.0], [0.122, 0.467, 0.706, 1.0]])  # red, blue
+    fig.canvas.draw()  # lay the figure out once, then freeze it: every frame is one draw
+    fig.set_layout_engine("none")
     tmp = path.with_name(path.stem + ".tmp" + path.suffix)
     try:
         with writer.saving(fig, str(tmp), dpi):
