@@ -17,7 +17,8 @@ from engram.summary import accuracy_matrices, summary_table
 from engram.results import read_rows
 from tests.conftest import tiny_config
 
-SUBCOMMANDS = ["demo", "run", "sweep", "table", "plot", "summary", "list", "profile", "profile-report", "plasticity"]
+SUBCOMMANDS = ["demo", "run", "sweep", "table", "plot", "summary", "list", "profile", "profile-report", "plasticity",
+               "window"]
 
 
 def test_every_subcommand_has_help(capsys):

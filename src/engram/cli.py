@@ -46,13 +46,13 @@ OUT/runs/VARIANT-seedS.npz (every point's loss every record_every steps, window 
 weight norm, shift steps), OUT/plots/summary_VARIANT.png (heatmap, weight norm, relearn
 steps), OUT/plots/relearn_comparison.png and the movie OUT/VARIANT.gif. Without a config,
 one variant `plain` and seed 0 (about a minute); configs/window/compare.yaml compares plain,
-L2, dropout and continual backprop. Finished runs are skipped on a rerun.
+L2, dropout, continual backprop and replay. Finished runs are skipped on a rerun.
 """
 
 WINDOW_EPILOG = """examples:
   engram window --out runs/window                           # the default run and movie
   engram window run.max_steps=10000 run.window=20 --out runs/short
-  engram window configs/window/compare.yaml --workers 2     # plain vs L2, dropout, CBP
+  engram window configs/window/compare.yaml --workers 2     # plain vs L2, dropout, CBP, replay
   engram window configs/window/compare.yaml animation=mp4   # MP4 (needs ffmpeg)
 `engram window --help-config` lists every key with its default; a variant is
 {name: NAME, method: {name: METHOD, ...}, KEY: VALUE} with run keys such as weight_decay,

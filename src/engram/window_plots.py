@@ -103,7 +103,15 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
     relearn_ax.set_title(f"steps to relearn per window shift{band}", fontsize="medium")
     relearn_ax.set_xlabel("training step (end of each pass over the points)")
     relearn_ax.set_ylabel("mean steps per shift in the pass")
-    relearn_ax.set_ylim(bottom=0)
+    means = [float(v) for line in relearn_ax.lines for v in line.get_ydata()]
+    if means and max(means) > 4 * max(min(means), 0.5):  # far apart: a log axis shows all
+        from matplotlib.ticker import FormatStrFormatter, LogLocator
+
+        relearn_ax.set_yscale("log")
+        relearn_ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        relearn_ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+    else:
+        relearn_ax.set_ylim(bottom=0)
     if relearn_ax.lines:
         relearn_ax.legend(fontsize="small")
     else:
