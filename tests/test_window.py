@@ -386,3 +386,16 @@ def test_shipped_window_configs_validate_and_run_short(tmp_path):
         exp = load_window_experiment(path, ["run.max_steps=30", "seeds=[0]"])
         report = run_window_experiment(exp, tmp_path / path.stem, show_progress=False)
         assert report.runs_done == len(exp.variants)
+
+
+def test_a_diverging_variant_is_named(tmp_path):
+    from engram.errors import DivergenceError
+    from engram.window import parse_window_experiment, run_window_experiment
+
+    exp = parse_window_experiment({"run": {"n_points": 20, "x_dim": 4, "y_dim": 2, "width": 4,
+                                           "window": 5, "optimizer": "sgd", "lr": 100.0,
+                                           "max_steps": 200},
+                                   "variants": [{"name": "hot"}]})
+    with pytest.raises(DivergenceError, match="variant hot, seed 0: .*diverged"):
+        run_window_experiment(exp, tmp_path, show_progress=False)
+    assert not (tmp_path / "runs" / "hot-seed0.npz").exists()

@@ -392,7 +392,11 @@ def _run_job(variant: WindowVariant, seed: int, threads: int,
     """One (variant, seed) run; module level, so worker processes can call it."""
     if threads:
         torch.set_num_threads(threads)
-    return run_window(dataclasses.replace(variant.config, seed=seed), variant.method, report)
+    try:
+        return run_window(dataclasses.replace(variant.config, seed=seed), variant.method,
+                          report)
+    except DivergenceError as error:
+        raise DivergenceError(f"variant {variant.name}, seed {seed}: {error}") from None
 
 
 @dataclass
