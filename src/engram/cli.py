@@ -495,6 +495,9 @@ def cmd_window(args: argparse.Namespace) -> int:
         overrides.insert(0, config)  # `engram window run.max_steps=100`: no config file
         config = None
     experiment = load_window_experiment(config, overrides)
+    if experiment.animation != "none" and not args.no_animation:
+        from engram.window_plots import animation_writer
+        animation_writer(experiment.animation, experiment.fps)  # no ffmpeg: say so now
     out = Path(args.out or Path("runs") / experiment.name)
     report = run_window_experiment(experiment, out, workers=args.workers,
                                    show_progress=not args.quiet)
@@ -551,7 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status = COMMANDS[args.command](args)
     except EngramError as err:
-        print(f"engram: error: {err}", file=sys.stderr)
+        notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", ()))
+        print(f"engram: error: {err}{notes}", file=sys.stderr)
         return 2
     except BrokenPipeError:
         # The reader went away (`engram table DIR | head`): stop quietly. Point stdout at

@@ -17,7 +17,8 @@ task to the method, so methods that act only at task boundaries (EWC, LwF, ...) 
 here. L2 is `weight_decay`, dropout `dropout` (on each block's output before the skip sum;
 the window check and the recorded losses are in eval mode, without dropout).
 
-What is recorded (`WindowRecord`): after 0, k, 2k, ... steps (k = `record_every`) every
+What is recorded (`WindowRecord`): after 0, k, 2k, ... steps (k = `record_every`) and after
+the last step, every
 point's loss (one forward of all points), the window's start and the norm of all weights and
 biases; per shift the step it happened and how many steps the window was trained on before
 it (`relearn_steps`).
@@ -35,6 +36,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -72,7 +74,8 @@ class WindowConfig:
     weight_decay: float = opt(0.0, "L2 penalty: the optimizer's weight decay", low=0.0)
     max_steps: int = opt(60000, "optimizer steps", low=0)
     record_every: int = opt(20, "record every point's loss every this many steps", low=1)
-    seed: int = opt(0, "seed of the data, the init and dropout")
+    seed: int = opt(0, "seed of the data, the init and dropout (in an experiment: set by "
+                       "`seeds`, not here)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -142,10 +145,21 @@ class WindowRecord:
         return np.take_along_axis(self.point_loss, idx, axis=1).mean(1)
 
     def save_npz(self, path: str | Path) -> None:
-        """Compressed arrays, no pickle; the point losses as float16 (3 significant digits,
-        half the size: 3 MB for the default run)."""
+        """Compressed arrays, no pickle, written atomically (a killed process leaves no half
+        file); the point losses as float16 (3 significant digits, half the size: 3 MB for
+        the default run), clipped to float16's largest value 65504."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        loss = np.clip(self.point_loss, None, np.finfo(np.float16).max).astype(np.float16)
+        try:
+            self._write(tmp, loss)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _write(self, path: Path, loss: np.ndarray) -> None:
         np.savez_compressed(
-            path, steps=self.steps, point_loss=self.point_loss.astype(np.float16),
+            path, steps=self.steps, point_loss=loss,
             window_start=self.window_start,
             weight_norm=self.weight_norm, shift_steps=np.asarray(self.shift_steps, np.int64),
             relearn_steps=np.asarray(self.relearn_steps, np.int64),
@@ -206,7 +220,8 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     learner.before_task(ctx)
     optimizer = make_optimizer(model, train_cfg, foreach=True)  # 12 small tensors
 
-    n_rows = cfg.max_steps // cfg.record_every + 1
+    # rows at 0, k, 2k, ... and always the final step
+    n_rows = cfg.max_steps // cfg.record_every + 1 + (cfg.max_steps % cfg.record_every > 0)
     steps = np.zeros(n_rows, np.int64)
     point_loss = np.zeros((n_rows, cfg.n_points), np.float32)
     window_start = np.zeros(n_rows, np.int64)
@@ -252,7 +267,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
         batch = learner.make_batch(window_batch, ctx)  # replay adds remembered points
         loss = squared_norm_loss(model(batch.x, batch.task), batch.y)
         apply_update(ctx, learner, optimizer, loss, batch, window_batch)
-        if (s + 1) % cfg.record_every == 0:
+        if (s + 1) % cfg.record_every == 0 or s + 1 == cfg.max_steps:
             record(s + 1)
         if on_steps is not None and (s + 1) % 1000 == 0:
             on_steps(1000)
@@ -311,7 +326,8 @@ class WindowExperiment:
 def load_window_experiment(path: str | Path | None, overrides: list[str] = ()
                            ) -> WindowExperiment:
     """A window experiment from YAML (safe loader; no file: the defaults) with dotted
-    overrides (`run.max_steps=5000`, `variants.1.dropout=0.2`), validated."""
+    overrides (`run.max_steps=5000`; with a config file also `variants.1.dropout=0.2`),
+    validated."""
     from engram.config import apply_override, read_config_tree
 
     if path is None:
@@ -339,6 +355,9 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
             raise ConfigError(f"{where}.seed: seeds are set for the whole experiment; use "
                               "seeds: [0, 1, ...]")
     experiment = parse_dataclass(WindowExperiment, raw)
+    if not experiment.seeds or len(set(experiment.seeds)) != len(experiment.seeds):
+        raise ConfigError(f"seeds: expected a non-empty list of distinct seeds, got "
+                          f"{experiment.seeds}")
     experiment.run = parse_dataclass(WindowConfig, base, "run")
     parsed, seen = [], set()
     for i, entry in enumerate(variants):
@@ -362,6 +381,11 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
             raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; got {method!r}")
         spec = parse_method(method["name"], {k: v for k, v in method.items() if k != "name"},
                             f"{where}.method")
+        if spec.name == "replay" and spec.params.policy != "reservoir":
+            # class_balanced needs class labels, herding fills the memory at a task's end:
+            # here targets are vectors and the whole run is one task
+            raise ConfigError(f"{where}.method.policy: the window's points have no classes "
+                              "and no task ends; use policy: reservoir")
         settings = {**base, **{k: v for k, v in entry.items() if k not in ("name", "method")}}
         parsed.append(WindowVariant(name, parse_dataclass(WindowConfig, settings, where), spec))
     experiment.variants = parsed
@@ -374,17 +398,20 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
 
 
 def window_run_id(variant: WindowVariant, seed: int) -> str:
-    """A hash of everything that determines the run: settings, method, seed."""
+    """A hash of the variant's name and everything that determines the run: settings,
+    method, seed. Two variants with the same settings are two runs."""
     from engram.config import params_dict
 
-    canonical = {"run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
+    canonical = {"variant": variant.name,
+                 "run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
                  "method": {"name": variant.method.name, **params_dict(variant.method.params)}}
     text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def record_path(out: Path, variant: str, seed: int) -> Path:
-    return out / "runs" / f"{variant}-seed{seed}.npz"
+def record_path(out: Path, variant: WindowVariant, seed: int) -> Path:
+    """runs/<variant>-seed<seed>-<run id>.npz: a changed config never reads an old file."""
+    return out / "runs" / f"{variant.name}-seed{seed}-{window_run_id(variant, seed)}.npz"
 
 
 def _run_job(variant: WindowVariant, seed: int, threads: int,
@@ -438,7 +465,7 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     try:
         with ResultWriter(out / "results.csv", WINDOW_COLUMNS, WINDOW_KEY) as writer:
             def finish(variant: WindowVariant, seed: int, record: WindowRecord) -> None:
-                record.save_npz(record_path(out, variant.name, seed))
+                record.save_npz(record_path(out, variant, seed))
                 run_id = window_run_id(variant, seed)
                 writer.write([{"run_id": run_id, **row} for row in record.tidy_rows(variant.name)]
                              + [{"run_id": run_id, "variant": variant.name, "seed": seed,
@@ -447,7 +474,7 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
             todo = []
             for variant, seed in jobs:
                 finished = (window_run_id(variant, seed), "", "run_complete") in writer.keys
-                if finished and record_path(out, variant.name, seed).is_file():
+                if finished and record_path(out, variant, seed).is_file():
                     skipped += 1
                     if progress is not None:
                         progress.update(variant.config.max_steps)
@@ -469,7 +496,7 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     finally:
         if progress is not None:
             progress.close()
-    records = {v.name: [WindowRecord.load_npz(record_path(out, v.name, s))
+    records = {v.name: [WindowRecord.load_npz(record_path(out, v, s))
                         for s in experiment.seeds] for v in experiment.variants}
     return WindowReport(done, skipped, time.perf_counter() - started, records)
 
@@ -483,9 +510,11 @@ def _changed(cfg: WindowConfig, base: WindowConfig) -> dict:
 
 def relearn_by_pass(record: WindowRecord, n_points: int, shift: int) -> np.ndarray:
     """Mean relearn steps per shift in each complete pass over the points, shape (passes,).
-    A pass is ceil(n_points / shift) shifts: the window has moved once around."""
+    A pass is ceil(n_points / shift) shifts: the window has moved once around. The first
+    shift is left out: its count is the first window learned from scratch (153 steps in the
+    default run), not a relearning; pass 1 is the shifts after it."""
     per_pass = -(-n_points // shift)
-    relearn = np.asarray(record.relearn_steps, np.float64)
+    relearn = np.asarray(record.relearn_steps[1:], np.float64)
     n = len(relearn) // per_pass
     return relearn[:n * per_pass].reshape(n, per_pass).mean(1)
 

@@ -63,7 +63,7 @@ def plot_window_summary(record: WindowRecord, title: str, path: str | Path,
         passes = relearn_by_pass(record, n_points, shift)
         per_pass = -(-n_points // shift)
         if len(passes):
-            ends = shifts[np.arange(1, len(passes) + 1) * per_pass - 1]
+            ends = shifts[np.arange(1, len(passes) + 1) * per_pass]  # first shift left out
             relearn_ax.plot(ends, passes, "o-", color=IN_WINDOW, ms=3,
                             label="mean of each pass over the points")
         hi = np.percentile(relearn[1:], 99) if len(relearn) > 1 else 1
@@ -90,7 +90,7 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
             # x: the step each pass ended at (mean over seeds), so variants that move the
             # window faster (more passes) share the axis with the others
             per_pass = -(-n_points[name] // shift[name])
-            ends = np.arange(1, n + 1) * per_pass - 1
+            ends = np.arange(1, n + 1) * per_pass  # the first shift is left out
             x = np.mean([np.asarray(r.shift_steps)[ends] for r in runs], 0)
             relearn_ax.plot(x, mean, "o-", ms=3, color=color, label=name)
             if len(runs) > 1:
@@ -140,7 +140,8 @@ def write_animation(record: WindowRecord, title: str, path: str | Path, *, frame
                     fps: int = 20, fmt: str = "gif", dpi: int = 80) -> Path:
     """The movie: each point's loss (blue: in the training window, red: not), the step
     counter and the weight norm on every frame, and the weight norm's curve so far below.
-    `frames` evenly spaced recorded rows; artists are updated, not redrawn, per frame."""
+    `frames` evenly spaced recorded rows. The layout is computed once and frozen; each
+    frame updates the artists' data and costs one draw."""
     path = Path(path)
     writer = animation_writer(fmt, fps)
     fig = _new_figure(6.4, 4.4)

@@ -136,9 +136,12 @@ def adaptable_contribution_utility(h: torch.Tensor, w_in: torch.Tensor, w_out: t
                                    mean_hat: torch.Tensor,
                                    generator: torch.Generator) -> torch.Tensor:
     """LoP gnt.py 'adaptable_contribution' (arXiv 2108.06325's overall utility):
-    mean_B |h_i - f^_i| * mean_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|  -> (n,)."""
+    mean_B |h_i - f^_i| * mean_k |W_{l+1}[k, i]| / mean_j |W_l[i, j]|  -> (n,).
+    An all-zero input row (zero-initialised nets, init: zeros) would give 0/0: its
+    denominator is floored at 1e-12, so such a unit (constant output, no deviation) scores 0
+    instead of a NaN that would stick in the running utility."""
     centred = (h - mean_hat).abs().mean(0)  # (n,)
-    return centred * w_out.detach().abs().mean(0) / w_in.detach().abs().mean(1)
+    return centred * w_out.detach().abs().mean(0) / w_in.detach().abs().mean(1).clamp_min(1e-12)
 
 
 def random_utility(h: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor,
