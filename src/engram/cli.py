@@ -42,11 +42,11 @@ the window and climbs back once it has left; the weights keep growing and relear
 
 Writes OUT/results.csv (tidy rows run_id, variant, seed, step, metric, value: relearn_steps
 per window shift, weight_norm and window_mean_loss every record_every steps),
-OUT/runs/VARIANT-seedS.npz (every point's loss every record_every steps, window position,
-weight norm, shift steps), OUT/plots/summary_VARIANT.png (heatmap, weight norm, relearn
-steps), OUT/plots/relearn_comparison.png and the movie OUT/VARIANT.gif. Without a config,
-one variant `plain` and seed 0 (about a minute); configs/window/compare.yaml compares plain,
-L2, dropout, continual backprop and replay. Finished runs are skipped on a rerun.
+OUT/runs/VARIANT-seedS-RUNID.npz (every point's loss every record_every steps, window
+position, weight norm, shift steps), OUT/plots/summary_VARIANT.png (heatmap, weight norm,
+relearn steps), OUT/plots/relearn_comparison.png and the movie OUT/VARIANT.gif. Without a
+config: one variant `plain`, seed 0 (under a minute); configs/window/compare.yaml compares
+plain, L2, dropout, continual backprop and replay. Finished runs are skipped on a rerun.
 """
 
 WINDOW_EPILOG = """examples:
