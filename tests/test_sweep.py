@@ -221,18 +221,23 @@ def test_a_worker_killed_mid_run_is_reported_and_a_rerun_finishes_its_job(tmp_pa
     import threading
     import time
 
-    path = sweep_file(tmp_path, seeds=[0, 1, 2], train__epochs=30)
+    path = sweep_file(tmp_path, seeds=[0, 1, 2], train__epochs=300)  # runs of a few seconds
     out = tmp_path / "out"
     reports = []
     sweep = threading.Thread(target=lambda: reports.append(
         run_sweep(path, out, workers=2, show_progress=False)))
     sweep.start()
     deadline = time.monotonic() + 60
-    # Wait until training rows flow (a worker is inside a run), then kill one worker.
+    # Wait until both workers are inside a run (training rows of two runs, none finished),
+    # then kill one. Killing a worker still starting up would only hand its job to the
+    # other worker (seen on a loaded machine), which is not what this test is about.
     while time.monotonic() < deadline:
         results = out / "results.csv"
-        if results.exists() and results.read_text().count("train_loss") >= 3:
-            break
+        if results.exists():
+            rows = read_rows(results)
+            training = {r["run_id"] for r in rows if r["metric"] == "train_loss"}
+            if len(training) >= 2 and not any(r["metric"] == "run_complete" for r in rows):
+                break
         time.sleep(0.05)
     victim = multiprocessing.active_children()[0]
     os.kill(victim.pid, signal.SIGKILL)
