@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from engram.config import MethodSpec, TrainConfig, _check_range, opt
+from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DivergenceError
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
 
@@ -194,7 +195,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
                on_steps: Callable[[int], None] | None = None) -> WindowRecord:
     """Train on the sliding window for cfg.max_steps steps (see the module doc), with the
     registered `method` (default: none). `on_steps(n)` is told every 1,000 steps done."""
-    from engram.data.streams import Stream, Task, TensorSet
+    from engram.data.streams import Stream, Task
     from engram.methods import METHODS
     from engram.methods.base import Context
     from engram.runner import apply_update, make_optimizer
@@ -279,10 +280,10 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
                         window=cfg.window, seed=cfg.seed, seconds=time.perf_counter() - t0)
 
 
-def points_at(points, start: int, cfg: WindowConfig):
-    """The window's points (a TensorSet of `cfg.window` points) starting at `start`."""
+def points_at(points: TensorSet, start: int, cfg: WindowConfig) -> TensorSet:
+    """The window's `cfg.window` points starting at `start` (wrapping around)."""
     idx = window_indices(start, cfg.window, cfg.n_points)
-    return type(points)(*(part[idx] for part in points))
+    return TensorSet(*(part[idx] for part in points))
 
 
 # ----------------------------------------------------------------------------- experiments
