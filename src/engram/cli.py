@@ -121,6 +121,18 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_experiment_args(parser: argparse.ArgumentParser, kind: str, config_help: str,
+                         override_example: str) -> None:
+    """CONFIG, KEY=VALUE overrides, --out and --help-config: the arguments every experiment
+    command with its own config schema (profile, plasticity, window) takes."""
+    parser.add_argument("config", nargs="?", help=config_help)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help=f"dotted overrides, e.g. {override_example}")
+    parser.add_argument("--out", help="folder (default: runs/<the config's name>)")
+    parser.add_argument("--help-config", action="store_true",
+                        help=f"list every {kind} config key with its default, then exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="engram", description=MAIN_HELP,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -173,12 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
         "profile", help="rank weight-importance measures by replacing the weights they call "
                         "unimportant", description=PROFILE_DESCRIPTION, epilog=PROFILE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    profile.add_argument("config", nargs="?", help="profile YAML (see configs/profile/digits.yaml)")
-    profile.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                         help="dotted overrides, e.g. seeds=[0,1,2] profile.epochs=[2,5]")
-    profile.add_argument("--out", help="folder (default: runs/<the config's name>)")
-    profile.add_argument("--help-config", action="store_true",
-                         help="list every profile config key with its default, then exit")
+    _add_experiment_args(profile, "profile", "profile YAML (see configs/profile/digits.yaml)",
+                         "seeds=[0,1,2] profile.epochs=[2,5]")
     _add_quiet(profile)
 
     profile_report = commands.add_parser(
@@ -206,12 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "and dormant units, effective and stable rank, weight and gradient "
                     "magnitude per layer; OUT/plots/plasticity.png. Finished runs are skipped on "
                     "a rerun.")
-    plasticity.add_argument("config", nargs="?", help="plasticity YAML (configs/plasticity/)")
-    plasticity.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                            help="dotted overrides, e.g. seeds=[0] problem.n_tasks=20")
-    plasticity.add_argument("--out", help="folder (default: runs/<the config's name>)")
-    plasticity.add_argument("--help-config", action="store_true",
-                            help="list every plasticity config key with its default, then exit")
+    _add_experiment_args(plasticity, "plasticity", "plasticity YAML (configs/plasticity/)",
+                         "seeds=[0] problem.n_tasks=20")
     plasticity.add_argument("--workers", type=int, default=1, metavar="N",
                             help="runs in parallel processes (default 1); a worker's rows are "
                                  "written when its run finishes")
@@ -222,17 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "summary figure, relearn steps per shift",
         description=WINDOW_DESCRIPTION, epilog=WINDOW_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    window.add_argument("config", nargs="?", help="window YAML (configs/window/); default: "
-                                                  "the experiment as first described")
-    window.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                        help="dotted overrides, e.g. run.max_steps=10000 seeds=[0,1]")
-    window.add_argument("--out", help="folder (default: runs/<the config's name>)")
+    _add_experiment_args(window, "window", "window YAML (configs/window/); default: the "
+                         "experiment as first described", "run.max_steps=10000 seeds=[0,1]")
     window.add_argument("--workers", type=int, default=1, metavar="N",
                         help="runs in parallel processes (default 1)")
     window.add_argument("--no-animation", action="store_true",
                         help="skip the movie (the figures are still drawn)")
-    window.add_argument("--help-config", action="store_true",
-                        help="list every window config key with its default, then exit")
     _add_quiet(window)
 
     scenario_table = commands.add_parser(
