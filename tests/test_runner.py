@@ -183,27 +183,33 @@ def test_checkpoints_without_results_are_not_resumed_silently(tmp_path):
     assert _comparable(read_rows(tmp_path / "b" / "results.csv")) == expected
 
 
+def _stop_in_task(monkeypatch, index: int) -> None:
+    """Make train_task raise KeyboardInterrupt when it reaches task `index` (0-based): a kill
+    between that task's start and its end, after the checkpoint of the task before it."""
+    import engram.runner as runner
+    real_train_task = runner.train_task
+
+    def stop(ctx, method, on_epoch):
+        if ctx.task.index == index:
+            raise KeyboardInterrupt
+        real_train_task(ctx, method, on_epoch)
+
+    monkeypatch.setattr(runner, "train_task", stop)
+
+
 def test_a_checkpoint_ahead_of_the_results_is_not_resumed(tmp_path, monkeypatch):
     """A sweep worker can checkpoint a task whose rows its killed parent never wrote; resuming
     that checkpoint would leave the task without rows, so the run starts over instead."""
     import csv
 
-    import engram.runner as runner
     from engram.results import COLUMNS
 
     cfg = tiny_config(checkpoint_seconds=0.0)  # a checkpoint after every task but the last
     run_experiment(cfg, tmp_path / "full", show_progress=False)
-    real_train_task = runner.train_task
-
-    def stop_in_task_3(ctx, method, on_epoch):
-        if ctx.task.index == 2:
-            raise KeyboardInterrupt
-        real_train_task(ctx, method, on_epoch)
-
-    monkeypatch.setattr(runner, "train_task", stop_in_task_3)
+    _stop_in_task(monkeypatch, 2)
     with pytest.raises(KeyboardInterrupt):
         run_experiment(cfg, tmp_path / "cut", show_progress=False)
-    monkeypatch.setattr(runner, "train_task", real_train_task)
+    monkeypatch.undo()
     assert len(list((tmp_path / "cut" / "checkpoints").glob("*.pt"))) == 1  # after task 2
     results = tmp_path / "cut" / "results.csv"
     kept = [r for r in read_rows(results) if r["task_trained"] != "2"]  # task 2's rows lost
@@ -219,3 +225,31 @@ def test_a_checkpoint_ahead_of_the_results_is_not_resumed(tmp_path, monkeypatch)
                       if r["metric"] != "train_seconds")
 
     assert measured(tmp_path / "cut") == measured(tmp_path / "full")
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("device,old_checkpoint", [
+    ("cpu", False), ("cpu", True), pytest.param("cuda", False, marks=CUDA)],
+    ids=["checkpoint", "old-checkpoint", "cuda"])
+def test_resume_with_dropout_matches_an_uninterrupted_run(tmp_path, monkeypatch, device,
+                                                          old_checkpoint):
+    """Dropout masks come from torch's global RNG, not the run's generator: the checkpoint
+    must carry that state too, or the resumed tasks draw other masks. A checkpoint from an
+    engram that did not save it is not resumed: the run starts over, with the same numbers."""
+    cfg = tiny_config(model={"kind": "mlp", "hidden": [32], "dropout": 0.3},
+                      stream={"n_tasks": 4}, checkpoint_seconds=0.0, device=device)
+    run_experiment(cfg, tmp_path / "full", show_progress=False)
+    _stop_in_task(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    monkeypatch.undo()
+    (checkpoint,) = (tmp_path / "cut" / "checkpoints").glob("*.pt")  # after task 2
+    if old_checkpoint:
+        state = torch.load(checkpoint, weights_only=True)
+        del state["global_rng"]
+        torch.save(state, checkpoint)
+    run_experiment(cfg, tmp_path / "cut", resume=True, show_progress=False)
+    assert _comparable(read_rows(tmp_path / "cut" / "results.csv")) == \
+        _comparable(read_rows(tmp_path / "full" / "results.csv"))

@@ -3,7 +3,8 @@
 Read `train_task` top to bottom: it is the whole optimisation. Everything else here is
 bookkeeping: building data and models, evaluating, writing rows, checkpointing at task
 boundaries so that `--resume` continues a killed run exactly where its last finished task
-left off (same tensors, same random state, so the same numbers).
+left off (same tensors, same random states: the run's generator and torch's global RNG that
+draws dropout masks, so the same numbers).
 """
 
 from __future__ import annotations
@@ -162,6 +163,25 @@ def task_end_recorded(keys: set, run_id: str, task: int, epochs: int) -> bool:
     return task == 0 or row_key(marker) in keys
 
 
+def global_random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG states: the CPU one and, on CUDA, the run device's. Dropout draws
+    its masks from them (the run's own generator, ctx.generator, draws everything else), so
+    a checkpoint must carry them for a resumed run to draw the masks an uninterrupted one
+    would; torch.manual_seed(seed) at the run's start sets both."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_global_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what global_random_state saved (the tensors may have been moved to `device` by
+    torch.load's map_location; the setters want CPU byte tensors)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:  # absent: saved by a CPU run
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
 def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -177,7 +197,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
     ident = RunIdentity(run_id(cfg, spec, seed), cfg, spec, seed)
     if ident.run_id in writer.completed_runs:
         return ident.run_id
-    torch.manual_seed(seed)  # model initialisation; everything later uses ctx.generator
+    torch.manual_seed(seed)  # model init and dropout masks; every other draw uses ctx.generator
     model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim).to(device)
     method: Method = METHODS.get(spec.name)(spec.params)
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
@@ -192,16 +212,19 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
             raise EngramError(f"checkpoint {checkpoint} cannot be read ({err}); delete it to "
                               "restart this run from its first task") from None
-        if not task_end_recorded(writer.keys, ident.run_id, state["tasks_done"], cfg.train.epochs):
+        if "global_rng" not in state or not task_end_recorded(
+                writer.keys, ident.run_id, state["tasks_done"], cfg.train.epochs):
             # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
-            # a results file cut short): resuming would leave tasks without rows. Start over;
-            # the rows already there are re-measured identically and skipped.
+            # a results file cut short): resuming would leave tasks without rows. Or it is
+            # from an engram that did not save the global RNG, so dropout masks would differ.
+            # Start over; the rows already there are re-measured identically and skipped.
             checkpoint.unlink()
             state = None
     if state is not None:
         model.load_state_dict(state["model"])
         method.load_state_dict(state["method"])
         ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
+        set_global_random_state(state["global_rng"], device)  # dropout masks
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
         writer.write(_evaluation_rows(ident, ctx, method, task_trained=0, epoch=0))  # the untrained baseline
@@ -244,7 +267,8 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
         if due and number < len(stream):
             _save_checkpoint(checkpoint, {
                 "model": model.state_dict(), "method": method.state_dict(),
-                "generator": ctx.generator.get_state(), "step": ctx.step, "tasks_done": number})
+                "generator": ctx.generator.get_state(), "global_rng": global_random_state(device),
+                "step": ctx.step, "tasks_done": number})
             last_checkpoint = time.perf_counter()
     writer.write([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
                             metric="run_complete", value=1)])

@@ -41,7 +41,9 @@ class Context:
     model: nn.Module
     stream: Stream
     train_cfg: TrainConfig
-    generator: torch.Generator  # CPU generator: all of a run's randomness after init
+    # CPU generator: all of a run's randomness after init, except dropout masks, which
+    # come from torch's global RNG (the runner checkpoints that too, so resume stays exact)
+    generator: torch.Generator
     device: torch.device
     task: Task | None = None
     step: int = 0
