@@ -6,7 +6,8 @@ example per step, and records as rows of `OUT/results.csv`:
 
 - `online_loss` / `online_accuracy` per task: the mean over the task's examples of the loss
   (or correctness) on each example *before* the step that trains on it, the online error of
-  the paper, one value per task (a bin);
+  the paper, one value per task (a bin); only the stream's examples count, not the memory
+  examples replay trains on alongside them;
 - the plasticity diagnostics of `engram.metrics.plasticity` (dead and dormant units,
   effective and stable rank, weight and gradient magnitude per layer) on a probe batch of
   the next task, measured at each task's start, before training on it, as LoP does.

@@ -18,7 +18,9 @@ Columns (`COLUMNS`):
     step          optimizer steps since the run started
     task_eval     1-based task evaluated ('' for rows about training)
     split         train, val or test
-    metric        accuracy, loss, train_loss, train_seconds (wall time of one task's training),
+    metric        accuracy, loss, train_loss (the epoch's mean over mini-batches of the loss of
+                  the task's own examples, before each update: replayed examples and
+                  penalties not counted), train_seconds (wall time of one task's training),
                   extra_bytes (bytes the method keeps beyond the live model after the task:
                   anchors, importances, buffers, stored gradients), run_complete
     value         the number

@@ -73,7 +73,13 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
 
 
 def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
-    """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares."""
+    """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares.
+
+    `on_epoch(epoch, loss)` gets the epoch's mean over its mini-batches of the loss of each
+    mini-batch's own examples (the task's, not the memory examples replay mixes in, nor any
+    penalty), computed in the forward pass of the step, before its update: the online error
+    of the plasticity runner and `engram run`'s train_loss. The divergence check watches the
+    loss actually trained on (replay's mixed batch)."""
     cfg, model = ctx.train_cfg, ctx.model
     model.train()
     method.before_task(ctx)
@@ -84,25 +90,31 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     n = len(data)
     for epoch in range(1, cfg.epochs + 1):
         order = torch.randperm(n, generator=ctx.generator).to(ctx.device)
-        loss_sum = torch.zeros((), device=ctx.device)
+        loss_sum = torch.zeros((), device=ctx.device)  # the trained loss, for divergence
+        own_loss_sum = torch.zeros((), device=ctx.device)  # the recorded loss (see above)
         correct_sum = torch.zeros((), device=ctx.device)
         for start in range(0, n, cfg.batch_size):
             index = order[start:start + cfg.batch_size]
             task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
-            batch = method.make_batch(task_batch, ctx)  # replay mixes memory in here
+            batch = method.make_batch(task_batch, ctx)  # replay appends memory examples here
             outputs = model(batch.x, batch.task)
             loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
-            if ctx.count_correct:  # online accuracy: this step's own examples, before the update
-                correct_sum += (outputs[:len(index)].argmax(1) == task_batch.y).sum()
+            # This step's own examples are the first len(index) of the batch (make_batch's
+            # contract), measured before the update: the online loss and accuracy.
+            own = outputs[:len(index)].detach()
+            own_loss_sum += loss.detach() if batch is task_batch else ctx.loss_fn(own, task_batch.y)
+            if ctx.count_correct:
+                correct_sum += (own.argmax(1) == task_batch.y).sum()
             apply_update(ctx, method, optimizer, loss, batch, task_batch)
             loss_sum += loss.detach()
-        mean_loss = float(loss_sum) / -(-n // cfg.batch_size)  # one sync per epoch
+        n_batches = -(-n // cfg.batch_size)
+        mean_loss = float(loss_sum) / n_batches  # one sync per epoch
         ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
         if not math.isfinite(mean_loss):
             raise DivergenceError(
                 f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
                 f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
-        on_epoch(epoch, mean_loss)
+        on_epoch(epoch, float(own_loss_sum) / n_batches)
     method.after_task(ctx)
 
 

@@ -87,6 +87,9 @@ class Method:
         return data
 
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:
+        """The batch to train on: `batch` itself, or its examples first, in order, followed by
+        any extra ones (replay's memory examples). The runner relies on that order to record
+        the loss and accuracy of the step's own examples."""
         return batch
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
