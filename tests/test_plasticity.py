@@ -197,3 +197,14 @@ def test_summary_windows_and_standard_errors_by_hand():
     assert entry["late"][0] == pytest.approx((9.5 + 19.5) / 2)
     assert entry["late"][1] == pytest.approx(5.0)  # sd 10/sqrt(2), over sqrt(2)
     assert "tasks 2-3 -> tasks 9-10" in format_plasticity_summary([entry])
+
+
+def test_a_diverging_run_names_its_method_seed_and_task(tmp_path):
+    from engram.errors import DivergenceError
+
+    cfg = tiny(seeds=[3], train={"epochs": 1, "batch_size": 1, "lr": 1e6},
+               methods=[{"name": "l2_init", "strength": 0.5}],
+               problem={"n_tasks": 2, "flip_every": 50})
+    with pytest.raises(DivergenceError,
+                       match=r"^l2_init\(strength=0\.5\) seed 3: training diverged on task 1 "):
+        run_plasticity(cfg, tmp_path, show_progress=False)

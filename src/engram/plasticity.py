@@ -51,7 +51,7 @@ import torch.nn.functional as F
 from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _parse_methods, opt,
                            params_dict, parse_dataclass, read_config_tree)
 from engram.data.streams import Stream, Task, TensorSet
-from engram.errors import ConfigError
+from engram.errors import ConfigError, DivergenceError
 from engram.registry import Registry
 
 PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
@@ -377,11 +377,12 @@ def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
         rows = [{**common, "task": task.index + 1, "step": ctx.step, "metric": key, "value": v}
                 for key, v in plasticity_diagnostics(model, probe).items()]
         losses: list[float] = []
-        train_task(ctx, method, lambda epoch, loss: losses.append(loss))
+        try:
+            train_task(ctx, method, lambda epoch, loss: losses.append(loss))
+        except DivergenceError as error:  # which of the runs diverged (the message has the task)
+            raise DivergenceError(f"{spec.label()} seed {seed}: {error}") from None
         rows.append({**common, "task": task.index + 1, "step": ctx.step,
                      "metric": "online_loss", "value": losses[-1]})
-        if not math.isfinite(losses[-1]):
-            raise ConfigError(f"{spec.label()} seed {seed} diverged on task {task.index + 1}")
         if ctx.epoch_accuracy is not None:
             rows.append({**common, "task": task.index + 1, "step": ctx.step,
                          "metric": "online_accuracy", "value": ctx.epoch_accuracy})
