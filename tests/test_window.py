@@ -502,3 +502,32 @@ def test_adaptable_contribution_on_zero_rows_is_not_nan():
         "utility": "adaptable_contribution", "init": "zeros", "maturity": 5,
         "replacement_rate": 0.1}, "m"))
     assert np.isfinite(rec.weight_norm).all()
+
+
+@pytest.mark.parametrize("memory,steps", [(20, 25), (20, 300), (100, 300)])
+def test_replay_memory_holds_distinct_points(monkeypatch, memory, steps):
+    """Each point is offered to the reservoir once, when it is first in a window trained on,
+    so the memory holds min(memory, points seen) distinct points, all of them points seen.
+    threshold 1e9: the window moves on every step (300 steps: ten passes over 30 points)."""
+    from engram.config import parse_method
+    from engram.methods.replay import Replay
+
+    learners = []
+    real_make_batch = Replay.make_batch
+
+    def keep(self, batch, ctx):
+        learners.append(self)
+        return real_make_batch(self, batch, ctx)
+
+    monkeypatch.setattr(Replay, "make_batch", keep)
+    cfg = small(threshold=1e9, max_steps=steps)
+    record = run_window(cfg, parse_method("replay", {"memory": memory, "replay_batch_size": 4},
+                                          "m"))
+    # step s trains on the window the check after it sees: window_start[s + 1]
+    seen = torch.cat([window_indices(int(start), cfg.window, cfg.n_points)
+                      for start in record.window_start[1:]]).unique()
+    replay = learners[-1]
+    stored = replay.buffer.x[:replay.n_filled]
+    assert len(torch.unique(stored, dim=0)) == len(stored) == min(memory, len(seen))
+    x, _ = window_data(cfg)
+    assert all(any(torch.equal(row, p) for p in x[seen]) for row in stored)

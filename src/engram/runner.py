@@ -58,8 +58,10 @@ def make_optimizer(model: torch.nn.Module, cfg, foreach: bool | None = None
 
 def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
                  loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet) -> None:
-    """One optimizer update from the training `loss` of `batch` (what make_batch returned for
-    `task_batch`), with the method's penalty and hooks in the order every method relies on.
+    """One optimizer update from the training `loss` of `batch` (what make_batch returned),
+    with the method's penalty and hooks in the order every method relies on. `task_batch` is
+    what after_step is given: the examples the stream delivers at this step (train_task: the
+    mini-batch; the sliding window: the points entering it for the first time, often none).
     Shared by train_task and the sliding-window experiment (engram.window)."""
     ctx.batch = batch  # LwF distils on the batch being trained
     penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...

@@ -14,7 +14,11 @@ The step is the runner's (engram.runner.apply_update), so any registered method 
 along: `method: {name: continual_backprop}` resets units, `replay` mixes remembered points
 into the window's batch, `shrink_perturb` / `l2_init` act every step. The whole run is one
 task to the method, so methods that act only at task boundaries (EWC, LwF, ...) do nothing
-here. L2 is `weight_decay`, dropout `dropout` (on each block's output before the skip sum;
+here. The stream a method sees (its after_step batch) is each point once, at the first step
+whose window holds it, in that order; other steps offer nothing. So replay's memory is a
+reservoir sample of the distinct points trained on so far: min(memory, points seen) distinct
+points, each of them equally likely to be held; once every point has been in the window it
+no longer changes. L2 is `weight_decay`, dropout `dropout` (on each block's output before the skip sum;
 the window check and the recorded losses are in eval mode, without dropout).
 
 What is recorded (`WindowRecord`): after 0, k, 2k, ... steps (k = `record_every`) and after
@@ -252,8 +256,20 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
         steps[row], window_start[row] = t, start
         row += 1
 
+    offered = torch.zeros(cfg.n_points, dtype=torch.bool)  # points the method has been given
+    no_points = TensorSet(*(part[:0] for part in points))
+
+    def first_time(start: int) -> TensorSet:
+        """The points of the window at `start` not offered to the method before (see the
+        module doc): a memory then stores each point at most once."""
+        idx = window_indices(start, cfg.window, cfg.n_points)
+        idx = idx[~offered[idx]]
+        offered[idx] = True
+        return TensorSet(*(part[idx] for part in points))
+
     record(0)
     window_batch = points_at(points, start, cfg)
+    window_is_new = True
     for s in range(cfg.max_steps):
         value = window_loss(window_batch)
         if not math.isfinite(value):
@@ -265,9 +281,12 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
             last_shift = s
             start = (start + cfg.shift) % cfg.n_points
             window_batch = points_at(points, start, cfg)
+            window_is_new = True
+        new_points = first_time(start) if window_is_new else no_points
+        window_is_new = False
         batch = learner.make_batch(window_batch, ctx)  # replay adds remembered points
         loss = squared_norm_loss(model(batch.x, batch.task), batch.y)
-        apply_update(ctx, learner, optimizer, loss, batch, window_batch)
+        apply_update(ctx, learner, optimizer, loss, batch, new_points)
         if (s + 1) % cfg.record_every == 0 or s + 1 == cfg.max_steps:
             record(s + 1)
         if on_steps is not None and (s + 1) % 1000 == 0:
