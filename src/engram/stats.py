@@ -86,7 +86,7 @@ def t_interval(values: Sequence[float] | np.ndarray,
     half = t_{(1+confidence)/2, n-1} · s / sqrt(n) = :func:`t_quantile` · SE, s the sample
     standard deviation (ddof=1); the interval is [mean - half, mean + half]. By hand for
     [1, 2, 3, 4]: mean 2.5, s = sqrt(5/3), SE = s/2 = 0.6455, t_{0.975,3} = 3.182, half =
-    2.054. The half-width is nan with fewer than 2 values, the mean nan with none.
+    2.0543. The half-width is nan with fewer than 2 values, the mean nan with none.
     """
     v = _values(values)  # (n,)
     mean, se = mean_se(v)

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from engram.errors import DataError
-from engram.metrics import average_accuracy, average_forgetting, backward_transfer, forward_transfer
+from engram.metrics import (average_accuracy, average_forgetting, backward_transfer,
+                            forward_transfer)
 from engram.stats import mean_se, t_quantile
 
 
