@@ -171,7 +171,7 @@ def test_binned_curves_average_each_seed_then_across_seeds():
     from engram.plasticity import metric_curves
 
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
-             "value": str(10 * s + t)} for s in (0, 1) for t in range(1, 7)]
+             "value": str(10 * s + t), "run_id": f"r{s}"} for s in (0, 1) for t in range(1, 7)]
     tasks, mean, se, n = metric_curves(rows, "online_loss", bin_tasks=3)["m"]
     assert list(tasks) == [3, 6] and n == 2
     assert list(mean) == [(2 + 12) / 2, (5 + 15) / 2]  # seed bins: 2, 5 and 12, 15
@@ -190,7 +190,7 @@ def test_summary_windows_and_standard_errors_by_hand():
 
     # 10 tasks: early = tasks 2-3, late = tasks 9-10; value = seed * 10 + task
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
-             "value": str(10 * s + t)} for s in (0, 1) for t in range(1, 11)]
+             "value": str(10 * s + t), "run_id": f"r{s}"} for s in (0, 1) for t in range(1, 11)]
     (entry,) = plasticity_summary(rows)
     assert entry["early_tasks"] == (2, 3) and entry["late_tasks"] == (9, 10)
     assert entry["early"][0] == pytest.approx((2.5 + 12.5) / 2)

@@ -162,8 +162,8 @@ def test_format_scenario_table_reads_as_expected():
         "naive   400 ± 100 B       400 ± 100 B",
         "",
         "accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old tasks "
-        "got worse; ± = standard error over seeds; kB = 1000 B; n/a = not measured; "
-        "– = not run",
+        "got worse; ± = standard error over seeds (sample sd / √n; --ci adds the 95% "
+        "t-interval); kB = 1000 B; n/a = not measured; – = not run",
     ])
 
 

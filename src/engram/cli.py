@@ -234,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip the movie (the figures are still drawn)")
     _add_quiet(window)
 
+    ci_help = ("also print the 95%% t-interval of each mean, mean ± t_{0.975,n-1}·SE, in "
+               "brackets (with few seeds it is much wider than ± SE)")
     scenario_table = commands.add_parser(
         "table", help="methods x scenarios table of a run or sweep folder, and its PNG",
         description="Read RUN_DIR/results.csv and print, per method (rows) and scenario "
@@ -252,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 help="which evaluation split to tabulate (default: test when "
                                      "measured, else val); choose strengths on val, report test")
     scenario_table.add_argument("--no-png", action="store_true", help="do not write the PNG")
+    scenario_table.add_argument("--ci", action="store_true",
+                                help=ci_help + "; the PNG's error bars become the interval")
 
     plot = commands.add_parser(
         "plot", help="redraw a run folder's plots from its results.csv",
@@ -265,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Read RUN_DIR/results.csv and print average accuracy, forgetting, backward "
                     "and forward transfer per method: mean ± standard error over seeds.")
     table.add_argument("run_dir", help="a folder holding results.csv")
+    table.add_argument("--ci", action="store_true", help=ci_help)
 
     listing = commands.add_parser(
         "list", help="list registered datasets, streams, models and methods",
@@ -395,7 +400,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
-                          split: str | None = None, more_dirs: list[str] = ()) -> None:
+                          split: str | None = None, more_dirs: list[str] = (),
+                          ci: bool = False) -> None:
     from engram.errors import DataError
     from engram.results import read_rows
     from engram.summary import format_scenario_table, scenario_table
@@ -408,15 +414,15 @@ def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
                             "or `engram sweep`")
         rows += read_rows(path)
     table = scenario_table(rows, split)
-    print(format_scenario_table(table, markdown=markdown))
+    print(format_scenario_table(table, markdown=markdown, ci=ci))
     if png and table:
         from engram.plots import write_table_png
-        print(f"\ntable plot: {write_table_png(run_dir, split, more_dirs)}")
+        print(f"\ntable plot: {write_table_png(run_dir, split, more_dirs, ci=ci)}")
 
 
 def cmd_table(args: argparse.Namespace) -> None:
     _print_scenario_table(Path(args.run_dir), png=not args.no_png, markdown=args.markdown,
-                          split=args.split, more_dirs=args.more_dirs)
+                          split=args.split, more_dirs=args.more_dirs, ci=args.ci)
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
@@ -434,7 +440,7 @@ def cmd_summary(args: argparse.Namespace) -> None:
     path = Path(args.run_dir) / "results.csv"
     if not path.is_file():
         raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
-    print(format_table(summary_table(read_rows(path))))
+    print(format_table(summary_table(read_rows(path)), ci=args.ci))
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -401,22 +401,38 @@ PLOTTED = (("online_loss", "online loss per task (squared error; cross-entropy f
            ("weight_magnitude", "mean |w|"))
 
 
-def metric_curves(rows: list[dict[str, str]], metric: str, bin_tasks: int = 1
-                  ) -> dict[str, tuple]:
-    """label -> (tasks (T,), mean over seeds (T,), standard error (T,), n seeds), for one
-    metric; only tasks every seed of the label has reached. With bin_tasks > 1 each seed's
-    values are first averaged over bins of that many tasks (x = the bin's last task), as the
-    paper bins the online error, and the mean and SE are taken over the seeds' bin values."""
-    import numpy as np
+def _per_seed(rows: list[dict[str, str]], metric: str) -> dict[str, dict[int, dict[int, float]]]:
+    """label -> seed -> task -> value of `metric`, labels in first-seen order. A label with
+    two runs on one seed (two configs' runs in one folder, which the label does not tell
+    apart) raises DataError (:func:`engram.summary.count_seeds`) instead of counting it twice."""
+    from engram.summary import count_seeds
 
     per_label: dict[str, dict[int, dict[int, float]]] = {}
+    runs: dict[str, dict[str, str]] = {}  # label -> run id -> seed
     for r in rows:
-        if r["metric"] != metric:
+        if r["metric"] != metric or not r["task"]:
             continue
         per_label.setdefault(r["label"], {}).setdefault(int(r["seed"]), {})[int(r["task"])] = \
             float(r["value"])
+        runs.setdefault(r["label"], {})[r["run_id"]] = r["seed"]
+    for label, by_run in runs.items():
+        count_seeds(by_run.items(), f"method {label!r}")
+    return per_label
+
+
+def metric_curves(rows: list[dict[str, str]], metric: str, bin_tasks: int = 1
+                  ) -> dict[str, tuple]:
+    """label -> (tasks (T,), mean over seeds (T,), standard error (T,), n seeds), for one
+    metric (:func:`engram.stats.mean_se`: SE nan with one seed); only tasks every seed of
+    the label has reached. With bin_tasks > 1 each seed's values are first averaged over
+    bins of that many tasks (x = the bin's last task), as the paper bins the online error,
+    and the mean and SE are taken over the seeds' bin values."""
+    import numpy as np
+
+    from engram.stats import mean_se
+
     curves = {}
-    for label, by_seed in per_label.items():
+    for label, by_seed in _per_seed(rows, metric).items():
         tasks = sorted(set.intersection(*(set(v) for v in by_seed.values())))
         values = np.array([[by_seed[s][t] for t in tasks] for s in sorted(by_seed)])  # (S, T)
         if bin_tasks > 1 and len(tasks) >= bin_tasks:
@@ -424,9 +440,8 @@ def metric_curves(rows: list[dict[str, str]], metric: str, bin_tasks: int = 1
             values = values[:, :n_bins * bin_tasks].reshape(len(values), n_bins, bin_tasks)
             values = values.mean(-1)  # (S, bins)
             tasks = tasks[bin_tasks - 1:n_bins * bin_tasks:bin_tasks]
-        se = values.std(0, ddof=1) / math.sqrt(len(values)) if len(values) > 1 else \
-            np.zeros(len(tasks))
-        curves[label] = (np.array(tasks), values.mean(0), se, len(values))
+        mean, se = mean_se(values)
+        curves[label] = (np.array(tasks), mean, se, len(values))
     return curves
 
 
@@ -464,29 +479,27 @@ SUMMARISED = ("online_loss", "online_accuracy", "dead_units", "effective_rank",
 
 
 def plasticity_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Per method label and metric of `SUMMARISED`: mean ± standard error over seeds of each
-    seed's mean over the early tasks (2 to 1 + T/5: the first, from-scratch task left out)
-    and over the late tasks (the last T/5). One entry per (label, metric)."""
+    """Per method label and metric of `SUMMARISED`: mean ± standard error over seeds
+    (:func:`engram.stats.mean_se`) of each seed's mean over the early tasks (2 to 1 + T/5:
+    the first, from-scratch task left out) and over the late tasks (the last T/5). One
+    entry per (label, metric); n_seeds counts distinct seeds, and two runs of one label on
+    one seed raise DataError (see :func:`_per_seed`). A seed with no task in a window gives
+    that window nan."""
+    from engram.stats import mean_se
+
     n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=0)
     fifth = max(1, n_tasks // 5)
     windows = {"early": (2, 1 + fifth), "late": (n_tasks - fifth + 1, n_tasks)}
     table = []
     for metric in SUMMARISED:
-        for label, (tasks, _, _, _) in metric_curves(rows, metric).items():
+        for label, per_seed in _per_seed(rows, metric).items():
             entry: dict[str, Any] = {"label": label, "metric": metric}
-            per_seed: dict[str, dict[str, list[float]]] = {}
-            for r in rows:
-                if r["label"] == label and r["metric"] == metric and r["task"]:
-                    per_seed.setdefault(r["seed"], {}).setdefault(r["task"], []).append(
-                        float(r["value"]))
             for name, (lo, hi) in windows.items():
-                means = [sum(v[0] for t, v in by_task.items() if lo <= int(t) <= hi) /
-                         max(1, sum(lo <= int(t) <= hi for t in by_task))
-                         for by_task in per_seed.values()]
-                m = sum(means) / len(means)
-                se = (math.sqrt(sum((x - m) ** 2 for x in means) / (len(means) - 1) / len(means))
-                      if len(means) > 1 else float("nan"))
-                entry[name] = (m, se)
+                means = []  # one per seed: its mean over the window's tasks
+                for by_task in per_seed.values():
+                    inside = [v for t, v in by_task.items() if lo <= t <= hi]
+                    means.append(sum(inside) / len(inside) if inside else math.nan)
+                entry[name] = mean_se(means)
                 entry[f"{name}_tasks"] = (lo, hi)
             entry["n_seeds"] = len(per_seed)
             table.append(entry)
@@ -494,16 +507,22 @@ def plasticity_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
 
 
 def format_plasticity_summary(table: list[dict[str, Any]]) -> str:
-    """The summary as aligned text: one block per metric, a line per method."""
+    """The summary as aligned text: one block per metric, a line per method, each window
+    "mean ± SE [95% t-interval]" over the seeds (a mean alone with one seed)."""
+    from engram.summary import format_stat
+
     lines = []
     for metric in dict.fromkeys(e["metric"] for e in table):
         block = [e for e in table if e["metric"] == metric]
         (lo1, hi1), (lo2, hi2) = block[0]["early_tasks"], block[0]["late_tasks"]
-        lines.append(f"{metric} (mean ± SE over seeds): tasks {lo1}-{hi1} -> tasks {lo2}-{hi2}")
+        lines.append(f"{metric} (mean ± SE over seeds [95% t-interval]): "
+                     f"tasks {lo1}-{hi1} -> tasks {lo2}-{hi2}")
         width = max(len(e["label"]) for e in block)
-        for e in block:
-            (a, sa), (b, sb) = e["early"], e["late"]
-            lines.append(f"  {e['label']:<{width}}  {a:.3f} ± {sa:.3f}  ->  {b:.3f} ± {sb:.3f}"
-                         f"  ({e['n_seeds']} seeds)")
+        cells = [[format_stat(*e[w], n=e["n_seeds"]) for w in ("early", "late")] for e in block]
+        early = max(len(c[0]) for c in cells)
+        for e, (a, b) in zip(block, cells):
+            n = e["n_seeds"]
+            lines.append(f"  {e['label']:<{width}}  {a:<{early}}  ->  {b}"
+                         f"  ({n} seed{'s' if n != 1 else ''})")
         lines.append("")
     return "\n".join(lines)

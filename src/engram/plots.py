@@ -17,7 +17,6 @@ global registry of open figures.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from collections import Counter, defaultdict
@@ -29,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engram.errors import DataError
+from engram.stats import mean_se, t_quantile
 
 if TYPE_CHECKING:  # for annotations only: importing matplotlib here would make the module heavy
     from matplotlib.axes import Axes
@@ -80,26 +80,30 @@ class TaskCurves:
 
     ``tasks`` maps the 1-based evaluated task to its :class:`TaskCurve`; ``boundaries``
     maps the 1-based trained task to the optimizer step at which its training ended,
-    averaged over runs (only tasks known to have ended); ``n_seeds`` counts the runs that
-    contributed; ``scenario`` is the scenario the rows were restricted to, if any.
+    averaged over runs (only tasks known to have ended); ``n_seeds`` counts the seeds (one
+    run each) that contributed; ``scenario`` and ``name`` are the scenario and experiment
+    name the rows were restricted to, if any.
     """
     label: str
     split: str
     n_seeds: int
     scenario: str | None = None
+    name: str | None = None
     tasks: dict[int, TaskCurve] = field(default_factory=dict)
     boundaries: dict[int, float] = field(default_factory=dict)
 
 
 def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
-                scenario: str | None = None) -> TaskCurves:
+                scenario: str | None = None, name: str | None = None) -> TaskCurves:
     """Accuracy-vs-step curves of every task for the method `label`, mean ± SE over seeds.
 
     Every accuracy row of the label on `split` is used: the untrained evaluation (step 0),
     the evaluations inside a task (``train.eval_every``) and those at the end of each task.
     Each run id counts as one sample; runs need not be complete, so a killed run still
     shows how far it got. `scenario`, when given, keeps only that scenario's rows (the same
-    label may have been run in several).
+    label may have been run in several), and `name` only that experiment's (a sweep's grid
+    points share labels). Each seed must have one run: runs of two configs under one label
+    raise DataError (:func:`engram.summary.count_seeds`) rather than count a seed twice.
 
     Seeds are matched by the point of the schedule, (task_trained, epoch), not by the raw
     step: with a seed-dependent split the tasks of two seeds differ by a few batches, so
@@ -111,13 +115,16 @@ def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
     ends); for a run without one, the last step of that task's rows is used when the run
     has started a later task, since only then is the task known to have ended.
     """
+    from engram.summary import count_seeds
+
     picked = [r for r in rows if r["label"] == label
-              and (scenario is None or r["scenario"] == scenario)]
+              and (scenario is None or r["scenario"] == scenario)
+              and (name is None or r["name"] == name)]
     # task_eval -> (task_trained, epoch) -> run_id -> (step, accuracy); (run, task_trained,
     # epoch, task_eval) is unique in a results file, so nothing is overwritten in practice.
     points: dict[int, dict[tuple[int, int], dict[str, tuple[int, float]]]] = \
         defaultdict(lambda: defaultdict(dict))
-    runs: set[str] = set()
+    runs: dict[str, str] = {}  # run id -> seed, of the runs with accuracy rows
     ended: dict[tuple[str, int], int] = {}       # (run, task) -> step, from train_seconds
     last_step: dict[tuple[str, int], int] = {}   # (run, task_trained) -> last step seen
     for r in picked:
@@ -127,14 +134,17 @@ def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
         if r["metric"] == "train_seconds":
             ended[key] = step
         elif r["metric"] == "accuracy" and r["split"] == split:
-            runs.add(r["run_id"])
+            runs[r["run_id"]] = r["seed"]
             when = (trained, int(r["epoch"]))
             points[int(r["task_eval"])][when][r["run_id"]] = (step, float(r["value"]))
 
-    curves = TaskCurves(label=label, split=split, n_seeds=len(runs), scenario=scenario)
+    where = f"method {label!r}" + (f" of experiment {name!r}" if name is not None else "") \
+        + (f", {scenario}-incremental" if scenario is not None else "")
+    n_seeds = count_seeds(runs.items(), where)
+    curves = TaskCurves(label=label, split=split, n_seeds=n_seeds, scenario=scenario, name=name)
     for task in sorted(points):
         order = sorted(points[task])  # schedule order: (task_trained, epoch)
-        stats = [_mean_se([v for _, v in points[task][w].values()]) for w in order]
+        stats = [mean_se([v for _, v in points[task][w].values()]) for w in order]
         curves.tasks[task] = TaskCurve(
             steps=np.array([np.mean([s for s, _ in points[task][w].values()]) for w in order],
                            dtype=float),
@@ -154,14 +164,6 @@ def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
 
 def _seeds(n: int) -> str:
     return f"{n} seed{'s' if n != 1 else ''}"
-
-
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """Mean and standard error (ddof=1); SE is nan for a single value."""
-    v = np.asarray(values, dtype=float)
-    if len(v) < 2:
-        return float(v.mean()), float("nan")
-    return float(v.mean()), float(v.std(ddof=1) / math.sqrt(len(v)))
 
 
 # --------------------------------------------------------------------------- drawing
@@ -268,7 +270,7 @@ def plot_task_curves(curves: TaskCurves, ax: "Axes",
         ax.legend(title="evaluated on", loc="upper left", bbox_to_anchor=(1.01, 1.0),
                   fontsize=8, title_fontsize=8, frameon=False)
     band = "mean ± 1 SE over" if curves.n_seeds > 1 else "from"
-    name = curves.label
+    name = curves.label if curves.name is None else f"{curves.name} / {curves.label}"
     if curves.scenario is not None:
         name += f", {curves.scenario}-incremental"
     ax.set_title(f"{name}: accuracy on each task during training "
@@ -288,7 +290,10 @@ def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
     """
     from matplotlib import colormaps
 
+    from engram.summary import method_names
+
     name = METRIC_NAMES.get(metric, metric.replace("_", " "))
+    names = dict(zip(map(id, table), method_names(table)))  # name / label for a sweep's points
     scenarios = list(dict.fromkeys(str(e["scenario"]) for e in table))
     grouped = len(scenarios) > 1
     x, ticks, heights, centres = 0.0, [], [], []
@@ -302,7 +307,7 @@ def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
             if np.isfinite(se):
                 ax.errorbar(x, mean, yerr=se, color="black", capsize=4, linewidth=1)
             heights.append((x, mean, se if np.isfinite(se) else 0.0))
-            ticks.append((x, f"{_wrap(str(entry['label']))}\n{_seeds(int(entry['n_seeds']))}"))
+            ticks.append((x, f"{_wrap(names[id(entry)])}\n{_seeds(int(entry['n_seeds']))}"))
             x += 1.0
         centres.append((first + x - 1.0) / 2)
         x += 0.6  # gap between scenario groups
@@ -350,8 +355,9 @@ def _scenario_colour(scenario: str, scenarios: Sequence[str]):
 
 
 def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
-                        metric: str = "average_accuracy") -> "Axes":
-    """Grouped bars of `metric`: one group per method, one bar per scenario, ±1 SE error bars.
+                        metric: str = "average_accuracy", ci: bool = False) -> "Axes":
+    """Grouped bars of `metric`: one group per method, one bar per scenario, ±1 SE error bars
+    (with `ci`, the 95% t-interval, mean ± t_{0.975,n-1}·SE); the y label says which.
 
     `table` is :func:`engram.summary.scenario_table`'s output; bar height = the cell's mean,
     error bar = its standard error (none with one seed). A method not run in a scenario, or
@@ -376,11 +382,14 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     width = 0.8 / max(len(scenarios), 1)
     for k, scenario in enumerate(scenarios):
         offset = (k - (len(scenarios) - 1) / 2) * width  # centre the group on the tick
-        bars = [(i + offset, *e["cells"][scenario][metric]) for i, e in enumerate(table)
+        bars = [(i + offset, *e["cells"][scenario][metric], e["cells"][scenario]["n_seeds"])
+                for i, e in enumerate(table)
                 if scenario in e["cells"] and np.isfinite(e["cells"][scenario][metric][0])]
         if not bars:
             continue
-        x, mean, se = (np.array(v, dtype=float) for v in zip(*bars))
+        x, mean, se, n = (np.array(v, dtype=float) for v in zip(*bars))
+        if ci:  # the half-width of the 95% t-interval, in place of the SE
+            se = se * np.array([t_quantile(int(k)) for k in n])
         ax.bar(x, mean / scale, width=0.9 * width, color=_scenario_colour(scenario, scenarios),
                label=f"{scenario}-incremental")
         has_se = np.isfinite(se) & (se > 0)  # a zero-length bar would only draw its caps
@@ -406,7 +415,8 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     if metric == "average_accuracy":
         ax.set_ylim(0, 1.05)
     name = METRIC_NAMES.get(metric, metric.replace("_", " "))
-    ax.set_ylabel(f"{name}{f' ({unit})' if unit else ''}, mean ± 1 SE")
+    spread = "mean, 95% t-interval" if ci else "mean ± 1 SE"
+    ax.set_ylabel(f"{name}{f' ({unit})' if unit else ''}, {spread}")
     counts = sorted({int(c["n_seeds"]) for e in table for c in e["cells"].values()})
     seeds = _seeds(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds"
     hint = METRIC_HINTS.get(metric, "")
@@ -479,7 +489,8 @@ def _read_results(run_dir: Path) -> tuple[Path, list[dict[str, str]]]:
 def write_plots(run_dir: str | Path) -> list[Path]:
     """Draw a run folder's figures into ``run_dir/plots/`` from its ``results.csv`` alone.
 
-    Writes, for every method label (and scenario, when one label ran in several):
+    Writes, for every method label (and scenario, when one label ran in several, and
+    experiment name, when several experiments, e.g. a sweep's grid points, share it):
     ``accuracy_matrix_<label>.png`` (mean accuracy matrix over the label's complete runs;
     left out when none is complete yet) and ``task_accuracy_<label>.png`` (accuracy on each
     task over training, every run). Then ``comparison.png``: average accuracy and average
@@ -487,7 +498,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     Uses the test split, or val when the runs evaluated no test split. Returns the paths
     written. Raises DataError when results.csv is missing or holds no accuracy rows.
     """
-    from engram.summary import accuracy_matrices, summary_table
+    from engram.summary import accuracy_matrices, count_seeds, summary_table
 
     run_dir = Path(run_dir)
     path, rows = _read_results(run_dir)
@@ -500,39 +511,49 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     written: list[Path] = []
 
     # Groups in first-appearance order (the config's method order).
-    groups = list(dict.fromkeys((r["label"], r["scenario"]) for r in rows
+    groups = list(dict.fromkeys((r["name"], r["label"], r["scenario"]) for r in rows
                                 if r["metric"] == "accuracy" and r["split"] == split))
-    label_scenarios = Counter(label for label, _ in groups)
+    scenarios_of, names_of = defaultdict(set), defaultdict(set)  # label -> its scenarios, names
+    for name, label, scenario in groups:
+        scenarios_of[label].add(scenario)
+        names_of[label].add(name)
     used: set[str] = set()
     matrices = defaultdict(list)
     for m in accuracy_matrices(rows, split):
         if m.complete:
-            matrices[(m.label, m.scenario)].append(m.R)
+            matrices[(m.name, m.label, m.scenario)].append(m)
 
-    for label, scenario in groups:
-        stem = safe_name(label if label_scenarios[label] == 1 else f"{label}_{scenario}")
+    for name, label, scenario in groups:
+        several_names = len(names_of[label]) > 1
+        stem = label if len(scenarios_of[label]) == 1 else f"{label}_{scenario}"
+        stem = safe_name(f"{name}_{stem}" if several_names else stem)
         base, k = stem, 2
         while stem in used:  # two labels that sanitise alike must not overwrite each other
             stem, k = f"{base}_{k}", k + 1
         used.add(stem)
         where = f", {scenario}-incremental"
+        shown = f"{name} / {label}" if several_names else label
 
-        Rs = matrices.get((label, scenario), [])
-        if Rs:
+        runs = matrices.get((name, label, scenario), [])
+        if runs:
             # Runs of one config share T; should a hand-merged file mix sizes, use the
             # most common size rather than fail after a long run.
-            shape = Counter(R.shape for R in Rs).most_common(1)[0][0]
-            Rs = [R for R in Rs if R.shape == shape]
+            shape = Counter(m.R.shape for m in runs).most_common(1)[0][0]
+            runs = [m for m in runs if m.R.shape == shape]
+            n_seeds = count_seeds([(m.run_id, m.seed) for m in runs],
+                                  f"method {label!r} of experiment {name!r}{where}")
+            Rs = [m.R for m in runs]
             with np.errstate(all="ignore"):
                 mean_R = np.nanmean(np.stack(Rs), axis=0) if len(Rs) > 1 else Rs[0]
             T = shape[0]
             fig = _new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
             plot_accuracy_matrix(mean_R, fig.add_subplot(),
-                                 title=f"{label}: {split} accuracy{where}\n"
-                                       f"mean of {_seeds(len(Rs))}")
+                                 title=f"{shown}: {split} accuracy{where}\n"
+                                       f"mean of {_seeds(n_seeds)}")
             written.append(_save(fig, out / f"accuracy_matrix_{stem}.png"))
 
-        curves = task_curves(rows, label, split, scenario=scenario)
+        curves = task_curves(rows, label, split, scenario=scenario,
+                             name=name if several_names else None)
         fig = _new_figure(7.5, 4.0)
         plot_task_curves(curves, fig.add_subplot())
         written.append(_save(fig, out / f"task_accuracy_{stem}.png"))
@@ -553,14 +574,14 @@ def write_plots(run_dir: str | Path) -> list[Path]:
 
 
 def write_table_png(run_dir: str | Path, split: str | None = None,
-                    more_dirs: Sequence[str | Path] = ()) -> Path:
+                    more_dirs: Sequence[str | Path] = (), ci: bool = False) -> Path:
     """Draw the three-scenario table of a run folder into ``run_dir/plots/scenario_table.png``.
 
     Four panels of :func:`plot_scenario_table` over the complete runs of
     ``run_dir/results.csv`` (and of each folder in `more_dirs`, drawn in the same table):
     average accuracy, average forgetting, wall time and extra memory, on `split` (default:
-    test when measured, else val). Returns the path. Raises DataError when a results.csv is
-    missing or there is no complete run.
+    test when measured, else val), error bars ±1 SE or with `ci` the 95% t-interval. Returns
+    the path. Raises DataError when a results.csv is missing or there is no complete run.
     """
     from engram.summary import method_names, scenario_columns, scenario_table
 
@@ -589,7 +610,7 @@ def write_table_png(run_dir: str | Path, split: str | None = None,
                       3.2 * len(metrics) + label_room)
     axes = fig.subplots(len(metrics), 1, sharex=True)
     for ax, metric in zip(axes, metrics):
-        plot_scenario_table(table, ax, metric)
+        plot_scenario_table(table, ax, metric, ci=ci)
     for ax in axes[:-1]:  # one set of method names, under the bottom panel
         ax.tick_params(labelbottom=False)
     return _save(fig, out / ("scenario_table.png" if split in (None, "test")

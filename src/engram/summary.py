@@ -15,13 +15,15 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from engram.errors import DataError
 from engram.metrics import (average_accuracy, average_forgetting, backward_transfer,
-                            forward_transfer, mean_and_standard_error)
+                            forward_transfer)
+from engram.stats import mean_se, t_quantile
 
 
 @dataclass
@@ -41,6 +43,7 @@ class RunMatrix:
     name: str = ""
     wall_seconds: float = math.nan
     extra_bytes: float = math.nan
+    run_id: str = ""
 
 
 def accuracy_matrices(rows: list[dict[str, str]], split: str = "test") -> list[RunMatrix]:
@@ -78,7 +81,7 @@ def accuracy_matrices(rows: list[dict[str, str]], split: str = "test") -> list[R
             name=first["name"],
             wall_seconds=sum(seconds[t] for t in tasks) if all(t in seconds for t in tasks)
             else math.nan,
-            extra_bytes=memory[max(memory)] if memory else math.nan))
+            extra_bytes=memory[max(memory)] if memory else math.nan, run_id=first["run_id"]))
     return out
 
 
@@ -90,13 +93,25 @@ SUMMARY_METRICS = {
 }
 
 
-def _mean_se(values: Sequence[float]) -> tuple[float, float]:
-    """`mean_and_standard_error` over seeds, or (nan, nan) when some seed lacks the number
-    (undefined, like forgetting with one task, or never measured, like the wall time in a
-    file written before it was), rather than an error after a long run."""
-    if not np.all(np.isfinite(values)):
-        return math.nan, math.nan
-    return mean_and_standard_error(values)
+def count_seeds(runs: Iterable[tuple[str, int | str]], what: str) -> int:
+    """The number of distinct seeds among one group's runs, given as (run id, seed) pairs.
+
+    A group (one method label, say) is meant to be one config run on several seeds, and the
+    spread over seeds is what the tables show. Two run ids with the same seed are two
+    configs that share the label: a folder holding runs of two learning rates, which the
+    label does not show. Pooling them would count a seed twice and average two configs as
+    if they were one, so this raises DataError naming `what`, the seed and the run ids.
+    """
+    by_seed: dict[str, set[str]] = defaultdict(set)
+    for run_id, seed in runs:
+        by_seed[str(seed)].add(str(run_id))
+    for seed, ids in by_seed.items():
+        if len(ids) > 1:
+            raise DataError(
+                f"{what}: seed {seed} has {len(ids)} runs ({', '.join(sorted(ids))}), runs of "
+                "different configs under one label (e.g. two learning rates); a summary pools "
+                "one config's seeds, so write each config to its own folder")
+    return len(by_seed)
 
 
 def default_split(rows: list[dict[str, str]]) -> str:
@@ -104,41 +119,71 @@ def default_split(rows: list[dict[str, str]]) -> str:
     return "test" if any(r["split"] == "test" for r in rows) else "val"
 
 
-def summary_table(rows: list[dict[str, str]], split: str | None = None) -> list[dict[str, object]]:
-    """Per (method label, scenario): mean and standard error over seeds of each metric.
+def _group_seeds(runs: list[RunMatrix], name: str, label: str, scenario: str) -> int:
+    """:func:`count_seeds` of one group of complete runs (each RunMatrix is one run id)."""
+    return count_seeds([(m.run_id, m.seed) for m in runs],
+                       f"method {label!r} of experiment {name!r}, {scenario}-incremental")
 
-    Only complete runs count. Each entry: {label, scenario, n_seeds, metric: (mean, se), ...}.
-    `split` defaults to `default_split(rows)`.
+
+def summary_table(rows: list[dict[str, str]], split: str | None = None) -> list[dict[str, object]]:
+    """Per (experiment name, method label, scenario): mean and standard error over seeds of
+    each metric (:func:`engram.stats.mean_se`; a seed lacking the number, like forgetting
+    with one task, gives (nan, nan)).
+
+    Only complete runs count, one per seed: the points of a sweep grid have their own names,
+    so they are rows of their own, and runs of different configs under one name and label
+    (which the rows cannot tell apart) raise DataError (see :func:`count_seeds`). Each
+    entry: {name, label, scenario, n_seeds, metric: (mean, se), ...}. `split` defaults to
+    `default_split(rows)`.
     """
     split = split or default_split(rows)
-    groups: dict[tuple[str, str], list[RunMatrix]] = defaultdict(list)
+    groups: dict[tuple[str, str, str], list[RunMatrix]] = defaultdict(list)
     for matrix in accuracy_matrices(rows, split):
         if matrix.complete:
-            groups[(matrix.label, matrix.scenario)].append(matrix)
+            groups[(matrix.name, matrix.label, matrix.scenario)].append(matrix)
     table = []
-    for (label, scenario), runs in groups.items():
-        entry: dict[str, object] = {"label": label, "scenario": scenario, "n_seeds": len(runs)}
-        for name, metric in SUMMARY_METRICS.items():
-            entry[name] = _mean_se([metric(m) for m in runs])
+    for (name, label, scenario), runs in groups.items():
+        entry: dict[str, object] = {"name": name, "label": label, "scenario": scenario,
+                                    "n_seeds": _group_seeds(runs, name, label, scenario)}
+        for metric_name, metric in SUMMARY_METRICS.items():
+            entry[metric_name] = mean_se([metric(m) for m in runs])
         table.append(entry)
     return table
 
 
-def format_table(table: list[dict[str, object]]) -> str:
-    """A plain-text table: one line per method, mean ± standard error over seeds."""
+def spread_note(counts: Iterable[int], ci: bool, hint: str = "") -> str:
+    """The line that says what a table's "±" (and brackets) are: "mean ± SE over 3 seeds
+    (SE = sample sd / √n); 95% t-interval in brackets (mean ± t_{0.975,n-1}·SE)". Without
+    `ci`, `hint` says how to get the interval."""
+    counts = sorted(set(counts))
+    if counts == [1]:
+        return "one seed: means alone (SE and the 95% t-interval need 2 seeds or more)"
+    over = (f"{counts[0]} seed{'s' if counts[0] != 1 else ''}" if len(counts) == 1
+            else "the seeds counted in each row")
+    note = f"mean ± SE over {over} (SE = sample sd / √n)"
+    if ci:
+        return note + "; 95% t-interval in brackets (mean ± t_{0.975,n-1}·SE)"
+    return note + (f"; {hint} adds the 95% t-interval" if hint else "")
+
+
+def format_table(table: list[dict[str, object]], ci: bool = False) -> str:
+    """A plain-text table: one line per method, mean ± standard error over seeds, and with
+    `ci` the 95% t-interval in brackets. Rows of other experiments than the main one (a
+    sweep's grid points) are named ``name / label`` (see :func:`method_names`)."""
     if not table:
         return "no complete runs yet"
     headers = ["method", "scenario", "seeds", "avg accuracy", "forgetting", "BWT", "FWT"]
     lines = []
-    for entry in table:
-        cells = [str(entry["label"]), str(entry["scenario"]), str(entry["n_seeds"])]
-        for name in SUMMARY_METRICS:
-            mean, se = entry[name]
-            cells.append(f"{mean:.3f}" if np.isnan(se) else f"{mean:.3f} ± {se:.3f}")
+    for name, entry in zip(method_names(table), table):
+        n = int(entry["n_seeds"])
+        cells = [name, str(entry["scenario"]), str(n)]
+        for metric in SUMMARY_METRICS:
+            cells.append(format_stat(*entry[metric], n=n if ci else None))
         lines.append(cells)
     legend = ("accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old "
-              "tasks got worse; FWT vs the untrained model; ± = standard error over seeds")
-    return "\n".join(_text_table(headers, lines) + [legend])
+              "tasks got worse; FWT vs the untrained model")
+    note = spread_note([int(e["n_seeds"]) for e in table], ci, "`engram summary RUN_DIR --ci`")
+    return "\n".join(_text_table(headers, lines) + [note, legend])
 
 
 def _text_table(headers: list[str], lines: list[list[str]]) -> list[str]:
@@ -182,9 +227,10 @@ def scenario_table(rows: list[dict[str, str]], split: str | None = None) -> list
     `cells` holds only the scenarios the method completed, in :func:`scenario_key` order.
     Per run, wall_seconds = sum over tasks i of train_seconds(i) (training only, evaluation
     excluded) and extra_bytes = extra_bytes(T), what the method keeps beyond the live model
-    after its last task. (mean, se) is (nan, nan) when a seed lacks the number (see
-    :class:`RunMatrix`), and se is nan with one seed. `split` defaults to
-    `default_split(rows)`.
+    after its last task. (mean, se) is :func:`engram.stats.mean_se` over the cell's seeds:
+    (nan, nan) when a seed lacks the number (see :class:`RunMatrix`), se nan with one seed.
+    n_seeds counts distinct seeds; runs of different configs under one name and label raise
+    DataError (see :func:`count_seeds`). `split` defaults to `default_split(rows)`.
     """
     split = split or default_split(rows)
     # (name, label) -> scenario -> complete runs, both in first-seen order
@@ -198,8 +244,8 @@ def scenario_table(rows: list[dict[str, str]], split: str | None = None) -> list
         cells = {}
         for scenario in sorted(by_scenario, key=scenario_key):
             runs = by_scenario[scenario]
-            cells[scenario] = {"n_seeds": len(runs), **{
-                metric: _mean_se([value(m) for m in runs])
+            cells[scenario] = {"n_seeds": _group_seeds(runs, name, label, scenario), **{
+                metric: mean_se([value(m) for m in runs])
                 for metric, value in SCENARIO_METRICS.items()}}
         table.append({"name": name, "label": label, "cells": cells})
     return table
@@ -214,14 +260,15 @@ def method_names(table: list[dict[str, object]]) -> list[str]:
     """Row names: the label alone for the experiment with the most rows (the first such on a
     tie), ``name / label`` for rows of any other experiment (e.g. a baselines sweep joined to
     the table), with grid names' section prefixes dropped: ``capacity[hidden=[1024]] / naive``."""
-    counts = Counter(str(entry["name"]) for entry in table)
+    names = [str(entry.get("name", "")) for entry in table]  # no name: one experiment
+    counts = Counter(names)
     main = max(counts, key=counts.get) if counts else None  # first-seen wins a tie
 
     def short(name: str) -> str:
         return re.sub(r"\b(?:data|stream|model|train)\.", "", name)
 
-    return [str(e["label"]) if e["name"] == main else f"{short(str(e['name']))} / {e['label']}"
-            for e in table]
+    return [str(e["label"]) if n == main else f"{short(n)} / {e['label']}"
+            for n, e in zip(names, table)]
 
 
 def byte_unit(n_bytes: float) -> tuple[float, str]:
@@ -234,47 +281,56 @@ def byte_unit(n_bytes: float) -> tuple[float, str]:
     return scale, "TB"
 
 
-def _format_stat(mean: float, se: float, scale: float = 1.0, unit: str = "",
-                 decimals: int = 3) -> str:
-    """'0.812 ± 0.010', '3.1 ± 0.2 s'; no ± with one seed; 'n/a' when not measured."""
+def format_stat(mean: float, se: float, scale: float = 1.0, unit: str = "",
+                decimals: int = 3, n: int | None = None) -> str:
+    """'0.812 ± 0.010', '3.1 ± 0.2 s'; no ± with one seed; 'n/a' when not measured. Given
+    the seed count `n`, the 95% t-interval follows in brackets, mean ± t_{0.975,n-1}·SE:
+    '0.812 ± 0.010 [0.769, 0.855]' (n = 3; none with one seed)."""
     if not np.isfinite(mean):
         return "n/a"
     text = f"{mean / scale:.{decimals}f}"
     if np.isfinite(se):
         text += f" ± {se / scale:.{decimals}f}"
-    return f"{text} {unit}" if unit else text
+    text = f"{text} {unit}" if unit else text
+    if n is not None and np.isfinite(se) and n > 1:
+        half = t_quantile(n) * se
+        text += f" [{(mean - half) / scale:.{decimals}f}, {(mean + half) / scale:.{decimals}f}]"
+    return text
 
 
-def _format_seconds(mean: float, se: float) -> str:
-    return _format_stat(mean, se, unit="s", decimals=2 if abs(mean) < 1 else 1)
+def _format_seconds(mean: float, se: float, n: int | None = None) -> str:
+    return format_stat(mean, se, unit="s", decimals=2 if abs(mean) < 1 else 1, n=n)
 
 
-def format_bytes(mean: float, se: float = math.nan) -> str:
+def format_bytes(mean: float, se: float = math.nan, n: int | None = None) -> str:
     """'0 B', '12.3 kB', '4.5 ± 0.1 MB' (decimal units). A zero SE is left out: every seed
-    kept the same bytes, the usual case, since what a method keeps depends on its config."""
+    kept the same bytes, the usual case, since what a method keeps depends on its config.
+    Given `n`, the 95% t-interval follows as in :func:`format_stat`."""
     scale, unit = byte_unit(mean if np.isfinite(mean) else 0.0)
-    return _format_stat(mean, se if se != 0 else math.nan, scale, unit,
-                        decimals=0 if unit == "B" else 1)
+    return format_stat(mean, se if se != 0 else math.nan, scale, unit,
+                       decimals=0 if unit == "B" else 1, n=n)
 
 
 # metric -> (block title, cell formatter), in the order the blocks are printed.
 _SCENARIO_BLOCKS = {
-    "average_accuracy": ("average accuracy", _format_stat),
-    "average_forgetting": ("average forgetting", _format_stat),
-    "backward_transfer": ("backward transfer", _format_stat),
+    "average_accuracy": ("average accuracy", format_stat),
+    "average_forgetting": ("average forgetting", format_stat),
+    "backward_transfer": ("backward transfer", format_stat),
     "wall_seconds": ("wall time (training, summed over tasks)", _format_seconds),
     "extra_bytes": ("extra memory (kept beyond the model after the last task)", format_bytes),
 }
 
 
-def format_scenario_table(table: list[dict[str, object]], markdown: bool = False) -> str:
+def format_scenario_table(table: list[dict[str, object]], markdown: bool = False,
+                          ci: bool = False) -> str:
     """The :func:`scenario_table` as text: one block per metric, methods x scenarios.
 
     The first block (average accuracy) carries the seed count: in its title when every cell
     has the same number of seeds, else as "(n=k)" in each cell. A cell reads "mean ± SE"
-    ("mean" alone with one seed), "n/a" when the number was not measured (or is undefined,
-    like forgetting with a single task), and "–" when the method was not run in that
-    scenario. `markdown` renders each block as a GitHub pipe table under a bold title.
+    ("mean" alone with one seed), with `ci` followed by the 95% t-interval "[low, high]",
+    "n/a" when the number was not measured (or is undefined, like forgetting with a single
+    task), and "–" when the method was not run in that scenario. `markdown` renders each
+    block as a GitHub pipe table under a bold title.
     """
     if not table:
         return "no complete runs yet"
@@ -287,22 +343,26 @@ def format_scenario_table(table: list[dict[str, object]], markdown: bool = False
     for k, (metric, (title, fmt)) in enumerate(_SCENARIO_BLOCKS.items()):
         if k == 0:
             n = max(counts)
-            title += (" (mean ± SE over seeds, n per cell)" if per_cell_n else
-                      f" (mean ± SE over {n} seed{'s' if n != 1 else ''})")
+            shown = "mean ± SE [95% t-interval]" if ci else "mean ± SE"
+            title += (f" ({shown} over seeds, n per cell)" if per_cell_n else
+                      f" ({shown} over {n} seed{'s' if n != 1 else ''})")
         lines = []
         for name, entry in zip(names, table):
             cells = [name]
             for scenario in scenarios:
                 cell = entry["cells"].get(scenario)
-                text = "–" if cell is None else fmt(*cell[metric])
+                text = "–" if cell is None else \
+                    fmt(*cell[metric], n=cell["n_seeds"] if ci else None)
                 if cell is not None and k == 0 and per_cell_n:
                     text += f" (n={cell['n_seeds']})"
                 cells.append(text)
             lines.append(cells)
         blocks.append(_render_block(title, headers, lines, markdown))
+    spread = ("± = standard error over seeds (sample sd / √n), [ ] = 95% t-interval "
+              "(mean ± t_{0.975,n-1}·SE)" if ci else
+              "± = standard error over seeds (sample sd / √n; --ci adds the 95% t-interval)")
     legend = ("accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old "
-              "tasks got worse; ± = standard error over seeds; kB = 1000 B; "
-              "n/a = not measured; – = not run")
+              f"tasks got worse; {spread}; kB = 1000 B; n/a = not measured; – = not run")
     return "\n\n".join(blocks + [legend])
 
 

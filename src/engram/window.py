@@ -542,41 +542,42 @@ def relearn_by_pass(record: WindowRecord, n_points: int, shift: int) -> np.ndarr
 def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowRecord]]
                    ) -> list[dict]:
     """Per variant: mean relearn steps per shift in the first, second and last complete
-    pass (mean over seeds, and the seeds' standard error), shifts, final weight norm, seconds."""
+    pass (mean over seeds, and the seeds' standard error, :func:`engram.stats.mean_se`),
+    shifts, final weight norm, seconds. ``seeds`` counts distinct seeds; two records of one
+    variant on one seed raise DataError (:func:`engram.summary.count_seeds`)."""
+    from engram.stats import mean_se
+    from engram.summary import count_seeds
+
     table = []
     for variant in experiment.variants:
         runs = records[variant.name]
+        seeds = count_seeds([(str(i), r.seed) for i, r in enumerate(runs)],
+                            f"variant {variant.name!r}")
         passes = [relearn_by_pass(r, variant.config.n_points, variant.config.shift)
                   for r in runs]
         n = min(len(p) for p in passes)
-        row = {"variant": variant.name, "seeds": len(runs), "passes": n,
+        row = {"variant": variant.name, "seeds": seeds, "passes": n,
                "shifts": float(np.mean([len(r.shift_steps) for r in runs])),
                "weight_norm": float(np.mean([r.weight_norm[-1] for r in runs])),
                "seconds": float(np.mean([r.seconds for r in runs]))}
         for key, index in (("pass_1", 0), ("pass_2", 1), ("last_pass", n - 1)):
-            values = np.array([p[index] for p in passes]) if 0 <= index < n else np.array([])
-            row[key] = float(values.mean()) if len(values) else float("nan")
-            row[key + "_se"] = (float(values.std(ddof=1) / math.sqrt(len(values)))
-                                if len(values) > 1 else float("nan"))
+            values = [p[index] for p in passes] if 0 <= index < n else []
+            row[key], row[key + "_se"] = mean_se(values)
         table.append(row)
     return table
 
 
 def format_window_summary(table: list[dict]) -> str:
-    """The summary as a text table (relearn steps per shift, mean ± SE over seeds)."""
-    def cell(row: dict, key: str) -> str:
-        value, se = row[key], row[key + "_se"]
-        if math.isnan(value):
-            return "-"
-        return f"{value:.2f}" + (f" ± {se:.2f}" if not math.isnan(se) else "")
+    """The summary as a text table: relearn steps per shift, "mean ± SE [95% t-interval]"
+    over seeds (a mean alone with one seed; n/a: no such pass)."""
+    from engram.summary import _text_table, format_stat, spread_note
 
-    lines = ["relearn steps per shift, mean over each complete pass of the window "
-             "(± SE over seeds)",
-             f"{'variant':<20} {'seeds':>5} {'passes':>6} {'pass 1':>14} {'pass 2':>14} "
-             f"{'last pass':>14} {'|w| end':>8} {'s/run':>6}"]
-    for row in table:
-        lines.append(f"{row['variant']:<20} {row['seeds']:>5} {row['passes']:>6} "
-                     f"{cell(row, 'pass_1'):>14} {cell(row, 'pass_2'):>14} "
-                     f"{cell(row, 'last_pass'):>14} {row['weight_norm']:>8.1f} "
-                     f"{row['seconds']:>6.1f}")
-    return "\n".join(lines)
+    headers = ["variant", "seeds", "passes", "pass 1", "pass 2", "last pass", "|w| end",
+               "s/run"]
+    lines = [[row["variant"], str(row["seeds"]), str(row["passes"]),
+              *(format_stat(row[key], row[key + "_se"], decimals=2, n=row["seeds"])
+                for key in ("pass_1", "pass_2", "last_pass")),
+              f"{row['weight_norm']:.1f}", f"{row['seconds']:.1f}"] for row in table]
+    return "\n".join(["relearn steps per shift, mean over each complete pass of the window"]
+                     + _text_table(headers, lines)
+                     + [spread_note([row["seeds"] for row in table], ci=True)])

@@ -6,7 +6,6 @@ from the NPZ files of a finished run.
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from engram.errors import ConfigError
 from engram.plots import _new_figure, _save
+from engram.stats import mean_se
 from engram.window import WindowRecord, relearn_by_pass
 
 IN_WINDOW, OUTSIDE = "#1f77b4", "#d62728"  # blue: trained on now; red: not
@@ -86,7 +86,7 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
         n = min(len(p) for p in passes)
         if n:
             values = np.array([p[:n] for p in passes])  # (seeds, passes)
-            mean = values.mean(0)
+            mean, se = mean_se(values)
             # x: the step each pass ended at (mean over seeds), so variants that move the
             # window faster (more passes) share the axis with the others
             per_pass = -(-n_points[name] // shift[name])
@@ -94,7 +94,6 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
             x = np.mean([np.asarray(r.shift_steps)[ends] for r in runs], 0)
             relearn_ax.plot(x, mean, "o-", ms=3, color=color, label=name)
             if len(runs) > 1:
-                se = values.std(0, ddof=1) / math.sqrt(len(runs))
                 relearn_ax.fill_between(x, mean - se, mean + se, color=color, alpha=0.2)
         steps = runs[0].steps
         norm_ax.plot(steps, np.mean([r.weight_norm for r in runs], 0), color=color, label=name)

@@ -28,7 +28,6 @@ scipy and matplotlib are imported inside the functions, so importing this module
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from engram.errors import DataError
+# The statistics live in engram.stats (shared with every table); imported here, they stay
+# part of this module's API.
+from engram.stats import CONFIDENCE, holm, paired_test, t_interval  # noqa: F401
 
 if TYPE_CHECKING:  # annotations only: matplotlib stays unimported until a figure is drawn
     from matplotlib.axes import Axes
@@ -48,81 +50,12 @@ PROFILE_COLUMNS = ["seed", "epoch", "measure", "aggregation", "reducer", "scope"
 CURVE_KEY = ("epoch", "measure", "aggregation", "reducer", "scope", "direction", "seed")
 CELL_KEY = ("epoch", "aggregation", "reducer", "scope")  # one block of the ranking table
 BASELINE = "random"
-CONFIDENCE = 0.95
 # Columns the statistics read; n_classes, train_loss and val_accuracy are for the plots / CSV.
 _NEEDED = ("seed", "epoch", "measure", "aggregation", "reducer", "scope", "direction",
            "threshold", "fraction_replaced", "val_loss")
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def t_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> tuple[float, float]:
-    """(mean, half-width) of the two-sided t confidence interval of the mean.
-
-    half = t_{(1+confidence)/2, n-1} * s / sqrt(n), s the sample sd (ddof=1);
-    t_{0.975, n-1} = 4.303 (n=3), 2.776 (n=5), 2.262 (n=10) [scipy.stats.t.ppf].
-    Source: any statistics text; reference sheet section 6. The half-width is nan with
-    fewer than 2 values (no spread to estimate), the mean nan with none.
-    """
-    from scipy import stats
-
-    v = np.asarray(values, dtype=float)  # (n,)
-    if len(v) == 0:
-        return math.nan, math.nan
-    if len(v) < 2:
-        return float(v[0]), math.nan
-    quantile = float(stats.t.ppf((1 + confidence) / 2, len(v) - 1))
-    return float(v.mean()), quantile * float(v.std(ddof=1)) / math.sqrt(len(v))
-
-
-def paired_test(a: Sequence[float], b: Sequence[float],
-                confidence: float = CONFIDENCE) -> dict[str, float]:
-    """Paired comparison of a and b, element k of each from the same seed.
-
-    d_k = a_k - b_k. Returns n (pairs), diff_mean = mean(d), diff_ci = t-interval
-    half-width of mean(d) (see :func:`t_interval`), t and p of the two-sided paired t-test
-    (scipy.stats.ttest_rel(a, b): t = mean(d) / (sd(d) / sqrt(n))), d_z = mean(d) / sd(d)
-    (effect size), n_below / n_above = pairs with d < 0 / d > 0 (the sign count). t, p,
-    d_z and diff_ci are nan with fewer than 2 pairs, and t, p, d_z when every d is 0.
-    """
-    from scipy import stats
-
-    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)  # (n,) each
-    if a.shape != b.shape:
-        raise ValueError(f"paired samples must have the same length, got {a.shape} and {b.shape}")
-    d = a - b  # (n,)
-    mean, half = t_interval(d, confidence)
-    out = {"n": len(d), "diff_mean": mean, "diff_ci": half, "t": math.nan, "p": math.nan,
-           "d_z": math.nan, "n_below": int((d < 0).sum()), "n_above": int((d > 0).sum())}
-    if len(d) >= 2 and np.any(d != 0):
-        with warnings.catch_warnings():  # nearly equal samples: scipy warns of precision loss
-            warnings.simplefilter("ignore", RuntimeWarning)
-            result = stats.ttest_rel(a, b)
-        sd = float(d.std(ddof=1))
-        out.update(t=float(result.statistic), p=float(result.pvalue),
-                   d_z=mean / sd if sd > 0 else math.copysign(math.inf, mean))
-    return out
-
-
-def holm(pvalues: Sequence[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (Holm 1979), in the input's order.
-
-    With the m finite p-values sorted ascending, p_(1) <= ... <= p_(m):
-    adjusted p_(i) = max_{j <= i} min(1, (m - j + 1) * p_(j)). Rejecting where adjusted
-    p <= alpha controls the family-wise error rate at alpha. nan entries (no test) stay nan
-    and do not count in m.
-    """
-    p = np.asarray(pvalues, dtype=float)  # (k,)
-    out = np.full(p.shape, math.nan)
-    finite = np.flatnonzero(np.isfinite(p))
-    order = finite[np.argsort(p[finite], kind="stable")]  # indices of the finite p, ascending
-    m = len(order)
-    running = 0.0
-    for j, i in enumerate(order):  # j = 0..m-1, so the multiplier m - j is (m - (j+1) + 1)
-        running = max(running, min(1.0, (m - j) * p[i]))
-        out[i] = running
-    return [float(x) for x in out]
 
 
 def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:

@@ -38,17 +38,18 @@ Invalid input (not 2-D, not square, empty, non-finite, wrong baseline length) ra
 ``ValueError`` with a message naming the problem.
 
 The statistics helpers (:func:`mean_and_standard_error`, :func:`t_interval`) summarise
-one number per seed; see the reference sheet's advice to use the t interval, not
-+/-1 SE, with 3..10 seeds.
+one number per seed; they check their input strictly and leave the arithmetic to
+:mod:`engram.stats`, which every table uses. See the reference sheet's advice to use the
+t interval, not +/-1 SE, with 3..10 seeds.
 """
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 
 import numpy as np
+
+from engram import stats
 
 __all__ = [
     "average_accuracy",
@@ -265,103 +266,37 @@ def summarize(
 
 
 def mean_and_standard_error(values: np.ndarray | Sequence[float]) -> tuple[float, float]:
-    """Sample mean and standard error of the mean over seeds.
+    """Sample mean and standard error of the mean over seeds, strictly checked.
 
     Formula: mean = (1/n) * sum_i x_i;  SE = s / sqrt(n), with s the sample standard
     deviation (ddof=1): s^2 = (1/(n-1)) * sum_i (x_i - mean)^2.
 
-    Returns (mean, SE); SE is ``nan`` when n == 1.  With few seeds a +/-1 SE band
-    covers the true mean only ~58% (n=3) to ~66% (n=10) of the time; prefer
-    :func:`t_interval`.
+    Returns (mean, SE); SE is ``nan`` when n == 1.  Raises ValueError for an empty, non-1-D
+    or non-finite input (:func:`engram.stats.mean_se`, which computes it, returns nan
+    there instead).  With few seeds a +/-1 SE band covers the true mean only ~58% (n=3) to
+    ~66% (n=10) of the time; prefer :func:`t_interval`.
 
     Source: standard; reference sheet section 6 (Dohare et al. 2024 shade +/-1 SE).
     """
-    v = _as_vector(values, "values")
-    n = v.shape[0]
-    mean = float(np.mean(v))
-    if n == 1:
-        return mean, float("nan")
-    return mean, float(np.std(v, ddof=1) / math.sqrt(n))
-
-
-# Two-sided Student t quantiles t_{1-(1-c)/2, df} for df = 1..30 (standard tables;
-# identical to scipy.stats.t.ppf rounded to 3 decimals).  Used only when scipy is
-# unavailable.
-_T_TABLE: dict[float, tuple[float, ...]] = {
-    0.90: (
-        6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812,
-        1.796, 1.782, 1.771, 1.761, 1.753, 1.746, 1.740, 1.734, 1.729, 1.725,
-        1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701, 1.699, 1.697,
-    ),
-    0.95: (
-        12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228,
-        2.201, 2.179, 2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086,
-        2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
-    ),
-    0.99: (
-        63.657, 9.925, 5.841, 4.604, 4.032, 3.707, 3.499, 3.355, 3.250, 3.169,
-        3.106, 3.055, 3.012, 2.977, 2.947, 2.921, 2.898, 2.878, 2.861, 2.845,
-        2.831, 2.819, 2.807, 2.797, 2.787, 2.779, 2.771, 2.763, 2.756, 2.750,
-    ),
-}
-
-
-def _t_quantile_fallback(confidence: float, df: int) -> float:
-    """Two-sided t quantile without scipy: table for df <= 30, expansion above."""
-    if df > 30:
-        # Cornish-Fisher expansion of the t quantile around the normal quantile z
-        # (Abramowitz & Stegun 26.7.5); error < 1e-4 for df > 30 at usual levels.
-        from statistics import NormalDist
-
-        z = NormalDist().inv_cdf(1.0 - (1.0 - confidence) / 2.0)
-        g1 = (z**3 + z) / 4.0
-        g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96.0
-        g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384.0
-        g4 = (79 * z**9 + 776 * z**7 + 1482 * z**5 - 1920 * z**3 - 945 * z) / 92160.0
-        return z + g1 / df + g2 / df**2 + g3 / df**3 + g4 / df**4
-    for level, table in _T_TABLE.items():
-        if math.isclose(confidence, level, rel_tol=0.0, abs_tol=1e-12):
-            return table[df - 1]
-    raise ValueError(
-        f"scipy is not installed and confidence={confidence} is not tabulated for "
-        f"{df} degrees of freedom; use one of {sorted(_T_TABLE)} or install scipy"
-    )
+    return stats.mean_se(_as_vector(values, "values"))
 
 
 def t_interval(
     values: np.ndarray | Sequence[float], confidence: float = 0.95
 ) -> tuple[float, float]:
-    """Student t confidence interval for the mean over seeds.
+    """Student t confidence interval for the mean over seeds, strictly checked.
 
     Formula: mean +/- t_{1-(1-confidence)/2, n-1} * s / sqrt(n), with s the sample
-    standard deviation (ddof=1).  For 95% and n = 3 the multiplier is 4.303.
+    standard deviation (ddof=1) and the quantile from ``scipy.stats.t.ppf``.  For 95% and
+    n = 3 the multiplier is 4.303.
 
     Returns (mean, half_width); the interval is [mean - half_width, mean + half_width].
-    half_width is ``nan`` when n == 1.  The quantile comes from
-    ``scipy.stats.t.ppf`` when scipy imports, otherwise from a standard table for
-    n-1 = 1..30 at confidence 0.90/0.95/0.99 (and a Cornish-Fisher expansion for
-    n-1 > 30).
+    half_width is ``nan`` when n == 1.  Raises ValueError for an empty, non-1-D or
+    non-finite input, or a confidence outside (0, 1); computed by
+    :func:`engram.stats.t_interval`.
 
     Source: standard Student t interval; reference sheet section 6 (the t interval
     keeps ~95% coverage at n = 3..10 where +/-1 SE and the percentile bootstrap do not).
     """
-    if (
-        isinstance(confidence, bool)
-        or not isinstance(confidence, numbers.Real)
-        or not 0.0 < float(confidence) < 1.0
-    ):
-        raise ValueError(f"confidence must be a number in (0, 1), got {confidence!r}")
-    confidence = float(confidence)
-    v = _as_vector(values, "values")
-    mean, se = mean_and_standard_error(v)
-    n = v.shape[0]
-    if n == 1:
-        return mean, float("nan")
-    df = n - 1
-    try:
-        from scipy.stats import t as student_t
-    except ImportError:
-        q = _t_quantile_fallback(confidence, df)
-    else:
-        q = float(student_t.ppf(1.0 - (1.0 - confidence) / 2.0, df))
-    return mean, float(q * se)
+    stats.t_quantile(2, confidence)  # checks confidence before the values, as always
+    return stats.t_interval(_as_vector(values, "values"), confidence)
