@@ -142,8 +142,9 @@ def test_plasticity_refuses_a_changed_setting_and_may_add_seeds(tmp_path):
     from engram.plasticity import run_plasticity
 
     run_plasticity(_tiny_plasticity(), tmp_path, show_progress=False)
+    faster = _tiny_plasticity(train={"epochs": 1, "batch_size": 1, "lr": 0.1})
     with pytest.raises(EngramError, match=r"another experiment \(train.lr: 0.01 there, 0.1 here"):
-        run_plasticity(_tiny_plasticity(train={"epochs": 1, "batch_size": 1, "lr": 0.1}), tmp_path, show_progress=False)
+        run_plasticity(faster, tmp_path, show_progress=False)
     report = run_plasticity(_tiny_plasticity(seeds=[0, 1]), tmp_path, show_progress=False)
     assert (report.runs_done, report.runs_skipped) == (1, 1)
 
