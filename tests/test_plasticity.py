@@ -4,6 +4,7 @@ permutations, the online error's definition, rows and resume, the command."""
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -117,6 +118,7 @@ def test_rows_per_task_rerun_skips_and_a_cut_run_finishes_without_duplicates(tmp
     lines = (tmp_path / "a" / "results.csv").read_text().splitlines(keepends=True)
     cut = tmp_path / "b"
     cut.mkdir()
+    shutil.copy(tmp_path / "a" / "experiment.json", cut)  # the folder's experiment record
     (cut / "results.csv").write_text("".join(lines[: len(lines) // 2]))
     run_plasticity(cfg, cut, show_progress=False)
     resumed = read_rows(cut / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)

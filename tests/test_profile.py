@@ -76,7 +76,8 @@ def test_a_grown_grid_measures_only_what_is_new(tmp_path):
 
 def test_another_setting_in_the_same_folder_is_refused(tmp_path):
     run_profile(tiny(seeds=[0]), tmp_path, show_progress=False)
-    with pytest.raises(EngramError, match="another data/task/model/training"):
+    with pytest.raises(EngramError, match=r"holds another experiment \(model.hidden: \[16\] "
+                                          r"there, \[8\] here\); .*only seeds, profile"):
         run_profile(tiny(seeds=[0], model={"hidden": [8]}), tmp_path, show_progress=False)
 
 

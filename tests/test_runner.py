@@ -110,7 +110,8 @@ def test_existing_results_need_resume(tmp_path):
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
     run_experiment(tiny_config(), tmp_path, show_progress=False)
-    with pytest.raises(EngramError, match=r"config differs .* \(in: train\)"):
+    with pytest.raises(EngramError, match=r"holds another experiment \(train.lr: 0.05 there, "
+                                          r"0.01 here\); .*only seeds may grow"):
         run_experiment(tiny_config(train={"lr": 0.01}), tmp_path, resume=True, show_progress=False)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import pytest
 import yaml
@@ -137,6 +138,7 @@ def test_an_interrupted_sweep_resumes_to_the_same_rows(tmp_path):
     cut = [r for r in rows if r["run_id"] != ids[-1] or r["task_trained"] == "0"]
     cut = [r for r in cut if not (r["run_id"] == ids[-2] and r["metric"] == "run_complete")]
     (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "experiment.json", tmp_path / "cut")  # the sweep's record
     with open(tmp_path / "cut" / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()

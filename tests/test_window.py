@@ -450,7 +450,8 @@ def test_a_diverging_variant_is_named(tmp_path):
     assert not list((tmp_path / "runs").glob("hot-seed0*"))
 
 
-def test_a_changed_config_never_reads_the_old_npz_and_twin_variants_both_run(tmp_path):
+def test_a_changed_config_is_refused_and_twin_variants_both_run(tmp_path):
+    from engram.errors import EngramError
     from engram.results import read_rows
     from engram.window import (WINDOW_COLUMNS, WINDOW_KEY, parse_window_experiment,
                                run_window_experiment)
@@ -458,13 +459,12 @@ def test_a_changed_config_never_reads_the_old_npz_and_twin_variants_both_run(tmp
     raw = _tiny_experiment_raw()
     first = run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
     raw["run"]["max_steps"] = 50
-    second = run_window_experiment(parse_window_experiment(raw), tmp_path,
-                                   show_progress=False)
-    assert second.runs_done == 4 and second.records["plain"][0].steps[-1] == 50
+    with pytest.raises(EngramError, match=r"another experiment \(run.max_steps: 150 there, 50 "):
+        run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
     raw["run"]["max_steps"] = 150
-    third = run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
-    assert third.runs_skipped == 4 and third.records["plain"][0].steps[-1] == 150
-    np.testing.assert_array_equal(third.records["plain"][0].weight_norm,
+    again = run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
+    assert again.runs_skipped == 4 and again.records["plain"][0].steps[-1] == 150
+    np.testing.assert_array_equal(again.records["plain"][0].weight_norm,
                                   first.records["plain"][0].weight_norm)
     # two variants with the same settings are two runs, each with its rows
     twins = {**raw, "seeds": [0], "variants": ["plain", {"name": "baseline",

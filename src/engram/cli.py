@@ -371,13 +371,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.sweep_file).stem
     if args.dry_run:
-        from engram.results import ResultWriter
+        from engram.results import read_rows
 
         _, jobs = load_sweep(args.sweep_file, args.overrides)
         done: set[str] = set()
-        if (out / "results.csv").is_file():
-            with ResultWriter(out / "results.csv") as writer:
-                done = writer.completed_runs
+        if (out / "results.csv").is_file():  # read only: another process may be writing it
+            done = {row["run_id"] for row in read_rows(out / "results.csv")
+                    if row["metric"] == "run_complete"}
         for job in jobs:
             print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
         print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")

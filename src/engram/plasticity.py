@@ -267,19 +267,36 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: boo
 
     With workers > 1, runs go to that many spawned processes; each returns its rows when it
     finishes and this process writes them, so a killed parallel run loses the runs in flight
-    (a rerun redoes them), where a single process writes every task's rows as measured."""
+    (a rerun redoes them), where a single process writes every task's rows as measured.
+
+    The folder is locked for the whole call and must hold this experiment, or one this
+    extends by seeds (engram.outdir); worker processes never write it."""
+    from engram.outdir import OutputFolder
+    from engram.runner import resolve_device
+
+    device = resolve_device(cfg.device)
+    dump = plasticity_config_dict(cfg)
+    with OutputFolder(out, "plasticity") as folder:
+        folder.claim({k: v for k, v in dump.items() if k not in ("threads", "device")},
+                     ("seeds",), str(device))
+        return _run_plasticity_in(cfg, dump, folder.path, device, show_progress, workers)
+
+
+def plasticity_config_dict(cfg: PlasticityConfig) -> dict[str, Any]:
+    """The plain-dict form of a config (what `config.yaml` in the folder holds)."""
+    dump = dataclasses.asdict(cfg)
+    dump["methods"] = [{"name": m.name, **params_dict(m.params)} for m in cfg.methods]
+    return dump
+
+
+def _run_plasticity_in(cfg: PlasticityConfig, dump: dict, out: Path, device: torch.device,
+                       show_progress: bool, workers: int) -> PlasticityReport:
     import yaml
 
     from engram.results import ResultWriter
-    from engram.runner import resolve_device
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dump = dataclasses.asdict(cfg)
-    dump["methods"] = [{"name": m.name, **params_dict(m.params)} for m in cfg.methods]
     (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
     started = time.perf_counter()
     done = skipped = 0

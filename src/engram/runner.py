@@ -24,6 +24,7 @@ from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, ru
 from engram.data.streams import Stream, TensorSet
 from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.methods.base import Context, Method
+from engram.outdir import OutputFolder
 from engram.results import ResultWriter, row_key
 
 EVAL_CHUNK = 4096  # examples per forward pass when evaluating
@@ -291,41 +292,38 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
     return ident.run_id
 
 
-def prepare_out_dir(cfg: RunConfig, out: Path, resume: bool) -> None:
-    """Create the run folder; refuse to mix a different config into existing results."""
+def prepare_out_dir(cfg: RunConfig, folder: OutputFolder, resume: bool, device: str = "") -> None:
+    """Claim the locked run folder for `cfg` (engram.outdir: a folder holding another
+    experiment, another command's results or another engram version's is refused; more
+    seeds may be added) and write its config.yaml. Results there need --resume."""
     import yaml
 
-    results = out / "results.csv"
-    config_file = out / "config.yaml"
+    if folder.holds_results() and not resume:
+        raise EngramError(f"{folder.path} already holds results; pass --resume to finish that "
+                          "run, or choose another --out")
     wanted = config_to_dict(cfg)
-    if results.exists() and results.stat().st_size > 0:
-        if not resume:
-            raise EngramError(f"{out} already holds results; pass --resume to finish that run, "
-                              "or choose another --out")
-        if config_file.exists():
-            stored = yaml.safe_load(config_file.read_text())
-            stored_runs = {k: v for k, v in stored.items() if k not in NOT_RESULT_KEYS}
-            wanted_runs = {k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}
-            if stored_runs != wanted_runs:
-                changed = sorted(k for k in set(stored_runs) | set(wanted_runs)
-                                 if stored_runs.get(k) != wanted_runs.get(k))
-                raise EngramError(f"--resume: the config differs from the one in {config_file} "
-                                  f"(in: {', '.join(changed)}); resume with the same config, "
-                                  "or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(wanted, sort_keys=False))
+    folder.claim({k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}, ("seeds",),
+                 device)
+    (folder.path / "config.yaml").write_text(yaml.safe_dump(wanted, sort_keys=False))
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, *, resume: bool = False,
                    show_progress: bool = True) -> Path:
-    """Run every method x seed of `cfg` into `out/results.csv`; return the CSV path."""
+    """Run every method x seed of `cfg` into `out/results.csv`; return the CSV path. The
+    folder is locked for the whole call: a second writer is refused (engram.outdir)."""
+    device = resolve_device(cfg.device)  # a bad device stops before the folder is made
+    with OutputFolder(out, "run") as folder:
+        return _run_experiment_in(cfg, folder, device, resume, show_progress)
+
+
+def _run_experiment_in(cfg: RunConfig, folder: OutputFolder, device: torch.device,
+                       resume: bool, show_progress: bool) -> Path:
     from engram.data import DATASETS, build_stream
 
-    out = Path(out)
-    device = resolve_device(cfg.device)
+    out = folder.path
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    prepare_out_dir(cfg, out, resume)
+    prepare_out_dir(cfg, folder, resume, str(device))
     source = DATASETS.get(cfg.data.source)(cfg.data.path)
     checkpoint_dir = out / "checkpoints"
     if not resume and checkpoint_dir.exists():

@@ -224,7 +224,10 @@ class _QueueWriter:
 
 def _worker(worker_id: int, jobs: Any, messages: Any, checkpoint_dir: Path) -> None:
     """A worker process: take jobs until the sentinel None; report rows and outcomes."""
+    from engram.parallel import exit_with_parent
+
     writer = _QueueWriter(messages)
+    exit_with_parent(writer.parent)  # also while waiting for a job or inside a long epoch
     try:
         while (item := jobs.get()) is not None:
             index, job, writer.keys = item
@@ -261,14 +264,46 @@ def _keep_sweep_file(out: Path, raw: dict) -> None:
 
 def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (), workers: int = 1,
               show_progress: bool = True) -> SweepReport:
-    """Run (or resume) every run of the sweep file `path` into `out/results.csv`."""
-    from engram.results import ResultWriter
+    """Run (or resume) every run of the sweep file `path` into `out/results.csv`. The
+    folder is locked and must hold this sweep (or one it extends): engram.outdir."""
+    from engram.outdir import OutputFolder
+    from engram.runner import resolve_device
 
     raw, jobs = load_sweep(path, overrides)
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    identity, extensible = sweep_identity(raw, str(path))
+    device = str(resolve_device(jobs[0].cfg.device)) if jobs else ""
+    # Locked for the whole sweep: only this process (not its workers) writes the folder.
+    with OutputFolder(out, "sweep") as folder:
+        folder.claim(identity, extensible, device)
+        return _run_sweep_in(folder.path, raw, jobs, workers, show_progress)
+
+
+def sweep_identity(raw: dict, source: str = "sweep") -> tuple[dict[str, Any], list[str]]:
+    """What determines a sweep folder's numbers, for engram.outdir: the first grid point's
+    resolved config (defaults filled in) without the keys that are not axes, each axis
+    replaced by its list of alternatives, and the sweep's own name. Returns (identity, the
+    keys that may grow): the axes, the method list and the seeds, so adding an alternative
+    or a seed extends a folder while changing a single-valued setting is refused."""
+    from engram.config import config_to_dict
+    from engram.outdir import flatten
+
+    points = expand_sweep(raw, source)
+    axes = list(points[0][0])
+    identity = flatten({k: v for k, v in config_to_dict(points[0][1]).items()
+                        if k not in NOT_AXES})
+    flat_points = [flatten(config_to_dict(cfg)) for _, cfg in points]
+    for key in axes:
+        identity[key] = list({json.dumps(p[key]): p[key] for p in flat_points}.values())
+    identity["name"] = raw.get("name", source)
+    return identity, ["seeds", "methods", *axes]
+
+
+def _run_sweep_in(out: Path, raw: dict, jobs: list[Job], workers: int,
+                  show_progress: bool) -> SweepReport:
+    from engram.results import ResultWriter
+
     _keep_sweep_file(out, raw)
     checkpoint_dir = out / "checkpoints"
     checkpoint_dir.mkdir(exist_ok=True)

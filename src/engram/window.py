@@ -459,18 +459,34 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     """Run every variant x seed into `out`: `runs/<variant>-seed<seed>.npz` and the tidy rows
     of `results.csv`, written when each run finishes (its NPZ first, its `run_complete` row
     last). A rerun skips finished runs and redoes unfinished ones, whose rows are measured
-    identically and not duplicated."""
-    import yaml
+    identically and not duplicated.
 
+    The folder is locked for the whole call and must hold this experiment, or one this
+    extends by seeds (engram.outdir); worker processes never write it."""
     from engram.config import params_dict
-    from engram.results import ResultWriter
+    from engram.outdir import OutputFolder
 
-    out = Path(out)
-    (out / "runs").mkdir(parents=True, exist_ok=True)
     dump = dataclasses.asdict(experiment)
     dump["variants"] = [{"name": v.name, **_changed(v.config, experiment.run),
                          "method": {"name": v.method.name, **params_dict(v.method.params)}}
                         for v in experiment.variants]
+    with OutputFolder(out, "window") as folder:
+        folder.claim({k: v for k, v in dump.items() if k not in NOT_RESULT_KEYS}, ("seeds",),
+                     "cpu")
+        return _run_window_experiment_in(experiment, dump, folder.path, workers, show_progress)
+
+
+# Keys of a window experiment that change what is drawn or how fast, not its numbers.
+NOT_RESULT_KEYS = ("threads", "animation", "animate", "frames", "fps")
+
+
+def _run_window_experiment_in(experiment: WindowExperiment, dump: dict, out: Path,
+                              workers: int, show_progress: bool) -> WindowReport:
+    import yaml
+
+    from engram.results import ResultWriter
+
+    (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
     started = time.perf_counter()
     if experiment.threads:

@@ -11,8 +11,8 @@ parameter sets are stacked copies evaluated together (`aggregate.evaluate_stacke
 Every result is one row of `OUT/results.csv`, appended as it is measured (`PROFILE_COLUMNS`);
 a rerun skips the rows already there, so an interrupted grid resumes, and a grid grown by
 more seeds, measures or thresholds measures only what is new. `profile_id` hashes what
-determines the numbers besides the grid axes (data, task, model, training, replacement), and
-a results file with another profile_id is refused.
+determines the numbers besides the grid axes (data, task, model, training, replacement); a
+folder holding another profile is refused (engram.outdir).
 
     engram profile configs/profile/digits.yaml --out runs/profile_digits
     engram profile-report runs/profile_digits
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, opt,
                            parse_dataclass, read_config_tree)
-from engram.errors import ConfigError, EngramError
+from engram.errors import ConfigError
 
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
                     "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
@@ -162,28 +162,37 @@ def _combinations(grid: ProfileGrid) -> list[tuple[str, str, str, str]]:
 
 
 def run_profile(cfg: ProfileConfig, out: str | Path, *, show_progress: bool = True) -> ProfileReport:
-    """Run (or resume) the whole grid of `cfg` into `out/results.csv`."""
+    """Run (or resume) the whole grid of `cfg` into `out/results.csv`. The folder is locked
+    for the whole call and must hold this profile, or one this extends by seeds or grid
+    values (GROWABLE; engram.outdir)."""
+    from engram.outdir import OutputFolder
+    from engram.runner import resolve_device
+
+    device = resolve_device(cfg.device)
+    dump = dataclasses.asdict(cfg)
+    with OutputFolder(out, "profile") as folder:
+        folder.claim({k: v for k, v in dump.items() if k not in ("device", "threads")},
+                     GROWABLE, str(device))
+        return _run_profile_in(cfg, dump, folder.path, device, show_progress)
+
+
+# The config's lists a profile folder may grow by: each value is its own rows.
+GROWABLE = ("seeds", "profile.epochs", "profile.measures", "profile.aggregations",
+            "profile.reducers", "profile.scopes", "profile.directions", "profile.thresholds")
+
+
+def _run_profile_in(cfg: ProfileConfig, dump: dict, out: Path, device: torch.device,
+                    show_progress: bool) -> ProfileReport:
     import yaml
 
     from engram.data import DATASETS, build_stream
-    from engram.results import ResultWriter, read_rows
-    from engram.runner import resolve_device
+    from engram.results import ResultWriter
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     pid = profile_id(cfg)
     results = out / "results.csv"
-    if results.exists() and results.stat().st_size > 0:
-        ids = {row["profile_id"] for row in read_rows(results, PROFILE_COLUMNS, PROFILE_KEY)}
-        if ids - {pid}:
-            raise EngramError(
-                f"{results} holds a profile of another data/task/model/training/replacement "
-                f"setting (profile_id {', '.join(sorted(ids - {pid}))}, this config {pid}); "
-                "use the same settings to extend it, or choose another --out")
-    (out / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
 
     source = DATASETS.get(cfg.data.source)(cfg.data.path)
     stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
