@@ -55,7 +55,8 @@ def per_point_gradient(net, w, start, points, data, with_factor: bool = True):
 
 def autograd_gradient(net, w, start, points, data):
     leaves = {n: t.clone().requires_grad_(True) for n, t in w.items()}
-    grads = torch.autograd.grad(line_loss(net, leaves, start, points, data), list(leaves.values()))
+    loss = line_loss(net, leaves, start, points, data, F.cross_entropy)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
     return dict(zip(leaves, grads))
 
 
@@ -87,8 +88,9 @@ def test_line_gradient_matches_finite_differences():
         direction = {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in w.items()}
         shifted = lambda s: {n: w[n] + s * eps * direction[n] for n in w}  # noqa: E731
         with torch.no_grad():
-            numeric = (line_loss(net, shifted(1), start, points, data)
-                       - line_loss(net, shifted(-1), start, points, data)) / (2 * eps)
+            numeric = (line_loss(net, shifted(1), start, points, data, F.cross_entropy)
+                       - line_loss(net, shifted(-1), start, points, data, F.cross_entropy)
+                       ) / (2 * eps)
         analytic = sum((ours[n] * direction[n]).sum() for n in w)
         torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 
@@ -96,7 +98,8 @@ def test_line_gradient_matches_finite_differences():
 def test_line_loss_uses_each_examples_own_head():
     net, data = tiny_net(), tiny_data()
     w = {n: p.detach() for n, p in net.named_parameters()}
-    loss = line_loss(net, w, w, [1.0], data)  # the single point w is the net itself
+    # the single point w is the net itself
+    loss = line_loss(net, w, w, [1.0], data, F.cross_entropy)
     expected = F.cross_entropy(net(data.x, data.task), data.y)
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(loss, F.cross_entropy(net(data.x, 1 - data.task), data.y))
@@ -149,8 +152,9 @@ def test_the_merge_lowers_the_objective_and_the_memory_loss():
              for n in merged}
     with torch.no_grad():
         objective = lambda w: float(connectivity_objective(  # noqa: E731
-            model, w, method.w_bar_prev, method.w_hat, points, memory, current))
-        memory_loss = lambda w: float(line_loss(model, w, w, [1.0], memory))  # noqa: E731
+            model, w, method.w_bar_prev, method.w_hat, points, memory, current, F.cross_entropy))
+        memory_loss = lambda w: float(  # noqa: E731
+            line_loss(model, w, w, [1.0], memory, F.cross_entropy))
         assert objective(merged) < 0.8 * objective(start)
         assert memory_loss(merged) < 0.5 * memory_loss(method.w_hat)  # ŵ_2 forgot task 1
 
