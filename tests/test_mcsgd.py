@@ -199,3 +199,40 @@ def test_resuming_from_the_state_dict_gives_the_same_merge(scenario):
         assert torch.equal(a, b)
     for a, b in zip(method.memory, resumed.memory):
         assert torch.equal(a, b)
+
+
+def test_the_search_descends_the_problems_own_loss():
+    """One search step with a squared-error ctx.loss_fn moves w by -lmc_lr times the
+    gradient of the objective built from that loss (by hand, on the same drawn batches);
+    before, the search always took cross-entropy."""
+    from engram.methods.mcsgd import _draw
+
+    def squared_error(outputs, targets):
+        return (outputs - F.one_hot(targets, outputs.shape[1])).pow(2).sum(1).mean()
+
+    class Spy(MCSGD):
+        def after_task(self, ctx):
+            self.w_hat = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+            self.w_bar_prev, self.memory_before = self.w_bar, self.memory
+            self.generator_state = ctx.generator.get_state()
+            super().after_task(ctx)
+
+    ctx = _context(tiny_config(stream={"scenario": "class"}))
+    ctx.loss_fn = squared_error
+    method = Spy(MCSGDParams(lmc_steps=1, lmc_lr=0.01))
+    for task in ctx.stream.tasks[:2]:
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        train_task(ctx, method, lambda *_: None)
+    p = method.params
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(method.generator_state)
+    memory = _draw(method.memory_before, p.lmc_batch_size, generator)
+    current = _draw(ctx.stream.tasks[1].train, p.lmc_batch_size, generator)
+    start = {n: (method.w_bar_prev[n] + p.init_position * (method.w_hat[n] - method.w_bar_prev[n]))
+             .requires_grad_(True) for n in method.w_hat}
+    objective = connectivity_objective(ctx.model, start, method.w_bar_prev, method.w_hat,
+                                       line_points(p.line_samples), memory, current, squared_error)
+    grads = dict(zip(start, torch.autograd.grad(objective, list(start.values()))))
+    for n, weight in ctx.model.named_parameters():
+        torch.testing.assert_close(weight.detach(), start[n].detach() - p.lmc_lr * grads[n])
