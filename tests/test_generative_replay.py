@@ -127,9 +127,13 @@ def _replay_by_hand(ctx, method, frozen, state, n):
     return x, task, old, ctx.model(x), old.argmax(dim=1).tolist()
 
 
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, F.multi_margin_loss])
 @pytest.mark.parametrize("scenario", ["task", "domain", "class"])
-def test_replayed_samples_are_labelled_by_the_frozen_previous_solver(scenario):
+def test_replayed_samples_are_labelled_by_the_frozen_previous_solver(scenario, loss_fn):
+    """The replay loss is the problem's own classification loss (ctx.loss_fn) against the
+    frozen solver's labels."""
     ctx, method, frozen = _at_third_task_with_varied_samples(scenario, replay_batch_size=20)
+    ctx.loss_fn = loss_fn
     state = ctx.generator.get_state()
     penalty = method.penalty(ctx)
     x, task, _, new, y = _replay_by_hand(ctx, method, frozen, state, 20)
@@ -140,7 +144,7 @@ def test_replayed_samples_are_labelled_by_the_frozen_previous_solver(scenario):
     if scenario == "class":  # only classes of earlier tasks, though the head has more
         assert set(y) <= set(_earlier_classes(ctx))
     # r = 1/t = 1/3 at task 3: weight (1 - r) / r = 2, on the CE over the whole head
-    expected = 2.0 * F.cross_entropy(new, torch.tensor(y))
+    expected = 2.0 * loss_fn(new, torch.tensor(y))
     torch.testing.assert_close(penalty, expected)
     ctx.generator.set_state(state)
     method.generate(20, ctx)  # previous_outputs draws after z, as in penalty

@@ -136,9 +136,12 @@ def test_cut_follows_frozen_layers_and_bad_settings_are_config_errors():
     LatentReplay(LatentReplayParams(frozen_layers=2, subvectors=16)).prepare_model(ctx.model, ctx)
 
 
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, F.multi_margin_loss])
 @pytest.mark.parametrize("scenario", ["task", "class"])
-def test_penalty_is_cross_entropy_of_the_upper_part_on_decoded_features(scenario):
+def test_penalty_is_cross_entropy_of_the_upper_part_on_decoded_features(scenario, loss_fn):
+    """...or whatever classification loss the problem trains with (ctx.loss_fn)."""
     ctx, method, _ = trained(scenario, tasks=2)
+    ctx.loss_fn = loss_fn
     model = ctx.model
     state = ctx.generator.get_state()
     penalty = method.penalty(ctx)
@@ -152,7 +155,7 @@ def test_penalty_is_cross_entropy_of_the_upper_part_on_decoded_features(scenario
     logits = F.linear(hidden, model.head.weight, model.head.bias)
     if scenario == "task":  # each replayed example uses the head of its own task
         logits = logits.view(16, model.n_heads, model.head_dim)[torch.arange(16), task.long()]
-    expected = F.cross_entropy(logits, y.long())
+    expected = loss_fn(logits, y.long())
     torch.testing.assert_close(penalty, expected)
     assert torch.isin(y.long(), torch.cat([t.train.y for t in ctx.stream.tasks[:2]])).all()
 

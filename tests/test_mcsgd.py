@@ -55,7 +55,8 @@ def per_point_gradient(net, w, start, points, data, with_factor: bool = True):
 
 def autograd_gradient(net, w, start, points, data):
     leaves = {n: t.clone().requires_grad_(True) for n, t in w.items()}
-    grads = torch.autograd.grad(line_loss(net, leaves, start, points, data), list(leaves.values()))
+    loss = line_loss(net, leaves, start, points, data, F.cross_entropy)
+    grads = torch.autograd.grad(loss, list(leaves.values()))
     return dict(zip(leaves, grads))
 
 
@@ -87,8 +88,9 @@ def test_line_gradient_matches_finite_differences():
         direction = {n: torch.randn(t.shape, generator=g, dtype=t.dtype) for n, t in w.items()}
         shifted = lambda s: {n: w[n] + s * eps * direction[n] for n in w}  # noqa: E731
         with torch.no_grad():
-            numeric = (line_loss(net, shifted(1), start, points, data)
-                       - line_loss(net, shifted(-1), start, points, data)) / (2 * eps)
+            numeric = (line_loss(net, shifted(1), start, points, data, F.cross_entropy)
+                       - line_loss(net, shifted(-1), start, points, data, F.cross_entropy)
+                       ) / (2 * eps)
         analytic = sum((ours[n] * direction[n]).sum() for n in w)
         torch.testing.assert_close(analytic, numeric, rtol=1e-6, atol=1e-8)
 
@@ -96,7 +98,8 @@ def test_line_gradient_matches_finite_differences():
 def test_line_loss_uses_each_examples_own_head():
     net, data = tiny_net(), tiny_data()
     w = {n: p.detach() for n, p in net.named_parameters()}
-    loss = line_loss(net, w, w, [1.0], data)  # the single point w is the net itself
+    # the single point w is the net itself
+    loss = line_loss(net, w, w, [1.0], data, F.cross_entropy)
     expected = F.cross_entropy(net(data.x, data.task), data.y)
     torch.testing.assert_close(loss, expected)
     assert not torch.allclose(loss, F.cross_entropy(net(data.x, 1 - data.task), data.y))
@@ -149,8 +152,9 @@ def test_the_merge_lowers_the_objective_and_the_memory_loss():
              for n in merged}
     with torch.no_grad():
         objective = lambda w: float(connectivity_objective(  # noqa: E731
-            model, w, method.w_bar_prev, method.w_hat, points, memory, current))
-        memory_loss = lambda w: float(line_loss(model, w, w, [1.0], memory))  # noqa: E731
+            model, w, method.w_bar_prev, method.w_hat, points, memory, current, F.cross_entropy))
+        memory_loss = lambda w: float(  # noqa: E731
+            line_loss(model, w, w, [1.0], memory, F.cross_entropy))
         assert objective(merged) < 0.8 * objective(start)
         assert memory_loss(merged) < 0.5 * memory_loss(method.w_hat)  # ŵ_2 forgot task 1
 
@@ -195,3 +199,40 @@ def test_resuming_from_the_state_dict_gives_the_same_merge(scenario):
         assert torch.equal(a, b)
     for a, b in zip(method.memory, resumed.memory):
         assert torch.equal(a, b)
+
+
+def test_the_search_descends_the_problems_own_loss():
+    """One search step with a squared-error ctx.loss_fn moves w by -lmc_lr times the
+    gradient of the objective built from that loss (by hand, on the same drawn batches);
+    before, the search always took cross-entropy."""
+    from engram.methods.mcsgd import _draw
+
+    def squared_error(outputs, targets):
+        return (outputs - F.one_hot(targets, outputs.shape[1])).pow(2).sum(1).mean()
+
+    class Spy(MCSGD):
+        def after_task(self, ctx):
+            self.w_hat = {n: p.detach().clone() for n, p in ctx.model.named_parameters()}
+            self.w_bar_prev, self.memory_before = self.w_bar, self.memory
+            self.generator_state = ctx.generator.get_state()
+            super().after_task(ctx)
+
+    ctx = _context(tiny_config(stream={"scenario": "class"}))
+    ctx.loss_fn = squared_error
+    method = Spy(MCSGDParams(lmc_steps=1, lmc_lr=0.01))
+    for task in ctx.stream.tasks[:2]:
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        train_task(ctx, method, lambda *_: None)
+    p = method.params
+    generator = torch.Generator().manual_seed(0)
+    generator.set_state(method.generator_state)
+    memory = _draw(method.memory_before, p.lmc_batch_size, generator)
+    current = _draw(ctx.stream.tasks[1].train, p.lmc_batch_size, generator)
+    start = {n: (method.w_bar_prev[n] + p.init_position * (method.w_hat[n] - method.w_bar_prev[n]))
+             .requires_grad_(True) for n in method.w_hat}
+    objective = connectivity_objective(ctx.model, start, method.w_bar_prev, method.w_hat,
+                                       line_points(p.line_samples), memory, current, squared_error)
+    grads = dict(zip(start, torch.autograd.grad(objective, list(start.values()))))
+    for n, weight in ctx.model.named_parameters():
+        torch.testing.assert_close(weight.detach(), start[n].detach() - p.lmc_lr * grads[n])

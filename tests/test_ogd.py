@@ -91,3 +91,108 @@ def test_frozen_parameters_give_a_clear_error_not_a_crash():
             ctx.task = task
             ctx.seen_tasks.append(task)
             train_task(ctx, method, lambda epoch, loss: None)
+
+
+# ----------------------------------------------------------------------------- the update
+
+
+def _double(ctx):
+    """ctx in float64: the model and every task's inputs (rounding then stays ~1e-16)."""
+    import dataclasses
+
+    from engram.data.streams import TensorSet
+
+    ctx.model.double()
+    as64 = lambda s: TensorSet(s.x.double(), s.y, s.task)  # noqa: E731
+    ctx.stream.tasks = [dataclasses.replace(t, train=as64(t.train), test=as64(t.test))
+                        for t in ctx.stream.tasks]
+    return ctx
+
+
+def _flat(model):
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
+
+
+def _steps(ctx, method, optimizer, n_steps):
+    """n_steps runner updates (engram.runner.apply_update) on task 2's first batches; yields
+    the update each made, w_after - w_before (P,)."""
+    from engram.data.streams import TensorSet
+    from engram.runner import apply_update
+
+    data = ctx.stream.tasks[1].train
+    ctx.task = ctx.stream.tasks[1]
+    for i in range(n_steps):
+        batch = TensorSet(*(part[8 * i:8 * i + 8] for part in data))
+        before = _flat(ctx.model)
+        loss = ctx.loss_fn(ctx.model(batch.x, batch.task), batch.y)
+        apply_update(ctx, method, optimizer, loss, batch, batch)
+        yield _flat(ctx.model) - before
+
+
+def _after_task_one(ctx, **params):
+    method = OGD(OGD.Params(samples_per_task=20, **params))
+    ctx.task = ctx.stream.tasks[0]
+    method.after_task(ctx)
+    return method
+
+
+def test_under_plain_sgd_projecting_the_update_equals_projecting_the_gradient():
+    updates = {}
+    for project in ("update", "gradient"):
+        ctx = _double(_context(tiny_config()))
+        method = _after_task_one(ctx, project=project)
+        optimizer = torch.optim.SGD(ctx.model.parameters(), lr=0.1)
+        updates[project] = torch.stack(list(_steps(ctx, method, optimizer, 3)))
+    torch.testing.assert_close(updates["update"], updates["gradient"], rtol=1e-12, atol=1e-15)
+    # and the projection did act: plain SGD's first step would differ
+    ctx = _double(_context(tiny_config()))
+    sgd = torch.optim.SGD(ctx.model.parameters(), lr=0.1)
+    plain = next(_steps(ctx, OGD(), sgd, 1))  # no basis yet: the plain gradient step
+    assert (plain - updates["update"][0]).norm() > 0.1 * plain.norm()
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd_weight_decay"])
+def test_the_step_the_optimizer_makes_is_orthogonal_to_the_stored_span(optimizer):
+    """Adam rescales each coordinate (26% of its step inside span(S) here) and weight decay
+    adds -lr * wd * w, so projecting the gradient alone leaves the step partly inside span(S);
+    projecting the update leaves float rounding (~1e-7)."""
+    inside = {}
+    for project in ("update", "gradient"):
+        ctx = _context(tiny_config())
+        method = _after_task_one(ctx, project=project)
+        params = ctx.model.parameters()
+        opt = (torch.optim.Adam(params, lr=0.01) if optimizer == "adam"
+               else torch.optim.SGD(params, lr=0.05, momentum=0.9, weight_decay=0.01))
+        inside[project] = max(float((method.basis @ d).norm() / d.norm())
+                              for d in _steps(ctx, method, opt, 5))
+    assert inside["update"] < 1e-6
+    assert inside["gradient"] > 1e-3  # the paper's rule alone: the test can tell
+
+
+def test_on_a_regression_every_outputs_gradient_joins_the_basis():
+    """Real-valued targets have no true logit: OGD-ALL, the gradient of each output (two
+    here) of each stored example lies in the span (this crashed before: gather by a float)."""
+    import dataclasses
+
+    from engram.config import ModelConfig
+    from engram.data.streams import TensorSet
+    from engram.models import build_model
+
+    ctx = _context(tiny_config())
+    ctx.model = build_model(ModelConfig(kind="mlp", hidden=[8]), ctx.stream.input_shape, 1, 2)
+    task = ctx.stream.tasks[0]
+    real = TensorSet(task.train.x, task.train.y.float(), task.train.task)  # regression targets
+    ctx.task = dataclasses.replace(task, train=real)
+    method = OGD(OGD.Params(samples_per_task=5))
+    state = ctx.generator.get_state()
+    method.after_task(ctx)
+    assert method.basis.shape[0] == 10  # 5 examples x 2 outputs
+    ctx.generator.set_state(state)
+    pick = torch.randperm(len(real), generator=ctx.generator)[:5]
+    params = list(ctx.model.parameters())
+    for i in pick:
+        outputs = ctx.model(real.x[i:i + 1], real.task[i:i + 1])[0]
+        for k in range(2):
+            g = torch.cat([t.reshape(-1) for t in torch.autograd.grad(outputs[k], params,
+                                                                      retain_graph=True)])
+            assert (g - method.basis.T @ (method.basis @ g)).norm() < 1e-4 * g.norm()

@@ -67,7 +67,7 @@ def test_redo_resets_exactly_the_dormant_units(tau, dormant):
     assert [i for i, s in enumerate(_hand_scores()) if s <= tau] == dormant
     alive = [i for i in range(4) if i not in dormant]
     linear, head = model.body[1], model.head
-    bound = math.sqrt(2) * math.sqrt(3 / 2)  # kaiming uniform, relu gain, fan_in 2
+    bound = math.sqrt(1 / 2)  # nn.Linear's own init, fan_in 2
     assert (linear.weight[dormant] != old.body[1].weight[dormant]).all()
     assert linear.weight[dormant].abs().max() <= bound
     assert (linear.bias[dormant] == 0).all()
@@ -132,3 +132,23 @@ def test_a_window_longer_than_the_period_is_refused():
 
     with pytest.raises(ConfigError, match="window"):
         parse_method("redo", {"every": 10, "window": 11}, "methods[0]")
+
+
+def test_by_default_recycled_rows_are_drawn_like_a_fresh_layer():
+    """Recycled input rows follow nn.Linear's own initialisation (what the network started
+    from), not kaiming's relu-gain distribution: over 10,000 draws the spread of a freshly
+    constructed layer, bias 0."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="mlp", hidden=[200]), (50,), 1, 3)
+    ctx = _ctx(model, step=0)
+    method = ReDo(ReDo.Params(tau=1e9, every=1))  # every unit counts as dormant
+    method.prepare_model(model, ctx)
+    method.make_batch(None, ctx)
+    model(torch.rand(8, 50))
+    method.after_step(None, ctx)
+    assert len(method.last_recycled["body.1"]) == 200
+    fresh = torch.nn.Linear(50, 200).weight.detach()
+    recycled = model.body[1].weight.detach()
+    assert recycled.std().item() == pytest.approx(fresh.std().item(), rel=0.03)
+    assert recycled.abs().max() <= 1 / math.sqrt(50)
+    assert (model.body[1].bias == 0).all()

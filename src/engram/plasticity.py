@@ -239,6 +239,17 @@ def problem_tasks(cfg: PlasticityConfig, seed: int) -> Problem:
     return PROBLEMS.get(cfg.problem.kind)(cfg, seed)
 
 
+def check_methods_usable(cfg: PlasticityConfig) -> None:
+    """ConfigError for the first configured method that cannot act on the problem (e.g. LwF's
+    softmax over bit flipping's single output), before anything is trained or written."""
+    from engram.methods.base import ProblemInfo, refuse_unusable
+
+    problem = problem_tasks(cfg, 0)  # its tasks are generated lazily: nothing is drawn yet
+    info = ProblemInfo(cfg.problem.kind, problem.outputs, classification=not problem.regression)
+    for spec in cfg.methods:
+        refuse_unusable(spec, info)
+
+
 def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.mse_loss(outputs.squeeze(-1), targets)
 
@@ -274,6 +285,7 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: boo
     from engram.outdir import OutputFolder
     from engram.runner import resolve_device
 
+    check_methods_usable(cfg)  # a method that cannot act is refused before any run starts
     device = resolve_device(cfg.device)
     dump = plasticity_config_dict(cfg)
     with OutputFolder(out, "plasticity") as folder:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, run_id
 from engram.data.streams import Stream, TensorSet
 from engram.errors import ConfigError, DivergenceError, EngramError
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
 from engram.outdir import OutputFolder
 from engram.results import ResultWriter, row_key
 
@@ -71,6 +71,7 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
     total.backward()
     method.after_backward(ctx)  # gradient projections
     optimizer.step()
+    method.correct_update(ctx)  # OGD / A-GEM project the update the optimizer made
     method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
     ctx.step += 1
 
@@ -212,6 +213,9 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
     ident = RunIdentity(run_id(cfg, spec, seed), cfg, spec, seed)
     if ident.run_id in writer.completed_runs:
         return ident.run_id
+    # before any training: a method that could not act on this stream is refused, not run
+    refuse_unusable(spec, ProblemInfo(f"{cfg.data.source} ({cfg.stream.kind} stream)",
+                                      stream.head_dim, classification=True))
     torch.manual_seed(seed)  # model init and dropout masks; every other draw uses ctx.generator
     model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim).to(device)
     method: Method = METHODS.get(spec.name)(spec.params)

@@ -45,7 +45,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 import numpy as np
 import torch
@@ -54,6 +54,9 @@ from engram.config import MethodSpec, TrainConfig, _check_range, opt
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DivergenceError
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
+
+if TYPE_CHECKING:
+    from engram.methods.base import ProblemInfo
 
 
 @dataclass
@@ -102,6 +105,13 @@ class WindowConfig:
         """The network, initialised from torch's global generator (seeded by run_window)."""
         return ResidualNet(self.width, self.y_dim, self.depth, self.activation, self.init,
                            self.dropout)
+
+
+def window_problem(cfg: WindowConfig) -> ProblemInfo:
+    """The problem as methods see it (`Method.unusable_reason`): a regression, y_dim outputs."""
+    from engram.methods.base import ProblemInfo
+
+    return ProblemInfo("window", cfg.y_dim, classification=False)
 
 
 def window_data(cfg: WindowConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -201,7 +211,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     registered `method` (default: none). `on_steps(n)` is told every 1,000 steps done."""
     from engram.data.streams import Stream, Task
     from engram.methods import METHODS
-    from engram.methods.base import Context
+    from engram.methods.base import Context, refuse_unusable
     from engram.runner import apply_update, make_optimizer
 
     t0 = time.perf_counter()
@@ -214,6 +224,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     train_cfg = TrainConfig(epochs=1, batch_size=cfg.window, optimizer=cfg.optimizer,
                             lr=cfg.lr, weight_decay=cfg.weight_decay)
     spec = method or MethodSpec("naive", None)
+    refuse_unusable(spec, window_problem(cfg))
     learner = METHODS.get(spec.name)(spec.params)
     model = cfg.network()
     ctx = Context(model=model, stream=Stream([task], "domain", 1, cfg.y_dim, (cfg.x_dim,), []),
@@ -464,8 +475,11 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     The folder is locked for the whole call and must hold this experiment, or one this
     extends by seeds (engram.outdir); worker processes never write it."""
     from engram.config import params_dict
+    from engram.methods.base import refuse_unusable
     from engram.outdir import OutputFolder
 
+    for variant in experiment.variants:  # a method that cannot act: refused before any run
+        refuse_unusable(variant.method, window_problem(variant.config))
     dump = dataclasses.asdict(experiment)
     dump["variants"] = [{"name": v.name, **_changed(v.config, experiment.run),
                          "method": {"name": v.method.name, **params_dict(v.method.params)}}

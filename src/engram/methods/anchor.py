@@ -32,7 +32,8 @@ import torch
 from engram.config import opt
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
-from engram.methods.base import Context, Method, random_subset
+from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores, random_subset
+from engram.methods.ewc import FISHER_NEEDS
 
 Importance = Literal["fisher_exact", "fisher_sample", "fisher_empirical", "fisher_batch", "mas",
                      "uniform"]
@@ -70,6 +71,12 @@ class OnlineAnchor(Method):
         super().__init__(params)
         self.importance: dict[str, torch.Tensor] = {}  # Omega*
         self.anchor: dict[str, torch.Tensor] = {}      # theta* of the latest task
+
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        """The Fisher importances need class scores; MAS (output norm) and L2 do not."""
+        if self.params.importance.startswith("fisher_"):
+            return needs_class_scores(problem, FISHER_NEEDS)
+        return None
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         if not self.importance:

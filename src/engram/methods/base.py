@@ -11,13 +11,19 @@ The runner owns the step (see `engram.runner.train_task`):
         penalty = method.penalty(ctx)            # None means "no penalty"
         if penalty is not None: loss = loss + penalty
         optimizer.zero_grad(); loss.backward()
-        method.after_backward(ctx); optimizer.step(); method.after_step(batch, ctx)
+        method.after_backward(ctx); optimizer.step()
+        method.correct_update(ctx); method.after_step(batch, ctx)
     method.after_task(ctx)
     accuracy = evaluate(method.eval_model(ctx), test_data)  # snapshots, PackNet pick by task
 
 A method never calls `optimizer.step()` itself, so methods compose. All of its state that
 matters for resuming lives in `state_dict()` (tensors, numbers, strings, lists and dicts
 only: checkpoints are loaded with `torch.load(weights_only=True)`).
+
+Before any training, every entry point (`engram run`, `plasticity`, `window`) asks each
+method `unusable_reason(problem)` and refuses the run with that reason when the method could
+not act on the problem (e.g. LwF's softmax over a single regression output is constant, so
+its loss and gradient would be exactly 0): see `refuse_unusable`.
 """
 
 from __future__ import annotations
@@ -29,8 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import TrainConfig
+from engram.config import MethodSpec, TrainConfig
 from engram.data.streams import Stream, Task, TensorSet
+from engram.errors import ConfigError
 
 Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B,), task (B,)
 
@@ -58,6 +65,42 @@ class Context:
     epoch_accuracy: float | None = None
 
 
+@dataclass(frozen=True)
+class ProblemInfo:
+    """What a method may need to know about a problem before training, to say whether it can
+    act on it at all: a name for messages, the width of the output the loss reads (one head's),
+    and whether the loss is a classification loss (cross-entropy on integer class targets)
+    rather than a regression (squared error on real-valued targets)."""
+    name: str
+    outputs: int
+    classification: bool
+
+
+def needs_class_scores(problem: ProblemInfo, what: str) -> str | None:
+    """The shared refusal of a method built on a softmax over class scores: `what` it does
+    (e.g. "distils a softmax over the outputs") cannot work on one output, where the softmax
+    is the constant 1 (so its loss and gradient are exactly 0), nor on regression outputs,
+    which are not class scores. None when the problem has class scores."""
+    if problem.outputs < 2:
+        return (f"{what}, and this problem has {problem.outputs} output "
+                "(its loss and gradient would be exactly 0)")
+    if not problem.classification:
+        return (f"{what}, and this problem is a regression (squared error on real-valued "
+                "targets), whose outputs are not class scores")
+    return None
+
+
+def refuse_unusable(spec: MethodSpec, problem: ProblemInfo) -> None:
+    """ConfigError naming the method, the problem and the reason when the method cannot act on
+    the problem (`Method.unusable_reason`). Cheap: it only builds the method object, so every
+    entry point calls it for every configured method before any training starts."""
+    from engram.methods import METHODS
+
+    reason = METHODS.get(spec.name)(spec.params).unusable_reason(problem)
+    if reason is not None:
+        raise ConfigError(f"method {spec.label()} cannot act on problem {problem.name}: it {reason}")
+
+
 @dataclass
 class NoParams:
     """This method has no parameters."""
@@ -68,7 +111,8 @@ class Method:
 
     Params: ClassVar[type] = NoParams
     # Freezing by zeroing gradients (PackNet) is undone by a method that recomputes the
-    # gradient (SAM, A-GEM, OGD); Compose refuses to combine the two kinds.
+    # gradient (SAM) or rewrites the optimizer's update (A-GEM, OGD): both move the frozen
+    # weights. Compose refuses to combine the two kinds.
     masks_gradients: ClassVar[bool] = False
     rewrites_gradients: ClassVar[bool] = False
 
@@ -95,8 +139,19 @@ class Method:
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         return None
 
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        """Why this method cannot act on `problem`, as a phrase following "it" (e.g.
+        "distils a softmax over the outputs, and this problem has 1 output ..."); None
+        when it can. Checked before any training (`refuse_unusable`)."""
+        return None
+
     def after_backward(self, ctx: Context) -> None:
         pass
+
+    def correct_update(self, ctx: Context) -> None:
+        """Called right after `optimizer.step()`, before any method's `after_step`: a method
+        may replace the update the optimizer just made (OGD and A-GEM project it, see
+        `UpdateSnapshot`), so that every later hook sees the corrected weights."""
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         pass
@@ -157,3 +212,46 @@ def set_flat_grad(params: list[torch.Tensor], flat: torch.Tensor) -> None:
         p.grad.copy_(flat[offset:offset + p.numel()].view_as(p))
         offset += p.numel()
 
+
+class UpdateSnapshot:
+    """The update an optimizer actually makes, for methods that constrain it (OGD, A-GEM).
+
+    A gradient projection alone holds only for plain SGD: Adam rescales each coordinate and
+    momentum or weight decay add other directions, so the step leaves the subspace the
+    projected gradient was in. Instead, `take(params)` copies the trainable parameters
+    w_old before `optimizer.step()` (in after_backward); after the step, `update()` is
+    d = w_new - w_old and `replace(d')` writes w_old + d' back (in correct_update).
+    Costs one copy of the trainable parameters and a few vector operations per step.
+    """
+
+    def __init__(self) -> None:
+        self.params: list[torch.Tensor] = []
+        self.before: torch.Tensor | None = None  # (P,) w_old, flat
+
+    def take(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        with torch.no_grad():
+            self.before = torch.cat([p.detach().reshape(-1) for p in params])
+
+    @property
+    def taken(self) -> bool:
+        return self.before is not None
+
+    def update(self) -> torch.Tensor:
+        """d = w_new - w_old, flat (P,)."""
+        with torch.no_grad():
+            return torch.cat([p.detach().reshape(-1) for p in self.params]) - self.before
+
+    def replace(self, update: torch.Tensor) -> None:
+        """Set the parameters to w_old + `update` and forget the snapshot."""
+        with torch.no_grad():
+            offset = 0
+            for p in self.params:
+                n = p.numel()
+                p.copy_((self.before[offset:offset + n] + update[offset:offset + n]).view_as(p))
+                offset += n
+        self.forget()
+
+    def forget(self) -> None:
+        """Drop the snapshot (the update stays as the optimizer made it)."""
+        self.params, self.before = [], None

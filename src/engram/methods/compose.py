@@ -2,7 +2,8 @@
 
 Each hook calls the composed methods in the order given (the optax `chain` idea):
 `training_data` and `make_batch` are chained (each sees the previous one's output),
-penalties are summed, and `after_backward` projections apply one after another. Config:
+penalties are summed, and `after_backward` and `correct_update` projections apply one
+after another. Config:
 
     methods:
       - name: compose
@@ -21,7 +22,7 @@ import torch
 from engram.config import MethodSpec
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError
-from engram.methods.base import Batch, Context, Method
+from engram.methods.base import Batch, Context, Method, ProblemInfo
 
 
 @dataclass
@@ -51,8 +52,16 @@ class Compose(Method):
         if masking and rewriting:
             raise ConfigError(
                 f"compose: {', '.join(masking)} freezes weights by zeroing their gradients and "
-                f"{', '.join(rewriting)} recomputes the gradient, which would move the frozen "
-                "weights; these methods cannot be combined")
+                f"{', '.join(rewriting)} recomputes the gradient or the optimizer's update, which "
+                "would move the frozen weights; these methods cannot be combined")
+
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        """The first part's reason, naming the part."""
+        for spec, part in zip(self.params.methods, self.parts):
+            reason = part.unusable_reason(problem)
+            if reason is not None:
+                return f"combines {spec.label()}, which {reason}"
+        return None
 
     def prepare_model(self, model: torch.nn.Module, ctx: Context) -> torch.nn.Module:
         for part in self.parts:
@@ -80,6 +89,10 @@ class Compose(Method):
     def after_backward(self, ctx: Context) -> None:
         for part in self.parts:
             part.after_backward(ctx)
+
+    def correct_update(self, ctx: Context) -> None:
+        for part in self.parts:
+            part.correct_update(ctx)
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         for part in self.parts:

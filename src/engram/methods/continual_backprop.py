@@ -44,12 +44,18 @@ when units of two consecutive layers are replaced in the same step, the weight f
 lower unit to the new upper unit is set to 0 at the end (`zero_outgoing`: the zero outgoing
 weights win over the fresh input row; gnt.py leaves the fresh value there).
 
-`init` (LoP's gnt.compute_bounds): kaiming (default) bound = gain * sqrt(3 / fan_in), i.e.
-nn.init.kaiming_uniform_ with the activation's gain (relu sqrt 2, tanh 5/3, sigmoid 1,
-leaky_relu sqrt(2 / (1 + slope^2))); lecun sqrt(3 / fan_in); xavier gain * sqrt(6 / (fan_in +
-fan_out)); default sqrt(1 / fan_in), which is PyTorch's nn.Linear initialisation and so the
-distribution engram's own mlp draws its first weights from; zeros: a zero row, which is the
-initial distribution of the sliding-window network (`engram window`, init: zeros).
+`init` (the bounds of LoP's gnt.compute_bounds): default (the default) bound =
+sqrt(1 / fan_in), PyTorch's nn.Linear initialisation (kaiming_uniform_ with a = sqrt(5)),
+which is the distribution engram's mlp and the residual net's `init: default` draw their
+first weights from, so a reset unit starts like a fresh one, as Dohare et al. intend (LoP's
+networks start from kaiming with the activation's gain, and LoP redraws from that); kaiming
+bound = gain * sqrt(3 / fan_in), nn.init.kaiming_uniform_ with the activation's gain (relu
+sqrt 2, tanh 5/3, sigmoid 1, leaky_relu sqrt(2 / (1 + slope^2))): LoP's distribution, and
+engram's default before it was corrected (on an engram relu mlp its rows have 2.45x the
+spread of the initial weights); lecun sqrt(3 / fan_in); xavier gain * sqrt(6 / (fan_in +
+fan_out)); zeros: a zero row, which is the initial distribution of the zero-initialised
+sliding-window network (`engram window`, init: zeros). New biases are 0 whatever `init` is,
+as in LoP (gnt.py) and ReDo's code.
 
 Residual networks (engram.models.residual.ResidualNet, the sliding-window network): a hidden
 unit is the output of a block's activation, added to the residual stream by the identity
@@ -220,7 +226,8 @@ def hidden_layers(model: nn.Module, method: str) -> list[HiddenLayer]:
 
 
 def init_bound(layer: HiddenLayer, init: str) -> float:
-    """Half-width b of U(-b, b) for a new input row (LoP gnt.compute_bounds)."""
+    """Half-width b of U(-b, b) for a new input row (LoP gnt.compute_bounds); "default" is
+    nn.Linear.reset_parameters' bound for the weights, sqrt(1 / fan_in)."""
     fan_in, fan_out = layer.linear.in_features, layer.linear.out_features
     if init == "kaiming":
         return layer.gain * math.sqrt(3.0 / fan_in)
@@ -330,8 +337,10 @@ class ContinualBackpropParams:
                        low=0.0, high=1.0)
     utility: str = opt("contribution", "unit utility: contribution (Nature eq. 1), "
                        "adaptable_contribution (LoP), random, or one added with register_utility")
-    init: Init = opt("kaiming", "distribution of new input weights: kaiming (activation gain, "
-                     "as LoP), lecun, xavier, default (PyTorch's nn.Linear init), zeros")
+    init: Init = opt("default", "distribution of new input weights: default (PyTorch's "
+                     "nn.Linear init, which engram's networks start from), kaiming (activation "
+                     "gain, as LoP's networks), lecun, xavier, zeros (the zero-initialised "
+                     "window network)")
 
     def __post_init__(self) -> None:
         if self.utility not in UNIT_UTILITIES:

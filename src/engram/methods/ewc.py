@@ -33,7 +33,11 @@ import torch
 
 from engram.config import opt
 from engram.importance.fisher import fisher_diagonal
-from engram.methods.base import Context, Method, random_subset
+from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores, random_subset
+
+# Why a Fisher-based importance cannot act on a regression or a single output: the estimators
+# of engram.importance.fisher use the categorical likelihood softmax(outputs).
+FISHER_NEEDS = "estimates its Fisher information from a softmax over the outputs"
 
 
 @dataclass
@@ -55,6 +59,9 @@ class EWC(Method):
         self.precision: dict[str, torch.Tensor] = {}  # A = sum_k F_k
         self.anchor: dict[str, torch.Tensor] = {}     # mu = sum_k F_k theta*_k / A
         self.constant = 0.0                           # sum_k F_k theta*_k^2 - A mu^2, summed
+
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        return needs_class_scores(problem, FISHER_NEEDS)
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         if not self.precision:

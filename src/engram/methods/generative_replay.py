@@ -67,7 +67,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.config import opt
-from engram.methods.base import Batch, Context, Method
+from engram.methods.base import Batch, Context, Method, ProblemInfo, needs_class_scores
 
 
 @dataclass
@@ -190,10 +190,17 @@ class GenerativeReplay(Method):
         task = torch.randint(self.n_old_tasks, (n,), generator=ctx.generator).to(ctx.device)
         return self.old_solver(x, task), task  # task-IL: that task's head; domain: ignored
 
-    def replay_loss(self, old_logits: torch.Tensor, new_logits: torch.Tensor) -> torch.Tensor:
-        """Hard: CE(new, argmax old) (DGR). Soft: -sum_j softmax(old/T)_j log softmax(new/T)_j."""
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        return needs_class_scores(problem, "labels its generated inputs by the previous model's "
+                                           "argmax (or softmax) over the outputs")
+
+    def replay_loss(self, old_logits: torch.Tensor, new_logits: torch.Tensor,
+                    ctx: Context) -> torch.Tensor:
+        """Hard: the training loss (ctx.loss_fn, cross-entropy: classification only, see
+        unusable_reason) of new against argmax old (DGR). Soft: -sum_j softmax(old/T)_j
+        log softmax(new/T)_j."""
         if not self.params.soft:
-            return F.cross_entropy(new_logits, old_logits.argmax(dim=1))
+            return ctx.loss_fn(new_logits, old_logits.argmax(dim=1))
         t = self.params.temperature
         targets = F.softmax(old_logits / t, dim=1)  # exactly 0 on -inf columns
         return -(targets * F.log_softmax(new_logits / t, dim=1)).sum(1).mean()
@@ -207,7 +214,7 @@ class GenerativeReplay(Method):
         old_logits, task = self.previous_outputs(x, ctx)
         self._replay_x = x  # the generator trains on them too, in after_step
         r = self.real_fraction()
-        return (1 - r) / r * self.replay_loss(old_logits, ctx.model(x, task))
+        return (1 - r) / r * self.replay_loss(old_logits, ctx.model(x, task), ctx)
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         """One Adam step of the VAE on r * -ELBO(real batch) + (1 - r) * -ELBO(this step's x')."""

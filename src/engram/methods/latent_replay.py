@@ -74,13 +74,12 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engram.config import opt
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, ProblemInfo
 from engram.methods.replay import Replay, ReplayParams
 
 LABEL_DTYPE = torch.int16  # stored targets and task ids: 2 bytes each is enough for any stream
@@ -255,6 +254,12 @@ class LatentReplay(Method):
 
     # -- hooks
 
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        if not problem.classification:
+            return ("stores each example's target as an int16 class label, and this problem is "
+                    "a regression (squared error on real-valued targets)")
+        return None
+
     def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Check the cut and the subvector count now, not after the first task's training;
         with quantise_live, hook the quantiser onto G's last layer (idle until it is fitted)."""
@@ -284,7 +289,7 @@ class LatentReplay(Method):
         pick = torch.randint(filled, (size,), generator=ctx.generator).to(self.codebooks.device)
         codes, targets, tasks = (part[pick] for part in self.store.buffer)
         logits = self.upper_logits(ctx.model, pq_decode(codes, self.codebooks), tasks)
-        return F.cross_entropy(logits, targets.long())
+        return ctx.loss_fn(logits, targets.long())  # class labels: see unusable_reason
 
     def after_task(self, ctx: Context) -> None:
         data = ctx.task.train

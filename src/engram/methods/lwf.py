@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.config import opt
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores
 
 
 @dataclass
@@ -60,6 +60,9 @@ class LwF(Method):
         self.n_old_heads = len(earlier)
         if ctx.stream.scenario == "class":
             self.old_columns = torch.unique(torch.cat([t.train.y for t in earlier]))
+
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        return needs_class_scores(problem, "distils a softmax over the outputs")
 
     def distillation_inputs(self, ctx: Context) -> torch.Tensor:
         """The images the old model's outputs are distilled on: LwF uses the new task's."""

@@ -12,9 +12,10 @@ Task k is learned in two stages:
                                       + L_k (ŵ_k     + a (w - ŵ_k    )) ]
 
    A = {0, 1/n, ..., 1} (n = `line_samples`, n + 1 points, as `arange(0, 1.01, 1/n)` in
-   CL-Gym and sequel); L_mem is the mean cross entropy on a small episodic memory of the
+   CL-Gym and sequel); L_mem is the mean training loss (`ctx.loss_fn`: cross-entropy, or
+   squared error on a regression) on a small episodic memory of the
    earlier tasks (`memory_per_task` examples of each, drawn uniformly without replacement
-   from a task's training set when it ends); L_k is the mean cross entropy on task k's
+   from a task's training set when it ends); L_k is the mean training loss on task k's
    training data. The search starts at w = w̄_{k-1} + init_position (ŵ_k - w̄_{k-1}) and
    runs `lmc_steps` steps of SGD with heavy-ball momentum (PyTorch's convention:
    v <- m v + g, w <- w - lr v) on mini-batches: each step draws `lmc_batch_size` memory
@@ -59,10 +60,9 @@ it also holds ŵ_k, w and the momentum (3P floats more), freed when the task end
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call
 
 from engram.config import opt
@@ -71,6 +71,7 @@ from engram.errors import DivergenceError
 from engram.methods.base import Context, Method, random_subset
 
 Weights = dict[str, torch.Tensor]  # parameter name -> tensor, in model.named_parameters() order
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (outputs, targets) -> scalar
 
 
 @dataclass
@@ -94,8 +95,9 @@ def line_points(n: int) -> list[float]:
 
 
 def line_loss(model: torch.nn.Module, w: Weights, start: Weights, points: list[float],
-              data: TensorSet) -> torch.Tensor:
-    """sum_{a in points} CE(model with weights start + a (w - start); data).
+              data: TensorSet, loss_fn: LossFn) -> torch.Tensor:
+    """sum_{a in points} loss_fn(model with weights start + a (w - start); data), loss_fn
+    being the problem's training loss (ctx.loss_fn).
 
     The points are built from w inside the graph, so the gradient wrt w carries the chain-
     rule factor a of each point. Parameters not in `w` keep the model's own values.
@@ -104,16 +106,16 @@ def line_loss(model: torch.nn.Module, w: Weights, start: Weights, points: list[f
     for a in points:
         weights = {name: start[name] + a * (w[name] - start[name]) for name in w}
         logits = functional_call(model, weights, (data.x, data.task))  # (B, K)
-        total = total + F.cross_entropy(logits, data.y)
+        total = total + loss_fn(logits, data.y)
     return total
 
 
 def connectivity_objective(model: torch.nn.Module, w: Weights, w_bar_prev: Weights,
                            w_hat: Weights, points: list[float], memory: TensorSet,
-                           current: TensorSet) -> torch.Tensor:
+                           current: TensorSet, loss_fn: LossFn) -> torch.Tensor:
     """MC-SGD's objective: the memory loss along w̄_prev -> w plus the task loss along ŵ -> w."""
-    return (line_loss(model, w, w_bar_prev, points, memory)
-            + line_loss(model, w, w_hat, points, current))
+    return (line_loss(model, w, w_bar_prev, points, memory, loss_fn)
+            + line_loss(model, w, w_hat, points, current, loss_fn))
 
 
 def _draw(data: TensorSet, size: int, generator: torch.Generator) -> TensorSet:
@@ -160,7 +162,8 @@ class MCSGD(Method):
         for _ in range(p.lmc_steps):
             memory = _draw(self.memory, p.lmc_batch_size, ctx.generator)
             current = _draw(ctx.task.train, p.lmc_batch_size, ctx.generator)
-            loss = connectivity_objective(model, w, self.w_bar, w_hat, points, memory, current)
+            loss = connectivity_objective(model, w, self.w_bar, w_hat, points, memory, current,
+                                          ctx.loss_fn)
             grads = torch.autograd.grad(loss, list(w.values()))
             with torch.no_grad():
                 for (name, weight), grad in zip(w.items(), grads):

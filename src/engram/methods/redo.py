@@ -12,7 +12,9 @@ for it, so give them a window such as 256, dopamine's sample size):
 
 and every tau-dormant unit (s_i <= tau; tau = 0 picks exactly the dead units) gets:
 fresh input weights W_l[i, :] ~ U(-b, b) from the layer's initial distribution (`init`, the
-same bounds as continual_backprop: kaiming with the activation's gain, as LoP's port),
+same bounds as continual_backprop; by default PyTorch's nn.Linear init U(-1/sqrt(fan_in),
+1/sqrt(fan_in)), which engram's networks start from; `kaiming`, the activation's gain, is
+LoP's port's choice, whose networks start from that distribution),
 bias b_l[i] = 0, outgoing weights W_{l+1}[:, i] = 0 (init_method_outgoing='zero'), so the
 network's output does not change except through the unit's old mean output (ReDo makes no
 bias correction). The output layer is never recycled. All layers are scored on the same
@@ -23,7 +25,7 @@ make_batch for the steps of the window only). The sums of |h| over a window that
 checkpoint cuts in two are part of the state.
 
 Differences from the code: the dopamine code redraws with the network's own initialiser
-(xavier_uniform there) and zeroes the recycled weights' Adam moments; engram cannot reach the
+(xavier_uniform there; engram's default does the same for its own networks) and zeroes the recycled weights' Adam moments; engram cannot reach the
 runner's optimizer (a fresh one is made each task), so moments are not reset. The statistic
 is the training batch (dopamine: a separate 256-state replay sample; LoP: the current
 minibatch, as here). Defaults tau 0.1 (the paper's high-replay-ratio value; 0.025 otherwise)
@@ -53,8 +55,9 @@ class ReDoParams:
     tau: float = opt(0.1, "a unit is dormant when its normalised mean |activation| is <= tau",
                      low=0.0)
     every: int = opt(1000, "F: look for dormant units every F optimizer steps", low=1)
-    init: Init = opt("kaiming", "distribution of new input weights: kaiming (activation gain), "
-                     "lecun, xavier, default (PyTorch's nn.Linear init)")
+    init: Init = opt("default", "distribution of new input weights: default (PyTorch's "
+                     "nn.Linear init, which engram's networks start from), kaiming (activation "
+                     "gain, as LoP), lecun, xavier, zeros")
     window: int = opt(1, "the statistic uses the training examples of the last `window` steps "
                       "up to the scoring step (1: its batch alone)", low=1)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from engram.config import opt
 from engram.data.streams import TensorSet
-from engram.methods.base import Batch, Context, Method
+from engram.methods.base import Batch, Context, Method, ProblemInfo
 
 
 @dataclass
@@ -79,6 +79,14 @@ class Replay(Method):
         super().__init__(params)
         self.buffer: TensorSet | None = None  # x (M, ...), y (M,), task (M,)
         self.n_seen = 0                       # examples offered to the reservoir so far
+
+    def unusable_reason(self, problem: ProblemInfo) -> str | None:
+        """class_balanced and herding sort examples by class; reservoir works on any targets."""
+        if self.params.policy != "reservoir" and not problem.classification:
+            return (f"keeps its memory per class (policy: {self.params.policy}), and this problem "
+                    "is a regression (squared error on real-valued targets), which has no "
+                    "classes; use policy: reservoir")
+        return None
 
     @property
     def n_filled(self) -> int:

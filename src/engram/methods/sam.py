@@ -4,11 +4,12 @@ SAM minimises max_{||e|| <= rho} L(w + e) with the first-order step of the paper
 
     e = rho * g / ||g||,   g = grad L(w);   then update w with grad L(w + e)
 
-(google-research/sam, `dual_vector` / `get_sam_gradient`). Here L is the cross-entropy of
-the step's (possibly replay-mixed) batch. Composed with penalty methods, only the
-cross-entropy part is taken at w + e: the gradient becomes
+(google-research/sam, `dual_vector` / `get_sam_gradient`). Here L is the problem's own
+training loss `ctx.loss_fn` (cross-entropy for classification, squared error on the
+plasticity and sliding-window regressions) on the step's (possibly replay-mixed) batch.
+Composed with penalty methods, only that loss is taken at w + e: the gradient becomes
 
-    grad_total(w) - grad_CE(w) + grad_CE(w + e)
+    grad_total(w) - grad_L(w) + grad_L(w + e)
 
 so EWC-like penalties keep their gradient at w. Costs two extra forward/backward passes per
 step. Hyperparameter: rho (0.05 in the paper).
@@ -19,7 +20,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from engram.config import opt
 from engram.methods.base import Context, Method, flat_grad, set_flat_grad
@@ -31,7 +31,7 @@ class SAMParams:
 
 
 class SAM(Method):
-    """Replace the cross-entropy gradient by its value at the worst nearby weights."""
+    """Replace the task loss's gradient by its value at the worst nearby weights."""
 
     Params = SAMParams
     rewrites_gradients = True  # see Method.rewrites_gradients
@@ -40,21 +40,21 @@ class SAM(Method):
         model, batch = ctx.model, ctx.batch
         params = [p for p in model.parameters() if p.grad is not None]
 
-        def ce_grad() -> torch.Tensor:
-            loss = F.cross_entropy(model(batch.x, batch.task), batch.y)
+        def loss_grad() -> torch.Tensor:
+            loss = ctx.loss_fn(model(batch.x, batch.task), batch.y)
             return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
         total = flat_grad(params)
-        ce_here = ce_grad()
-        norm = ce_here.norm()
+        here = loss_grad()
+        norm = here.norm()
         if norm == 0:
             return
-        perturbation = self.params.rho * ce_here / norm
+        perturbation = self.params.rho * here / norm
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(
                 torch.nn.utils.parameters_to_vector(params) + perturbation, params)
-        ce_there = ce_grad()
+        there = loss_grad()
         with torch.no_grad():
             torch.nn.utils.vector_to_parameters(
                 torch.nn.utils.parameters_to_vector(params) - perturbation, params)
-        set_flat_grad(params, total - ce_here + ce_there)
+        set_flat_grad(params, total - here + there)
