@@ -156,6 +156,11 @@ def test_huge_values_are_not_echoed_in_full(tmp_path, capsys):
     with pytest.raises(ConfigError) as info:
         load_config_dict({"data": {"source": "z" * 200_000}})
     assert "unknown dataset 'zzz" in str(info.value) and len(str(info.value)) < 500
+    from engram.window import parse_window_experiment
+
+    with pytest.raises(ConfigError) as info:
+        parse_window_experiment({"variants": [{"name": list(range(100_000))}]})
+    assert "variants[0].name: '[0, 1, 2" in str(info.value) and len(str(info.value)) < 300
 
 
 # ----------------------------------------------------------------------------- values

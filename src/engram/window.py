@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from engram.config import (SEED_MAX, MethodSpec, TrainConfig, _check_range, check_name,
-                           check_seeds, opt)
+                           check_seeds, opt, short_repr)
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DataError, DivergenceError
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
@@ -366,7 +366,7 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
     variants = raw.pop("variants", None) or [{"name": "plain"}]
     base = raw.pop("run", None) or {}
     if not isinstance(base, dict):
-        raise ConfigError(f"run: expected a mapping of run settings, got {base!r}")
+        raise ConfigError(f"run: expected a mapping of run settings, got {short_repr(base)}")
     if not isinstance(variants, list):
         raise ConfigError("variants: expected a list of {name: NAME, ...} entries")
     for where, settings in [("run", base)] + [(f"variants[{i}]", v) for i, v in
@@ -383,11 +383,11 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{where}: each variant needs a name, e.g. {{name: l2, "
-                              f"weight_decay: 0.001}}; got {entry!r}")
+                              f"weight_decay: 0.001}}; got {short_repr(entry)}")
         name = str(entry["name"])
         if not _NAME.match(name):
-            raise ConfigError(f"{where}.name: {name!r} names files; use letters, digits and "
-                              "_ . + - only")
+            raise ConfigError(f"{where}.name: {short_repr(name)} names files; use letters, "
+                              "digits and _ . + - only")
         if name in seen:
             raise ConfigError(f"{where}.name: {name!r} is used twice")
         seen.add(name)
@@ -395,7 +395,8 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
         if isinstance(method, str):
             method = {"name": method}
         if not isinstance(method, dict) or "name" not in method:
-            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; got {method!r}")
+            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; "
+                              f"got {short_repr(method)}")
         spec = parse_method(method["name"], {k: v for k, v in method.items() if k != "name"},
                             f"{where}.method")
         if spec.name == "replay" and spec.params.policy != "reservoir":
