@@ -270,6 +270,7 @@ def _results_csv(folder: Path, bad: dict[str, str] | None = None, raw: bytes = b
     ({"value": "x"}, "line 3, column value: 'x' is not a number"),
     ({"task_trained": "1.5"}, "line 3, column task_trained: '1.5' is not an integer"),
     ({"step": ""}, "line 3, column step: '' is not an integer"),
+    ({"task_eval": ""}, "line 3, column task_eval: '' is not an integer"),  # an accuracy row
 ])
 @pytest.mark.parametrize("kind", ["summary", "table", "plot"])
 def test_non_numbers_in_results_name_file_line_and_column(tmp_path, capsys, bad, message, kind):

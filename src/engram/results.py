@@ -130,8 +130,8 @@ NUMERIC_COLUMNS = {"seed": int, "task_trained": int, "epoch": int, "step": int, 
                    "task": int, "n_classes": int, "value": float, "threshold": float,
                    "fraction_replaced": float, "train_loss": float, "val_loss": float,
                    "val_accuracy": float}
-# Empty cells: task_eval in rows about training, and the position columns of a
-# `run_complete` marker row (task, step), which say when no measurement was taken.
+# Empty cells: task_eval in rows that evaluate no task (split train or ''), and the position
+# columns (task, step) of a `run_complete` marker row, which is about no point in training.
 
 
 def read_rows(path: str | Path, columns: list[str] = COLUMNS,
@@ -159,8 +159,8 @@ def read_rows(path: str | Path, columns: list[str] = COLUMNS,
                             f"{len(reader.fieldnames)}")
         for column, kind in numeric:
             value = row[column]
-            if value == "" and (column == "task_eval" or column != "value" and
-                                row.get("metric") == "run_complete"):
+            if value == "" and (column == "task_eval" and row.get("split") not in ("val", "test")
+                                or column != "value" and row.get("metric") == "run_complete"):
                 continue
             try:
                 kind(value)
