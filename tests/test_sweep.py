@@ -204,8 +204,10 @@ def test_cli_sweep_reports_failures_with_exit_status_1(tmp_path, capsys):
 
 def test_cli_sweep_rejects_zero_workers(tmp_path, capsys):
     path = sweep_file(tmp_path)
-    assert main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "0"]) == 2
-    assert "--workers must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # refused by the argument parser
+        main(["sweep", str(path), "--out", str(tmp_path / "out"), "--workers", "0"])
+    assert info.value.code == 2
+    assert "argument --workers: must be at least 1, got 0" in capsys.readouterr().err
 
 
 def test_engram_run_on_a_sweep_file_points_to_engram_sweep(tmp_path, capsys):

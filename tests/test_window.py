@@ -320,7 +320,7 @@ def test_experiment_defaults_and_variants():
     ({"run": {"window": 900}}, "window"),
     ({"animate": ["b"]}, "no variant named 'b'"),
     ({"seeds": []}, "seeds"),
-    ({"seeds": [1, 1]}, "distinct"),
+    ({"seeds": [1, 1]}, "repeats a seed"),
     ({"variants": [{"name": "r", "method": {"name": "replay", "policy": "herding"}}]},
      "reservoir"),
 ])

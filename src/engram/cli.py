@@ -78,9 +78,9 @@ PROFILE_EPILOG = """examples:
 
 RUN_EPILOG = """\
 examples:
-  engram run configs/split_digits.yaml --out runs/split
-  engram run configs/split_digits.yaml train.epochs=5 seeds=[0,1,2] stream.scenario=task
-  engram run configs/split_digits.yaml --out runs/split --resume   # finish a killed run
+  engram run configs/demo.yaml --out runs/split
+  engram run configs/demo.yaml train.epochs=5 seeds=[0,1,2] stream.scenario=task
+  engram run configs/demo.yaml --out runs/split --resume   # finish a killed run
 
 Overrides are dotted keys with YAML values; list entries by index (methods.1.strength=10).
 Results: OUT/results.csv (one tidy row per measured number, appended as measured),
@@ -117,6 +117,18 @@ examples:
 """
 
 
+def at_least_one(text: str) -> int:
+    """argparse type of --seeds and --workers: a whole number >= 1 (0 would run nothing, or
+    in `demo` silently the default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -146,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "comparison and write results.csv and plots. Runs offline on the CPU. "
                     "Run it again to see the finished table without retraining.")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--seeds", type=int, default=None, metavar="N",
+    demo.add_argument("--seeds", type=at_least_one, default=None, metavar="N",
                       help="number of seeds (default: 3)")
     _add_quiet(demo)
 
@@ -173,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides, e.g. seeds=[0,1] or train.lr=[0.01,0.1]")
     sweep.add_argument("--out", help="sweep folder (default: runs/<sweep file name>)")
-    sweep.add_argument("--workers", type=int, default=1, metavar="N",
+    sweep.add_argument("--workers", type=at_least_one, default=1, metavar="N",
                        help="local worker processes running runs in parallel (default: 1); "
                             "each uses `threads` torch threads, so N x threads should not "
                             "exceed your cores")
@@ -216,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a rerun.")
     _add_experiment_args(plasticity, "plasticity", "plasticity YAML (configs/plasticity/)",
                          "seeds=[0] problem.n_tasks=20")
-    plasticity.add_argument("--workers", type=int, default=1, metavar="N",
+    plasticity.add_argument("--workers", type=at_least_one, default=1, metavar="N",
                             help="runs in parallel processes (default 1); a worker's rows are "
                                  "written when its run finishes")
     _add_quiet(plasticity)
@@ -228,7 +240,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_experiment_args(window, "window", "window YAML (configs/window/); default: the "
                          "experiment as first described", "run.max_steps=10000 seeds=[0,1]")
-    window.add_argument("--workers", type=int, default=1, metavar="N",
+    window.add_argument("--workers", type=at_least_one, default=1, metavar="N",
                         help="runs in parallel processes (default 1)")
     window.add_argument("--no-animation", action="store_true",
                         help="skip the movie (the figures are still drawn)")
@@ -355,7 +367,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from engram.config import load_config
     from engram.runner import run_experiment
 
-    overrides = [f"seeds={list(range(args.seeds))}"] if args.seeds else []
+    overrides = [f"seeds={list(range(args.seeds))}"] if args.seeds is not None else []
     cfg = load_config(DEMO_CONFIG, overrides)
     out = Path(args.out)
     print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
@@ -536,6 +548,12 @@ def cmd_profile_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _os_problem(err: OSError) -> str:
+    """An operating-system error as `cannot access PATH: REASON` (the path when known)."""
+    reason = err.strerror or str(err)
+    return f"cannot access {err.filename}: {reason}" if err.filename else reason
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
             "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
             "profile": cmd_profile, "profile-report": cmd_profile_report,
@@ -567,6 +585,10 @@ def main(argv: list[str] | None = None) -> int:
         # devnull so the interpreter's final flush does not raise again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as err:  # read-only or full disk, --out under a file, a too-long path, ...
+        # Only OSError: any other exception is a bug in engram and keeps its traceback.
+        print(f"engram: error: {_os_problem(err)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("\nengram: interrupted; every row measured so far is in results.csv. "
               "Rerun the same command (engram run: with --resume) to finish.",

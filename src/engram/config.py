@@ -15,22 +15,74 @@ import functools
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Callable, Literal, Union
 
 from engram.errors import ConfigError
 
 
 def opt(default: Any, doc: str, *, low: float | None = None, high: float | None = None,
-        registry: str | None = None) -> Any:
-    """A dataclass field with a doc line, an optional [low, high] range and registry check."""
-    meta = {"doc": doc, "low": low, "high": high, "registry": registry}
+        registry: str | None = None, check: Callable[[Any, str], None] | None = None) -> Any:
+    """A dataclass field with a doc line, an optional [low, high] range and registry check,
+    and an optional `check(value, key)` that raises ConfigError (names, seeds, devices)."""
+    meta = {"doc": doc, "low": low, "high": high, "registry": registry, "check": check}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+# ----------------------------------------------------------------------------- value checks
+
+def short_repr(value: Any) -> str:
+    """repr(value) cut to about 80 characters, 8 items and 3 levels: what an error message
+    echoes. A full repr of a value built from YAML aliases can take minutes and gigabytes."""
+    import reprlib
+
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxtuple, brief.maxset = 3, 8, 8, 8, 8
+    brief.maxstring, brief.maxother, brief.maxlong = 80, 80, 40
+    return brief.repr(value)
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def check_name(value: str, key: str) -> None:
+    """An experiment name becomes the folder runs/<name>: it must be one plain path
+    component (letters, digits, `._-`; not `.` or `..`), so it can never point elsewhere."""
+    if not _PLAIN_NAME.fullmatch(value) or value in (".", ".."):
+        raise ConfigError(f"{key}: {short_repr(value)} is not a plain name; use letters, "
+                          "digits and . _ - only (it names the folder runs/<name>)")
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed takes 64-bit seeds; .npz records store them as int64
+
+
+def check_seeds(value: list[int], key: str) -> None:
+    """At least one seed, none repeated (it would run twice), each in [0, 2**63 - 1]."""
+    if not value:
+        raise ConfigError(f"{key}: give at least one seed, e.g. {key}: [0]")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{key}: {short_repr(value)} repeats a seed; a seed would run twice")
+    for seed in value:
+        if not 0 <= seed <= SEED_MAX:
+            raise ConfigError(f"{key}: {short_repr(seed)} is out of range; a seed is a whole "
+                              "number from 0 to 2**63 - 1")
+
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
+
+def check_device(value: str, key: str = "device") -> None:
+    """Only devices engram can train on: auto, cpu, cuda, cuda:N, mps. (torch also knows
+    `meta`, `xpu`, ..., where a run would fail deep inside or record nothing real.)"""
+    if not _DEVICE.fullmatch(value):
+        raise ConfigError(f"{key}: {short_repr(value)} is not a device; use auto, cpu, cuda "
+                          "or cuda:N (mps on Apple silicon)")
 
 
 @dataclass
@@ -96,9 +148,12 @@ class MethodSpec:
 
 @dataclass
 class RunConfig:
-    name: str = opt("run", "a name for this experiment, shown in tables and plots")
-    seeds: list[int] = opt([0], "random seeds; every method runs once per seed")
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    name: str = opt("run", "a name for this experiment, shown in tables and plots",
+                    check=check_name)
+    seeds: list[int] = opt([0], "random seeds; every method runs once per seed",
+                           check=check_seeds)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+                      check=check_device)
     threads: int = opt(1, "CPU threads for torch (0: torch's default); 1 is fastest for small models",
                        low=0)
     plots: bool = opt(True, "write PNG plots next to results.csv when the run finishes")
@@ -114,10 +169,7 @@ class RunConfig:
         metadata={"doc": "methods to compare: a list of {name: NAME, param: value, ...}"})
 
     def __post_init__(self) -> None:
-        if not self.seeds:
-            raise ConfigError("seeds: give at least one seed, e.g. seeds: [0]")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds: {self.seeds} repeats a seed; a seed would run twice")
+        check_seeds(self.seeds, "seeds")
         if not self.train.eval_splits:
             raise ConfigError("train.eval_splits: give at least one split: [test], [val] or [val, test]")
         # The default method list needs the method registry, which is imported lazily.
@@ -154,35 +206,35 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 return _convert(value, option, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not allowed; choose one of: "
+            raise ConfigError(f"{key}: {short_repr(value)} is not allowed; choose one of: "
                               + ", ".join(repr(a) for a in allowed))
         return value
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+            raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
         (inner,) = typing.get_args(tp)
         return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, key)
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {short_repr(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {short_repr(value)}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{key}: expected a string, got {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {short_repr(value)}")
         return value
     raise TypeError(f"config type {tp!r} at {key} is not supported")  # a bug in engram
 
@@ -196,7 +248,7 @@ def _check_range(value: Any, meta: dict, key: str) -> None:
         if ((low is not None or high is not None) and math.isnan(item)) or \
                 (low is not None and item < low) or (high is not None and item > high):
             bounds = f"[{low}, {high}]" if high is not None else f">= {low}"
-            raise ConfigError(f"{key}: {item!r} is out of range; allowed: {bounds}")
+            raise ConfigError(f"{key}: {short_repr(item)} is out of range; allowed: {bounds}")
 
 
 def _check_registry(value: Any, registry: str, key: str) -> None:
@@ -206,7 +258,7 @@ def _check_registry(value: Any, registry: str, key: str) -> None:
             _check_registry(item, registry, f"{key}[{i}]")
         return
     if value not in names:
-        raise ConfigError(f"{key}: unknown {registry[:-1]} {value!r}; choose one of: "
+        raise ConfigError(f"{key}: unknown {registry[:-1]} {short_repr(value)}; choose one of: "
                           + ", ".join(names))
 
 
@@ -235,7 +287,8 @@ def parse_dataclass(cls: type, data: Any, where: str = "") -> Any:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, got {data!r}")
+        raise ConfigError(f"{where or 'config'}: expected a mapping of keys to values, "
+                          f"got {short_repr(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     unknown = [k for k in data if k not in fields]
@@ -253,6 +306,8 @@ def parse_dataclass(cls: type, data: Any, where: str = "") -> Any:
         _check_range(converted, meta, key)
         if meta.get("registry"):
             _check_registry(converted, meta["registry"], key)
+        if meta.get("check") and converted is not None:
+            meta["check"](converted, key)
         kwargs[name] = converted
     return cls(**kwargs)
 
@@ -268,7 +323,8 @@ def _parse_methods(value: Any, key: str = "methods") -> list[MethodSpec]:
         if isinstance(entry, str):
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{where}: each method needs a name, e.g. {{name: ewc}}; got {entry!r}")
+            raise ConfigError(f"{where}: each method needs a name, e.g. {{name: ewc}}; "
+                              f"got {short_repr(entry)}")
         params = {k: v for k, v in entry.items() if k != "name"}
         specs.append(parse_method(entry["name"], params, where))
     return specs
@@ -301,14 +357,73 @@ def params_dict(params: Any) -> dict[str, Any]:
 _EXPONENT_FLOAT = r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"
 
 
+# Bounds on a YAML document: a config is a few hundred lines, so these only stop abuse. Without
+# them an alias bomb (`a: &a [x, x]`, `b: &b [*a, *a]`, ... nine levels: a billion values)
+# took a minute and 2.5 GB before failing, and `[[[[...]]]]` 5,000 deep overflowed the stack.
+MAX_CONFIG_BYTES = 1_000_000
+MAX_CONFIG_DEPTH = 50  # nested lists and mappings
+MAX_CONFIG_VALUES = 100_000  # values after every alias is expanded
+
+
 @functools.cache
 def _yaml_loader() -> type:
-    import re
-
     import yaml
 
     class Loader(yaml.SafeLoader):
-        pass
+        """The safe loader, plus: a depth limit, a limit on values after alias expansion,
+        and duplicate keys refused (PyYAML silently keeps the last)."""
+
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            # Composing recurses once per level: stop before Python's recursion limit does.
+            depth = getattr(self, "_depth", 0) + 1
+            if depth > MAX_CONFIG_DEPTH:
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {MAX_CONFIG_DEPTH} levels deep",
+                    self.peek_event().start_mark)
+            self._depth = depth
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self._depth = depth - 1
+
+        def construct_document(self, node: Any) -> Any:
+            _count_values(node, {}, set())  # before anything is built from the node graph
+            return super().construct_document(node)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                    continue  # `<<: *base` merges are meant to be overridden
+                key = self.construct_object(key_node)
+                line = key_node.start_mark.line + 1
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {short_repr(key)}, first on line "
+                        f"{seen[key]}", key_node.start_mark)
+                seen[key] = line
+            return super().construct_mapping(node, deep=deep)
+
+    def _count_values(node: Any, counted: dict[int, int], open_nodes: set[int]) -> int:
+        """The number of values `node` stands for once aliases are expanded (a shared node
+        counts once per reference); memoised, so aliases cost nothing to count."""
+        if id(node) in counted:
+            return counted[id(node)]
+        if id(node) in open_nodes:  # `&a [*a]`: a list that contains itself
+            raise yaml.composer.ComposerError(None, None, "an alias refers to a value that "
+                                              "contains it", node.start_mark)
+        open_nodes.add(id(node))
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) \
+            else node.value
+        total = 1 + sum(_count_values(child, counted, open_nodes) for child in children)
+        open_nodes.discard(id(node))
+        if total > MAX_CONFIG_VALUES:
+            raise yaml.composer.ComposerError(
+                None, None, f"more than {MAX_CONFIG_VALUES:,} values (each alias counted as a "
+                "copy of what it names)", node.start_mark)
+        counted[id(node)] = total
+        return total
 
     Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_EXPONENT_FLOAT),
                                  list("-+0123456789."))
@@ -316,12 +431,54 @@ def _yaml_loader() -> type:
 
 
 def _load_yaml_text(text: str, source: str) -> Any:
+    """Parse YAML with the bounded safe loader; any problem is one line naming `source`."""
     import yaml
 
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{source} is {len(text):,} characters; a config may have at most "
+                          f"{MAX_CONFIG_BYTES:,}")
     try:
         return yaml.load(text, Loader=_yaml_loader())  # a SafeLoader: no arbitrary objects
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{source} is not valid YAML: {err}") from None
+    except (yaml.YAMLError, ValueError) as err:  # ValueError: e.g. a date 2020-13-45
+        raise ConfigError(f"{source} is not valid YAML: {_yaml_problem(err)}") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """PyYAML's multi-line message as one line: context and problem, each with its place."""
+    parts = []
+    for text, mark in ((getattr(err, "context", None), getattr(err, "context_mark", None)),
+                       (getattr(err, "problem", None), getattr(err, "problem_mark", None))):
+        if text:
+            parts.append(f"{text} (line {mark.line + 1}, column {mark.column + 1})" if mark
+                         else text)
+    return "; ".join(parts) or " ".join(str(err).split())
+
+
+def read_yaml_file(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document in `path`: it must exist, hold at most MAX_CONFIG_BYTES of UTF-8
+    and not be empty (an empty file is most likely a mistake, not a wish for the defaults)."""
+    path = Path(path)
+    try:
+        if not path.is_file():
+            raise ConfigError(f"{what} {path} does not exist")
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{what} {path} is {size:,} bytes; a config may have at most "
+                              f"{MAX_CONFIG_BYTES:,}")
+        data = path.read_bytes()
+    except OSError as err:
+        raise ConfigError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ConfigError(f"{what} {path} is not UTF-8 text: byte {data[err.start]:#04x} on "
+                          f"line {line}; save it as UTF-8") from None
+    raw = _load_yaml_text(text, str(path))
+    if raw is None:
+        raise ConfigError(f"{what} {path} is empty; write the keys to change (see "
+                          "--help-config), e.g. seeds: [0]")
+    return raw
 
 
 def apply_override(tree: dict, override: str) -> None:
@@ -330,16 +487,18 @@ def apply_override(tree: dict, override: str) -> None:
     List entries are addressed by index: `methods.1.strength=100`.
     """
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like dotted.key=value")
+        raise ConfigError(f"override {short_repr(override)} must look like dotted.key=value")
     dotted, raw = override.split("=", 1)
-    value = _load_yaml_text(raw, f"override {override!r}")
+    value = _load_yaml_text(raw, f"override {short_repr(override)}")
     node: Any = tree
     parts = dotted.strip().split(".")
+    if len(parts) > MAX_CONFIG_DEPTH:
+        raise ConfigError(f"override {short_repr(dotted)}: more than {MAX_CONFIG_DEPTH} levels")
     for depth, part in enumerate(parts):
         last = depth == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {dotted}: {part!r} is not an index of a "
+                raise ConfigError(f"override {dotted}: {short_repr(part)} is not an index of a "
                                   f"{len(node)}-entry list")
             if last:
                 node[int(part)] = value
@@ -369,20 +528,14 @@ def load_config_dict(raw: Any, overrides: list[str] = (), source: str = "config"
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (safe loader only), apply overrides, validate everything."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = _load_yaml_text(path.read_text(), str(path))
+    raw = read_yaml_file(path)
     return load_config_dict(raw, overrides, str(path))
 
 
 def read_config_tree(path: str | Path, overrides: list[str] = ()) -> dict:
     """A YAML config file as a raw dict (safe loader only) with dotted overrides applied:
     what the profiler's and the plasticity runner's loaders validate with their own schema."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    raw = _load_yaml_text(path.read_text(), str(path)) or {}
+    raw = read_yaml_file(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of keys to values")
     for override in overrides:

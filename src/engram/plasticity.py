@@ -48,8 +48,9 @@ from typing import Any, Callable, Iterator, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _parse_methods, opt,
-                           params_dict, parse_dataclass, read_config_tree)
+from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _parse_methods,
+                           check_device, check_name, check_seeds, opt, params_dict,
+                           parse_dataclass, read_config_tree)
 from engram.data.streams import Stream, Task, TensorSet
 from engram.errors import ConfigError, DivergenceError
 from engram.registry import Registry
@@ -80,10 +81,12 @@ class ProblemConfig:
 
 @dataclass
 class PlasticityConfig:
-    name: str = opt("plasticity", "a name for this experiment")
-    seeds: list[int] = opt([0, 1, 2, 3, 4], "random seeds: target network, inputs, init, order")
+    name: str = opt("plasticity", "a name for this experiment", check=check_name)
+    seeds: list[int] = opt([0, 1, 2, 3, 4], "random seeds: target network, inputs, init, order",
+                           check=check_seeds)
     threads: int = opt(1, "CPU threads for torch (0: torch's default)", low=0)
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+                      check=check_device)
     data: DataConfig = field(default_factory=DataConfig,
                              metadata={"doc": "permuted_digits: where the images come from"})
     problem: ProblemConfig = field(default_factory=ProblemConfig,

@@ -29,10 +29,11 @@ Columns (`COLUMNS`):
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 COLUMNS = ["run_id", "name", "seed", "method", "label", "params", "dataset", "stream", "scenario",
            "task_trained", "epoch", "step", "task_eval", "split", "metric", "value"]
@@ -59,12 +60,27 @@ def _repair_tail(path: Path) -> None:
         f.truncate()
 
 
+def _naming_the_file(method: Callable) -> Callable:
+    """A failed write (a full disk: ENOSPC) names no file; add the writer's path, so that the
+    message (engram.cli.main) says which file could not be written."""
+    @functools.wraps(method)
+    def wrapper(self: "ResultWriter", *args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as err:
+            if err.filename is not None:
+                raise
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
+    return wrapper
+
+
 class ResultWriter:
     """Append rows to `results.csv`, flushing each batch, skipping keys already present.
 
     `columns` and `key` default to the continual-learning table above; other tables (the
     importance profiler's) pass their own."""
 
+    @_naming_the_file  # the header is the first write
     def __init__(self, path: str | Path, columns: list[str] = COLUMNS,
                  key: tuple[str, ...] = KEY) -> None:
         self.path = Path(path)
@@ -72,7 +88,7 @@ class ResultWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.keys: set[tuple[str, ...]] = set()
         self.completed_runs: set[str] = set()
-        if self.path.exists():
+        if self.path.exists() and self.path.stat().st_size > 0:  # an empty file has no rows
             _repair_tail(self.path)
             for row in read_rows(self.path, columns, key):
                 self.keys.add(row_key(row, key))
@@ -85,6 +101,7 @@ class ResultWriter:
             self._writer.writeheader()
             self._file.flush()
 
+    @_naming_the_file
     def write(self, rows: Iterable[dict[str, Any]]) -> int:
         """Append the rows not already present; flush; return how many were written."""
         written = 0
@@ -98,6 +115,7 @@ class ResultWriter:
         self._file.flush()
         return written
 
+    @_naming_the_file
     def close(self) -> None:
         self._file.close()
 
@@ -108,16 +126,67 @@ class ResultWriter:
         self.close()
 
 
+# The numeric columns of engram's tables (a name means the same in every table), checked when
+# a table is read so that summaries, plots and resume can convert them without a traceback.
+NUMERIC_COLUMNS = {"seed": int, "task_trained": int, "epoch": int, "step": int, "task_eval": int,
+                   "task": int, "n_classes": int, "value": float, "threshold": float,
+                   "fraction_replaced": float, "train_loss": float, "val_loss": float,
+                   "val_accuracy": float}
+# Empty cells: task_eval in rows that evaluate no task (split train or ''), and the position
+# columns (task, step) of a `run_complete` marker row, which is about no point in training.
+
+
 def read_rows(path: str | Path, columns: list[str] = COLUMNS,
               key: tuple[str, ...] = KEY) -> list[dict[str, str]]:
     """All complete rows of a results CSV as dicts of strings (a torn last line is ignored).
-    DataError when the file's header is not a table of `columns` (identified by `key`)."""
-    text = Path(path).read_text()
-    if text and not text.endswith("\n"):
-        text = text[: text.rfind("\n") + 1]
+    DataError, naming the file, line and column, when the header is not a table of `columns`
+    (identified by `key`), the bytes are not UTF-8, a row has the wrong number of fields or
+    a NUMERIC_COLUMNS entry is not a number of its kind."""
+    from engram.errors import DataError
+
+    data = Path(path).read_bytes()
+    if data and not data.endswith(b"\n"):
+        data = data[: data.rfind(b"\n") + 1]
+    text = _decode(path, data)
     reader = csv.DictReader(io.StringIO(text))
     if reader.fieldnames is not None and reader.fieldnames[: len(key)] != columns[: len(key)] \
             and not set(key) <= set(reader.fieldnames):
-        from engram.errors import DataError
         raise DataError(f"{path} is not an engram results file (columns: {reader.fieldnames})")
-    return list(reader)
+    numeric = [(c, NUMERIC_COLUMNS[c]) for c in reader.fieldnames or () if c in NUMERIC_COLUMNS]
+    rows = []
+    for row in reader:
+        if None in row or None in row.values():  # more fields than the header, or fewer
+            raise DataError(f"{path}, line {reader.line_num}: the row has "
+                            f"{'more' if None in row else 'fewer'} fields than the header's "
+                            f"{len(reader.fieldnames)}")
+        for column, kind in numeric:
+            value = row[column]
+            if value == "" and (column == "task_eval" and row.get("split") not in ("val", "test")
+                                or column != "value" and row.get("metric") == "run_complete"):
+                continue
+            try:
+                kind(value)
+            except ValueError:
+                from engram.config import short_repr
+                raise DataError(f"{path}, line {reader.line_num}, column {column}: "
+                                f"{short_repr(value)} is not "
+                                f"{'an integer' if kind is int else 'a number'}") from None
+        rows.append(row)
+    return rows
+
+
+def _decode(path: str | Path, data: bytes) -> str:
+    """`data` as UTF-8 text; DataError naming the line and column of the first bad byte."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        from engram.errors import DataError
+
+        line_start = data.rfind(b"\n", 0, err.start) + 1
+        before = data[line_start:err.start].decode("utf-8", "replace")
+        index = max(0, len(next(csv.reader([before]))) - 1)  # fields before it, quotes honoured
+        header = next(csv.reader([data[:data.find(b"\n")].decode("utf-8", "replace")]))
+        where = header[index] if line_start and index < len(header) else f"field {index + 1}"
+        line = data.count(b"\n", 0, err.start) + 1
+        raise DataError(f"{path}, line {line}, column {where}: byte {data[err.start]:#04x} "
+                        "is not UTF-8 text") from None

@@ -20,7 +20,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, run_id
+from engram.config import (MethodSpec, RunConfig, check_device, config_to_dict, params_dict,
+                           run_id)
 from engram.data.streams import Stream, TensorSet
 from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
@@ -33,15 +34,19 @@ NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` picks CUDA when available, else CPU; anything else must be usable."""
+    """`auto` picks CUDA when available, else CPU; cpu, cuda, cuda:N and mps must exist here.
+    Other torch devices (meta, xpu, ...) are refused by check_device: engram cannot train there."""
+    check_device(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"device: {name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device: {name!r} asked for CUDA but torch sees no CUDA device; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r}: torch sees only {torch.cuda.device_count()} CUDA "
+                          f"devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r}: torch sees no MPS device; use auto or cpu")
     return device
 
 
@@ -204,6 +209,35 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
 
 
+# What _save_checkpoint writes, and the type of each entry.
+CHECKPOINT_ENTRIES = {"model": dict, "method": dict, "generator": torch.Tensor, "step": int,
+                      "tasks_done": int}
+
+
+def _unusable(path: Path, reason: str) -> EngramError:
+    return EngramError(f"checkpoint {path} cannot be read ({reason}); delete it to restart "
+                       "this run from its first task")
+
+
+def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
+    """A resume checkpoint, checked to hold CHECKPOINT_ENTRIES with tasks_done in
+    [0, n_tasks]; EngramError naming the file otherwise (it would fail deep inside run_one)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _unusable(path, f"not a torch file: {first_line[:120]}") from None
+    if not isinstance(state, dict):
+        raise _unusable(path, f"it holds a {type(state).__name__}, not an engram checkpoint")
+    for key, kind in CHECKPOINT_ENTRIES.items():
+        if not isinstance(state.get(key), kind):
+            raise _unusable(path, f"entry {key!r} is missing or not a {kind.__name__}")
+    if not 0 <= state["tasks_done"] <= n_tasks:
+        raise _unusable(path, f"tasks_done is {state['tasks_done']}; this run has {n_tasks} "
+                              "tasks")
+    return state
+
+
 def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer: ResultWriter,
             checkpoint_dir: Path, device: torch.device, progress: Any = None) -> str:
     """Train one method with one seed through the whole stream; return its run id."""
@@ -226,11 +260,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
     tasks_done = 0
     state = None
     if checkpoint.exists():
-        try:
-            state = torch.load(checkpoint, map_location=device, weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
-            raise EngramError(f"checkpoint {checkpoint} cannot be read ({err}); delete it to "
-                              "restart this run from its first task") from None
+        state = _load_checkpoint(checkpoint, device, len(stream))
         if "global_rng" not in state or not task_end_recorded(
                 writer.keys, ident.run_id, state["tasks_done"], cfg.train.epochs):
             # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
@@ -240,10 +270,14 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, writer:
             checkpoint.unlink()
             state = None
     if state is not None:
-        model.load_state_dict(state["model"])
-        method.load_state_dict(state["method"])
-        ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
-        set_global_random_state(state["global_rng"], device)  # dropout masks
+        try:
+            model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
+            ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
+            set_global_random_state(state["global_rng"], device)  # dropout masks
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # wrong shapes or keys
+            raise _unusable(checkpoint, f"it does not fit this run: "
+                                        f"{' '.join(str(err).split())[:200]}") from None
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
         writer.write(_evaluation_rows(ident, ctx, method, task_trained=0, epoch=0))  # the untrained baseline

@@ -137,15 +137,16 @@ def expand_sweep(raw: Any, source: str = "sweep") -> list[tuple[dict[str, Any], 
         tree = copy.deepcopy(raw)
         for key, value in point.items():
             _set_dotted(tree, key, value)
-        # The name tells grid points apart in tables; the scenario is a column of its own.
-        shown = {k: v for k, v in point.items() if k != "stream.scenario"}
-        if shown:
-            tree["name"] = f"{base_name}[" + ",".join(f"{k}={v}" for k, v in shown.items()) + "]"
         try:
             cfg = load_config_dict(tree, source=source)
         except ConfigError as err:
             where = ", ".join(f"{k}={v}" for k, v in point.items())
             raise ConfigError(f"{source}, grid point [{where}]: {err}" if where else str(err)) from None
+        # The name tells grid points apart in tables; the scenario is a column of its own.
+        # Set after validation: the plain-name rule is for the name the user wrote.
+        shown = {k: v for k, v in point.items() if k != "stream.scenario"}
+        if shown:
+            cfg.name = f"{base_name}[" + ",".join(f"{k}={v}" for k, v in shown.items()) + "]"
         points.append((point, cfg))
     return points
 
@@ -166,12 +167,9 @@ def sweep_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
 def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[Job]]:
     """Read a sweep file (safe YAML), apply `dotted.key=value` overrides (a value may be a
     list of alternatives too) and return (the resulting raw sweep, its jobs)."""
-    from engram.config import _load_yaml_text, apply_override
+    from engram.config import apply_override, read_yaml_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"sweep file {path} does not exist")
-    raw = _load_yaml_text(path.read_text(), str(path))
+    raw = read_yaml_file(path, "sweep file")
     if isinstance(raw, dict):
         for override in overrides:
             apply_override(raw, override)

@@ -50,9 +50,10 @@ from typing import TYPE_CHECKING, Callable, Literal
 import numpy as np
 import torch
 
-from engram.config import MethodSpec, TrainConfig, _check_range, opt
+from engram.config import (SEED_MAX, MethodSpec, TrainConfig, _check_range, check_name,
+                           check_seeds, opt, short_repr)
 from engram.data.streams import TensorSet
-from engram.errors import ConfigError, DivergenceError
+from engram.errors import ConfigError, DataError, DivergenceError
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
 
 if TYPE_CHECKING:
@@ -83,7 +84,7 @@ class WindowConfig:
     max_steps: int = opt(60000, "optimizer steps", low=0)
     record_every: int = opt(20, "record every point's loss every this many steps", low=1)
     seed: int = opt(0, "seed of the data, the init and dropout (in an experiment: set by "
-                       "`seeds`, not here)")
+                       "`seeds`, not here)", low=0, high=SEED_MAX)
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -183,13 +184,29 @@ class WindowRecord:
 
     @classmethod
     def load_npz(cls, path: str | Path) -> WindowRecord:
-        with np.load(path, allow_pickle=False) as z:
-            return cls(steps=z["steps"], point_loss=z["point_loss"].astype(np.float32),
-                       window_start=z["window_start"], weight_norm=z["weight_norm"],
-                       shift_steps=[int(s) for s in z["shift_steps"]],
-                       relearn_steps=[int(s) for s in z["relearn_steps"]],
-                       window=int(z["window"]), seed=int(z["seed"]),
-                       seconds=float(z["seconds"]))
+        """A record saved by save_npz; DataError naming the file when it is unreadable or its
+        arrays are not those save_npz writes (shapes (S,), (S, n), ..., scalars)."""
+        import zipfile
+
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                record = cls(steps=z["steps"], point_loss=z["point_loss"].astype(np.float32),
+                             window_start=z["window_start"], weight_norm=z["weight_norm"],
+                             shift_steps=[int(s) for s in z["shift_steps"]],
+                             relearn_steps=[int(s) for s in z["relearn_steps"]],
+                             window=int(z["window"]), seed=int(z["seed"]),
+                             seconds=float(z["seconds"]))
+            rows = len(record.steps)
+            if record.steps.ndim != 1 or record.point_loss.ndim != 2 or \
+                    record.point_loss.shape[0] != rows or record.window_start.shape != (rows,) \
+                    or record.weight_norm.shape != (rows,) or \
+                    len(record.shift_steps) != len(record.relearn_steps):
+                raise ValueError("its arrays do not have the shapes of a window record")
+        except (OSError, EOFError, KeyError, TypeError, ValueError, zipfile.BadZipFile) as err:
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            raise DataError(f"{path} is not a readable window record ({reason}); delete it "
+                            "to rerun that run") from None
+        return record
 
     def tidy_rows(self, variant: str) -> list[dict]:
         """Rows variant, seed, step, metric, value: relearn_steps (one per shift, at the
@@ -337,8 +354,10 @@ class WindowVariant:
 
 @dataclass
 class WindowExperiment:
-    name: str = opt("window", "a name for this experiment (default folder runs/<name>)")
-    seeds: list[int] = opt([0], "seeds: every variant runs once per seed (data, init, dropout)")
+    name: str = opt("window", "a name for this experiment (default folder runs/<name>)",
+                    check=check_name)
+    seeds: list[int] = opt([0], "seeds: every variant runs once per seed (data, init, dropout)",
+                           check=check_seeds)
     threads: int = opt(1, "CPU threads for torch per run (0: torch's default); one thread "
                           "is fastest for this small network", low=0)
     animation: Literal["gif", "mp4", "none"] = opt(
@@ -377,7 +396,7 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
     variants = raw.pop("variants", None) or [{"name": "plain"}]
     base = raw.pop("run", None) or {}
     if not isinstance(base, dict):
-        raise ConfigError(f"run: expected a mapping of run settings, got {base!r}")
+        raise ConfigError(f"run: expected a mapping of run settings, got {short_repr(base)}")
     if not isinstance(variants, list):
         raise ConfigError("variants: expected a list of {name: NAME, ...} entries")
     for where, settings in [("run", base)] + [(f"variants[{i}]", v) for i, v in
@@ -385,10 +404,7 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
         if "seed" in settings:
             raise ConfigError(f"{where}.seed: seeds are set for the whole experiment; use "
                               "seeds: [0, 1, ...]")
-    experiment = parse_dataclass(WindowExperiment, raw)
-    if not experiment.seeds or len(set(experiment.seeds)) != len(experiment.seeds):
-        raise ConfigError(f"seeds: expected a non-empty list of distinct seeds, got "
-                          f"{experiment.seeds}")
+    experiment = parse_dataclass(WindowExperiment, raw)  # checks seeds and name
     experiment.run = parse_dataclass(WindowConfig, base, "run")
     parsed, seen = [], set()
     for i, entry in enumerate(variants):
@@ -397,11 +413,11 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
             entry = {"name": entry}
         if not isinstance(entry, dict) or "name" not in entry:
             raise ConfigError(f"{where}: each variant needs a name, e.g. {{name: l2, "
-                              f"weight_decay: 0.001}}; got {entry!r}")
+                              f"weight_decay: 0.001}}; got {short_repr(entry)}")
         name = str(entry["name"])
         if not _NAME.match(name):
-            raise ConfigError(f"{where}.name: {name!r} names files; use letters, digits and "
-                              "_ . + - only")
+            raise ConfigError(f"{where}.name: {short_repr(name)} names files; use letters, "
+                              "digits and _ . + - only")
         if name in seen:
             raise ConfigError(f"{where}.name: {name!r} is used twice")
         seen.add(name)
@@ -409,7 +425,8 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
         if isinstance(method, str):
             method = {"name": method}
         if not isinstance(method, dict) or "name" not in method:
-            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; got {method!r}")
+            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; "
+                              f"got {short_repr(method)}")
         spec = parse_method(method["name"], {k: v for k, v in method.items() if k != "name"},
                             f"{where}.method")
         if spec.name == "replay" and spec.params.policy != "reservoir":

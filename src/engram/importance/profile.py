@@ -32,9 +32,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, opt,
-                           parse_dataclass, read_config_tree)
-from engram.errors import ConfigError
+from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device,
+                           check_name, check_seeds, opt, parse_dataclass, read_config_tree)
+from engram.errors import ConfigError, EngramError
 
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
                     "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
@@ -94,9 +94,11 @@ class ProfileGrid:
 
 @dataclass
 class ProfileConfig:
-    name: str = opt("profile", "a name for this grid, shown in reports")
-    seeds: list[int] = opt([0, 1, 2], "random seeds: data split, initialisation, order, ties")
-    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
+    name: str = opt("profile", "a name for this grid, shown in reports", check=check_name)
+    seeds: list[int] = opt([0, 1, 2], "random seeds: data split, initialisation, order, ties",
+                           check=check_seeds)
+    device: str = opt("auto", "auto (CUDA when present, else CPU), cpu, cuda or cuda:N",
+                      check=check_device)
     threads: int = opt(1, "CPU threads for torch (0: torch's default)", low=0)
     data: DataConfig = field(default_factory=lambda: DataConfig(val_fraction=0.2),
                              metadata={"doc": "where examples come from (val_fraction: the "
@@ -107,8 +109,7 @@ class ProfileConfig:
     profile: ProfileGrid = field(default_factory=ProfileGrid, metadata={"doc": "the grid"})
 
     def __post_init__(self) -> None:
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ConfigError(f"seeds: give distinct seeds, e.g. [0, 1, 2]; got {self.seeds}")
+        check_seeds(self.seeds, "seeds")
         if self.data.val_fraction <= 0:
             raise ConfigError("data.val_fraction: the profiler measures validation loss; give "
                               "a fraction > 0, e.g. 0.2")
