@@ -294,7 +294,15 @@ def test_a_row_with_missing_fields_is_named(tmp_path, capsys):
 
 def test_resume_reads_results_through_the_same_checks(tmp_path, capsys):
     config = write(tmp_path, yaml.safe_dump(config_to_dict(tiny_config())))
-    path = _results_csv(tmp_path / "out", {"seed": "abc"})
+    assert main(["run", config, "--out", str(tmp_path / "out"), "-q"]) == 0  # a real folder
+    capsys.readouterr()
+    path = tmp_path / "out" / "results.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    header = lines[0].rstrip("\n").split(",")
+    cells = lines[2].rstrip("\n").split(",")
+    cells[header.index("seed")] = "abc"
+    lines[2] = ",".join(cells) + "\n"
+    path.write_text("".join(lines))
     fails_with(capsys, ["run", config, "--out", str(tmp_path / "out"), "--resume", "-q"],
                f"{path}, line 3, column seed: 'abc' is not an integer")
 

@@ -62,10 +62,14 @@ def test_a_second_writer_is_refused_and_no_row_is_lost_or_duplicated(tmp_path, c
     out = tmp_path / "out"
     first = _engram(command[0], str(config), "--out", str(out), *command[1:], "-q")
     _wait_for_lock(out, first.pid, first)
-    second = _engram(command[0], str(config), "--out", str(out), *command[1:], "-q")
-    _, err = second.communicate(timeout=120)
-    assert first.poll() is None, "the first writer finished before the second started; " \
-                                 "make its run longer"
+    # Pause the first writer while the second tries, so that on a loaded machine the first
+    # cannot finish (and let go of the folder) before the second has even started.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = _engram(command[0], str(config), "--out", str(out), *command[1:], "-q")
+        _, err = second.communicate(timeout=120)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert second.returncode == 2
     assert err.strip() == (err.strip().splitlines() or [""])[0], "a one-line message"
     assert f"{out} is in use: `engram {command[0]}` (PID {first.pid} on " in err

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device,
                            check_name, check_seeds, opt, parse_dataclass, read_config_tree)
-from engram.errors import ConfigError, EngramError
+from engram.errors import ConfigError
 
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
                     "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
