@@ -84,6 +84,27 @@ def test_a_second_writer_is_refused_and_no_row_is_lost_or_duplicated(tmp_path, c
     assert not (out / outdir.LOCK_INFO).exists()
 
 
+def test_blocks_nest_in_one_process_and_the_outermost_lets_go(tmp_path):
+    """The CLI holds a folder through a whole command (the experiment function inside takes
+    it again): the inner block must not refuse its own process, and the folder stays locked
+    for other processes until the outer block ends (the summary and plots are drawn there)."""
+    probe = [sys.executable, "-c", "from engram.outdir import OutputFolder\n"
+             f"with OutputFolder({str(tmp_path / 'out')!r}, 'run'):\n    pass"]
+    with OutputFolder(tmp_path / "out", "run"):
+        with OutputFolder(tmp_path / "out", "run") as inner:
+            inner.claim({"seeds": [0]})
+        other = subprocess.run(probe, capture_output=True, text=True)
+        assert other.returncode != 0 and f"PID {os.getpid()} " in other.stderr
+    assert subprocess.run(probe, capture_output=True, text=True).returncode == 0
+
+
+def test_a_refused_command_leaves_no_folder_behind(tmp_path):
+    with pytest.raises(EngramError):
+        with OutputFolder(tmp_path / "new", "run"):
+            raise EngramError("refused before writing anything")
+    assert not (tmp_path / "new").exists()
+
+
 def test_the_lock_names_its_holder_and_a_dead_holder_blocks_nobody(tmp_path):
     with OutputFolder(tmp_path, "plasticity"):
         with pytest.raises(EngramError, match=rf"in use: `engram plasticity` \(PID {os.getpid()} "):

@@ -331,6 +331,13 @@ def _finish(out: Path, plots: bool) -> None:
         print(f"plots:   {out / 'plots'}/ ({len(written)} PNG files)")
 
 
+def _holding(out: Path, command: str):
+    """The lock of `out` for a whole command: the experiment function takes it again inside
+    (nested in one process), and the summary and plots drawn afterwards stay under it."""
+    from engram.outdir import OutputFolder
+    return OutputFolder(out, command)
+
+
 def cmd_run(args: argparse.Namespace) -> None:
     from engram.config import describe_fields, load_config
     from engram.errors import ConfigError
@@ -347,8 +354,9 @@ def cmd_run(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     from engram.runner import run_experiment
 
-    run_experiment(cfg, out, resume=args.resume, show_progress=not args.quiet)
-    _finish(out, cfg.plots)
+    with _holding(out, "run"):  # the summary and plots too are written under the lock
+        run_experiment(cfg, out, resume=args.resume, show_progress=not args.quiet)
+        _finish(out, cfg.plots)
 
 
 def _sweep_hint(config: str, overrides: list[str]) -> str:
@@ -372,8 +380,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     out = Path(args.out)
     print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
           f"{cfg.stream.n_tasks} class-incremental tasks -> {out}/")
-    run_experiment(cfg, out, resume=True, show_progress=not args.quiet)
-    _finish(out, cfg.plots)
+    with _holding(out, "run"):
+        run_experiment(cfg, out, resume=True, show_progress=not args.quiet)
+        _finish(out, cfg.plots)
     print("\nNaive fine-tuning keeps only the last task (about 1/5 of all digits right); replay "
           "keeps much more with 200 stored examples; joint training on everything is the ceiling.")
 
@@ -394,11 +403,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
         print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
         return 0
-    report = run_sweep(args.sweep_file, out, overrides=args.overrides, workers=args.workers,
-                       show_progress=not args.quiet)
-    print(f"sweep: {report.total} runs: {report.skipped} were already done, "
-          f"{report.completed} finished now, {len(report.failures)} failed")
-    _print_scenario_table(out, png=True)
+    with _holding(out, "sweep"):  # the summary and plots under the lock too
+        report = run_sweep(args.sweep_file, out, overrides=args.overrides, workers=args.workers,
+                           show_progress=not args.quiet)
+        print(f"sweep: {report.total} runs: {report.skipped} were already done, "
+              f"{report.completed} finished now, {len(report.failures)} failed")
+        _print_scenario_table(out, png=True)
     if report.failures:
         print(f"\n{len(report.failures)} runs failed (also in {out / 'failures.jsonl'}):",
               file=sys.stderr)
@@ -488,12 +498,13 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
                          "configs/plasticity/bit_flipping.yaml")
     cfg = load_plasticity_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    report = run_plasticity(cfg, out, show_progress=not args.quiet, workers=args.workers)
-    print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
-          f"in {report.seconds:.1f} s")
-    rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
-    print(format_plasticity_summary(plasticity_summary(rows)))
-    print(f"results: {out / 'results.csv'}\nplot: {write_plasticity_plots(rows, out / 'plots')}")
+    with _holding(out, "plasticity"):  # the summary and plots under the lock too
+        report = run_plasticity(cfg, out, show_progress=not args.quiet, workers=args.workers)
+        print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+              f"in {report.seconds:.1f} s")
+        rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
+        print(format_plasticity_summary(plasticity_summary(rows)))
+        print(f"results: {out / 'results.csv'}\nplot: {write_plasticity_plots(rows, out / 'plots')}")
     return 0
 
 
@@ -516,15 +527,16 @@ def cmd_window(args: argparse.Namespace) -> int:
         from engram.window_plots import animation_writer
         animation_writer(experiment.animation, experiment.fps)  # no ffmpeg: say so now
     out = Path(args.out or Path("runs") / experiment.name)
-    report = run_window_experiment(experiment, out, workers=args.workers,
-                                   show_progress=not args.quiet)
-    print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
-          f"in {report.seconds:.1f} s")
-    print(format_window_summary(window_summary(experiment, report.records)))
-    print(f"results: {out / 'results.csv'}")
-    for path in write_window_pictures(experiment, report.records, out,
-                                      animate=not args.no_animation):
-        print(f"wrote: {path}")
+    with _holding(out, "window"):  # the summary and plots under the lock too
+        report = run_window_experiment(experiment, out, workers=args.workers,
+                                       show_progress=not args.quiet)
+        print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+              f"in {report.seconds:.1f} s")
+        print(format_window_summary(window_summary(experiment, report.records)))
+        print(f"results: {out / 'results.csv'}")
+        for path in write_window_pictures(experiment, report.records, out,
+                                          animate=not args.no_animation):
+            print(f"wrote: {path}")
     return 0
 
 

@@ -124,10 +124,19 @@ def _pid_alive(pid: Any) -> bool:
     return True
 
 
+# Folders this process holds, with how many `OutputFolder` blocks hold each: the CLI holds a
+# folder through a whole command (training, then the summary and plots) while the
+# experiment function inside holds it too; a second OS lock from the same process would
+# refuse its own holder.
+_HELD: dict[Path, list] = {}  # resolved path -> [lock, depth, command]
+
+
 class OutputFolder:
     """`with OutputFolder(out, "run") as folder:` holds `out`'s lock until the block ends;
     inside, `folder.claim(identity, extensible, device)` checks and records the experiment
-    before anything is written. See the module docstring for the rules."""
+    before anything is written. Blocks of one command on the same folder nest within one
+    process. See the
+    module docstring for the rules."""
 
     def __init__(self, path: str | Path, command: str) -> None:
         self.path = Path(path)
@@ -138,9 +147,17 @@ class OutputFolder:
     def __enter__(self) -> "OutputFolder":
         from filelock import FileLock, Timeout
 
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
+        held = _HELD.get(self.path.resolve())
+        if held is not None and held[2] == self.command:  # an enclosing block holds it
+            held[1] += 1
+            self._lock = held[0]
+            return self
         lock = FileLock(str(self.path / LOCK_FILE), timeout=0)
         try:
+            if held is not None:  # held by this process for another command
+                raise Timeout(str(self.path / LOCK_FILE))
             lock.acquire()
         except Timeout:
             raise EngramError(f"{self.path} is in use: {self._holder()} is writing it; wait "
@@ -149,11 +166,20 @@ class OutputFolder:
         info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
                 "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds")}
         _write_json(self.path / LOCK_INFO, info)
+        _HELD[self.path.resolve()] = [lock, 1, self.command]
         return self
 
     def __exit__(self, *exc: object) -> None:
-        (self.path / LOCK_INFO).unlink(missing_ok=True)
-        self._lock.release()
+        key = self.path.resolve()
+        _HELD[key][1] -= 1
+        if _HELD[key][1] == 0:  # the outermost block lets go
+            del _HELD[key]
+            (self.path / LOCK_INFO).unlink(missing_ok=True)
+            self._lock.release()
+            if self._created and {p.name for p in self.path.iterdir()} <= {LOCK_FILE}:
+                # a command refused before writing anything leaves no folder behind
+                (self.path / LOCK_FILE).unlink(missing_ok=True)
+                self.path.rmdir()
         self._lock = None
 
     def _holder(self) -> str:
