@@ -7,7 +7,7 @@ The runner owns the step (see `engram.runner.train_task`):
     data = method.training_data(task.train, ctx)
     for batch in batches(data):
         batch = method.make_batch(batch, ctx)
-        loss = cross_entropy(model(batch.x, batch.task), batch.y)
+        loss = ctx.loss_fn(model(batch.x, batch.task), batch.y)  # the problem's loss
         penalty = method.penalty(ctx)            # None means "no penalty"
         if penalty is not None: loss = loss + penalty
         optimizer.zero_grad(); loss.backward()
