@@ -20,7 +20,7 @@ from engram.config import config_to_dict
 from engram.errors import EngramError
 from engram.outdir import OutputFolder
 from engram.results import read_rows, row_key
-from engram.runner import run_experiment
+from engram.runner import resolve_device, run_experiment
 from tests.conftest import tiny_config
 
 
@@ -247,7 +247,8 @@ def test_every_invocation_appends_its_provenance(tmp_path):
     for entry in entries:
         assert entry["command"] == "run" and entry["engram"] == engram.__version__
         assert entry["torch"] == torch.__version__
-        assert entry["python"] == platform.python_version() and entry["device"] == "cpu"
+        assert entry["python"] == platform.python_version()
+        assert entry["device"] == str(resolve_device("auto"))  # the config's device: auto
         assert entry["platform"] and entry["pid"] == os.getpid()
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(outdir.__file__).parent,
                           capture_output=True, text=True)
