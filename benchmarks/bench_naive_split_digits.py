@@ -40,7 +40,7 @@ def in_process(repeats: int) -> None:
     from hand_loop import hand_loop
 
     from engram.config import load_config
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
 
     cfg = load_config(CONFIG)
     engram_times, hand_times = [], []

@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from engram.window import WindowConfig, run_window, window_data
+from engram.experiments.window import WindowConfig, run_window, window_data
 
 
 def hand_loop(cfg: WindowConfig) -> list[int]:

@@ -16,7 +16,8 @@ import yaml
 
 from engram import cli
 from engram.cli import main
-from engram.config import config_to_dict, load_config, load_config_dict, run_id
+from engram.config import config_to_dict, load_config, load_config_dict
+from engram.experiments.continual import continual_run_id as run_id
 from engram.errors import ConfigError
 from engram.results import COLUMNS
 from tests.conftest import tiny_config
@@ -32,6 +33,17 @@ def fails_with(capsys, args: list[str], *needles: str) -> str:
     err = capsys.readouterr().err
     assert err.startswith("engram: error: ") and err.count("\n") == 1, err
     assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+def run_fails_with(capsys, args: list[str], *needles: str) -> str:
+    """Run an experiment command whose run fails: exit 1, the failed run listed on stderr with
+    every needle, no traceback (the harness's failure report, the same for every command)."""
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "runs failed" in err and "Traceback" not in err, err
     for needle in needles:
         assert needle in err, err
     return err
@@ -68,7 +80,7 @@ def test_empty_config_is_refused(tmp_path, capsys, kind):
 
 
 def test_no_config_at_all_still_means_the_defaults():
-    from engram.window import load_window_experiment
+    from engram.experiments.window import load_window_experiment
 
     assert load_window_experiment(None, ["run.max_steps=10"]).run.max_steps == 10
 
@@ -156,7 +168,7 @@ def test_huge_values_are_not_echoed_in_full(tmp_path, capsys):
     with pytest.raises(ConfigError) as info:
         load_config_dict({"data": {"source": "z" * 200_000}})
     assert "unknown dataset 'zzz" in str(info.value) and len(str(info.value)) < 500
-    from engram.window import parse_window_experiment
+    from engram.experiments.window import parse_window_experiment
 
     with pytest.raises(ConfigError) as info:
         parse_window_experiment({"variants": [{"name": list(range(100_000))}]})
@@ -199,7 +211,7 @@ def test_devices_engram_cannot_train_on_are_refused(tmp_path, capsys, kind, devi
 
 
 def test_resolve_device_refuses_meta_and_missing_gpus():
-    from engram.runner import resolve_device
+    from engram.experiments.harness import resolve_device
 
     with pytest.raises(ConfigError, match="'meta' is not a device"):
         resolve_device("meta")
@@ -237,12 +249,12 @@ def test_checkpoint_of_the_wrong_structure_names_the_file(tmp_path, capsys):
     checkpoint = out / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
     checkpoint.parent.mkdir(parents=True)
     torch.save({"a": 1}, checkpoint)
-    fails_with(capsys, ["run", config, "--out", str(out), "--resume", "-q"],
-               f"checkpoint {checkpoint} cannot be read", "'model' is missing",
-               "delete it to restart this run")
+    run_fails_with(capsys, ["run", config, "--out", str(out), "-q"],
+                   f"checkpoint {checkpoint} cannot be read", "'model' is missing",
+                   "delete it to restart this run")
     torch.save([1, 2], checkpoint)
-    fails_with(capsys, ["run", config, "--out", str(out), "--resume", "-q"],
-               "it holds a list, not an engram checkpoint")
+    run_fails_with(capsys, ["run", config, "--out", str(out), "-q"],
+                   "it holds a list, not an engram checkpoint")
     checkpoint.unlink()  # as the message says: the run then starts over and finishes
     assert main(["run", config, "--out", str(out), "--resume", "-q"]) == 0
 
@@ -308,7 +320,7 @@ def test_resume_reads_results_through_the_same_checks(tmp_path, capsys):
 
 
 def test_profile_report_checks_its_numbers(tmp_path, capsys):
-    from engram.importance.profile import PROFILE_COLUMNS
+    from engram.experiments.profile import PROFILE_COLUMNS
 
     row = dict(profile_id="p", name="n", seed="0", epoch="2", measure="random",
                aggregation="weight", reducer="mean", scope="layer", direction="least_first",
@@ -324,7 +336,7 @@ def test_profile_report_checks_its_numbers(tmp_path, capsys):
 
 
 def _plain_window(tmp_path: Path) -> tuple[Path, Path]:
-    from engram.window import load_window_experiment, record_path, run_window_experiment
+    from engram.experiments.window import load_window_experiment, record_path, run_window_experiment
 
     experiment = load_window_experiment(None, TINY_WINDOW)
     out = tmp_path / "w"

@@ -13,7 +13,7 @@ from engram.config import config_to_dict
 from engram.data import DATASETS, STREAMS
 from engram.methods import METHODS
 from engram.models import MODELS
-from engram.summary import accuracy_matrices, summary_table
+from engram.reports.tables import accuracy_matrices, summary_table
 from engram.results import read_rows
 from tests.conftest import tiny_config
 
@@ -34,7 +34,7 @@ def test_python_dash_m_engram_lists_every_registry_entry():
     out = subprocess.run([sys.executable, "-m", "engram", "list"], capture_output=True, text=True,
                          check=True).stdout
     from engram.importance.measures import MEASURES
-    from engram.plasticity import PROBLEMS
+    from engram.registry import PROBLEMS
 
     lines = out.strip().splitlines()
     registries = (DATASETS, STREAMS, MODELS, METHODS, MEASURES, PROBLEMS)

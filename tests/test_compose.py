@@ -9,7 +9,7 @@ from engram.config import load_config_dict
 from engram.errors import ConfigError
 from engram.methods.compose import Compose
 from engram.results import read_rows
-from engram.runner import run_experiment
+from engram.experiments.continual import run_experiment
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

@@ -10,19 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from engram.config import (
-    DataConfig,
-    MethodSpec,
-    ModelConfig,
-    RunConfig,
-    StreamConfig,
-    TrainConfig,
-    describe_fields,
-    load_config,
-    load_config_dict,
-    parse_method,
-    run_id,
-)
+from engram.config import DataConfig, MethodSpec, ModelConfig, RunConfig, StreamConfig, TrainConfig, load_config, load_config_dict, parse_method
+from engram.experiments.continual import continual_run_id as run_id
+from engram.schema import describe_fields
 from engram.data import DATASETS, STREAMS
 from engram.errors import ConfigError
 from engram.methods import METHODS
@@ -395,7 +385,7 @@ def _all_keys(cls, prefix=""):
 
 
 def test_describe_fields_mentions_every_key_with_a_doc():
-    lines = describe_fields()
+    lines = describe_fields(RunConfig)
     keys = list(_all_keys(RunConfig))
     assert {"data.path", "stream.rotation_step", "model.activation", "train.eval_splits",
             "methods"} <= set(keys)
@@ -407,7 +397,7 @@ def test_describe_fields_mentions_every_key_with_a_doc():
 
 
 def test_describe_fields_shows_defaults_and_types():
-    lines = describe_fields()
+    lines = describe_fields(RunConfig)
     assert any(ln.strip().startswith("train.epochs = 20  (int): ") for ln in lines)
     assert any(ln.strip().startswith("data.limit = null  (int or null): ") for ln in lines)
     assert any(ln.strip().startswith("stream.scenario = \"class\"  ('task' or 'domain' or 'class')")

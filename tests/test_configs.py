@@ -8,7 +8,7 @@ import pytest
 
 from engram.config import load_config
 from engram.results import read_rows
-from engram.sweep import load_sweep, run_sweep
+from engram.experiments.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p for p in (ROOT / "configs").rglob("*.yaml")

@@ -329,7 +329,7 @@ def test_state_resumes_a_run_exactly_through_the_runner():
     import io
 
     from engram.data import DATASETS, build_stream
-    from engram.runner import train_task
+    from engram.training import train_task
     from tests.conftest import tiny_config
 
     cfg = tiny_config(model={"kind": "mlp", "hidden": [16, 16]})

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from engram.methods.base import _tensors
 from engram.methods.generative_replay import VAE, GenerativeReplay, negative_elbo
-from engram.runner import train_task
+from engram.training import train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context, _train_two_tasks
 

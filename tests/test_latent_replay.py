@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from engram.errors import ConfigError
 from engram.methods.latent_replay import (LatentReplay, LatentReplayParams, block_cut,
                                           fit_codebooks, pq_decode, pq_encode)
-from engram.runner import train_task
+from engram.training import train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

@@ -15,7 +15,7 @@ from engram.data.streams import TensorSet
 from engram.methods.mcsgd import (MCSGD, MCSGDParams, connectivity_objective, line_loss,
                                   line_points)
 from engram.models.nets import ContinualNet
-from engram.runner import train_task
+from engram.training import train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

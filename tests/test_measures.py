@@ -17,12 +17,13 @@ from torch import nn
 
 from engram.config import ModelConfig, TrainConfig
 from engram.data.streams import Task, TensorSet
-from engram.importance.measures import (MEASURES, SI_DAMPING, Trajectory, TrajectoryRecorder,
+from engram.importance.measures import (MEASURES, SI_DAMPING, Trajectory,
                                         profiled_parameters)
+from engram.experiments.profile import TrajectoryRecorder
 from engram.methods.base import Context, Method
 from engram.methods.si import SI
 from engram.models import build_model
-from engram.runner import train_task
+from engram.training import train_task
 
 SPEC_NAMES = ["random", "magnitude", "inverse_magnitude", "fisher_exact", "fisher_sample",
               "fisher_empirical", "fisher_batch", "mas", "si", "taylor", "snip", "weight_change",

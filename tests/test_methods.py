@@ -16,7 +16,8 @@ from engram.data import DATASETS, build_stream
 from engram.methods import METHODS, Context
 from engram.models import build_model
 from engram.results import read_rows
-from engram.runner import run_experiment, train_task
+from engram.experiments.continual import run_experiment
+from engram.training import train_task
 from tests.conftest import tiny_config
 
 ALL_METHODS = METHODS.names()

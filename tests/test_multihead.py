@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from engram.methods.multihead import MultiHead
-from engram.runner import evaluate, train_task
+from engram.training import evaluate, train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

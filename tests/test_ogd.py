@@ -79,7 +79,7 @@ def test_frozen_parameters_give_a_clear_error_not_a_crash():
     from engram.config import parse_method
     from engram.errors import ConfigError
     from engram.methods import METHODS
-    from engram.runner import train_task
+    from engram.training import train_task
     from tests.conftest import tiny_config
     from tests.test_methods import _context
 
@@ -114,10 +114,10 @@ def _flat(model):
 
 
 def _steps(ctx, method, optimizer, n_steps):
-    """n_steps runner updates (engram.runner.apply_update) on task 2's first batches; yields
+    """n_steps runner updates (engram.training.apply_update) on task 2's first batches; yields
     the update each made, w_after - w_before (P,)."""
     from engram.data.streams import TensorSet
-    from engram.runner import apply_update
+    from engram.training import apply_update
 
     data = ctx.stream.tasks[1].train
     ctx.task = ctx.stream.tasks[1]

@@ -1,4 +1,4 @@
-"""Output folders (engram.outdir): one writer at a time, one experiment per folder, the
+"""Output folders (engram.experiments.outdir): one writer at a time, one experiment per folder, the
 provenance of every invocation, and no worker left behind when its parent is killed."""
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import pytest
 import yaml
 
 import engram
-from engram import outdir
+from engram.experiments import outdir
 from engram.config import config_to_dict
 from engram.errors import EngramError
-from engram.outdir import OutputFolder
+from engram.experiments.outdir import OutputFolder
 from engram.results import read_rows, row_key
-from engram.runner import resolve_device, run_experiment
+from engram.experiments.continual import run_experiment
+from engram.experiments.harness import resolve_device
 from tests.conftest import tiny_config
 
 
@@ -88,7 +89,7 @@ def test_blocks_nest_in_one_process_and_the_outermost_lets_go(tmp_path):
     """The CLI holds a folder through a whole command (the experiment function inside takes
     it again): the inner block must not refuse its own process, and the folder stays locked
     for other processes until the outer block ends (the summary and plots are drawn there)."""
-    probe = [sys.executable, "-c", "from engram.outdir import OutputFolder\n"
+    probe = [sys.executable, "-c", "from engram.experiments.outdir import OutputFolder\n"
              f"with OutputFolder({str(tmp_path / 'out')!r}, 'run'):\n    pass"]
     with OutputFolder(tmp_path / "out", "run"):
         with OutputFolder(tmp_path / "out", "run") as inner:
@@ -112,7 +113,7 @@ def test_the_lock_names_its_holder_and_a_dead_holder_blocks_nobody(tmp_path):
                 pass
     # A holder killed with SIGKILL leaves its info file behind, but the OS lock dies with it.
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from engram.outdir import OutputFolder\n"
+        [sys.executable, "-c", "import sys, time; from engram.experiments.outdir import OutputFolder\n"
          f"with OutputFolder({str(tmp_path)!r}, 'run'):\n    print('locked', flush=True); "
          "time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
@@ -129,17 +130,17 @@ def test_the_lock_names_its_holder_and_a_dead_holder_blocks_nobody(tmp_path):
 
 def test_run_resume_may_add_seeds_but_not_mix_experiments(tmp_path):
     run_experiment(tiny_config(), tmp_path, show_progress=False)
-    run_experiment(tiny_config(seeds=[0, 1]), tmp_path, resume=True, show_progress=False)
+    run_experiment(tiny_config(seeds=[0, 1]), tmp_path, show_progress=False)
     rows = read_rows(tmp_path / "results.csv")
     assert sorted({r["seed"] for r in rows if r["metric"] == "run_complete"}) == ["0", "1"]
     record = json.loads((tmp_path / outdir.RECORD).read_text())
     assert record["command"] == "run" and record["identity"]["seeds"] == [0, 1]
     # a config listing only seed 1 is the same experiment too; the record keeps both seeds
-    run_experiment(tiny_config(seeds=[1]), tmp_path, resume=True, show_progress=False)
+    run_experiment(tiny_config(seeds=[1]), tmp_path, show_progress=False)
     assert json.loads((tmp_path / outdir.RECORD).read_text())["identity"]["seeds"] == [0, 1]
     with pytest.raises(EngramError, match=r"another experiment \(methods: .*; rerun with its "
                                           r"settings \(only seeds may grow\)"):
-        run_experiment(tiny_config(methods=["ewc"]), tmp_path, resume=True, show_progress=False)
+        run_experiment(tiny_config(methods=["ewc"]), tmp_path, show_progress=False)
 
 
 def test_results_without_a_record_are_refused(tmp_path):
@@ -148,13 +149,13 @@ def test_results_without_a_record_are_refused(tmp_path):
     (tmp_path / "results.csv").write_text("run_id,name\n")
     with pytest.raises(EngramError, match=r"holds results.csv but no experiment.json .*choose "
                                           "another --out, or move its results.csv away"):
-        run_experiment(tiny_config(), tmp_path, resume=True, show_progress=False)
+        run_experiment(tiny_config(), tmp_path, show_progress=False)
     assert not (tmp_path / outdir.RECORD).exists() and not (tmp_path / "config.yaml").exists()
 
 
 def _tiny_plasticity(**changes):
-    from engram.config import parse_dataclass
-    from engram.plasticity import PlasticityConfig
+    from engram.schema import parse_dataclass
+    from engram.experiments.plasticity import PlasticityConfig
 
     raw = {"seeds": [0], "problem": {"n_tasks": 2, "flip_every": 50, "probe_size": 10},
            "model": {"hidden": [4]}, **changes}
@@ -164,7 +165,7 @@ def _tiny_plasticity(**changes):
 def test_plasticity_refuses_a_changed_setting_and_may_add_seeds(tmp_path):
     """Rerun with another learning rate, plasticity used to skip every run as done and print
     the old learning rate's numbers."""
-    from engram.plasticity import run_plasticity
+    from engram.experiments.plasticity import run_plasticity
 
     run_plasticity(_tiny_plasticity(), tmp_path, show_progress=False)
     faster = _tiny_plasticity(train={"epochs": 1, "batch_size": 1, "lr": 0.1})
@@ -175,8 +176,8 @@ def test_plasticity_refuses_a_changed_setting_and_may_add_seeds(tmp_path):
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):
-    from engram.plasticity import run_plasticity
-    from engram.window import parse_window_experiment, run_window_experiment
+    from engram.experiments.plasticity import run_plasticity
+    from engram.experiments.window import parse_window_experiment, run_window_experiment
 
     run_plasticity(_tiny_plasticity(), tmp_path, show_progress=False)
     window = parse_window_experiment({"run": {"n_points": 20, "x_dim": 4, "y_dim": 2,
@@ -185,11 +186,11 @@ def test_a_folder_of_another_command_is_refused(tmp_path):
                                           r"window` writes a folder of its own"):
         run_window_experiment(window, tmp_path, show_progress=False)
     with pytest.raises(EngramError, match="holds results of `engram plasticity`"):
-        run_experiment(tiny_config(), tmp_path, resume=True, show_progress=False)
+        run_experiment(tiny_config(), tmp_path, show_progress=False)
 
 
 def test_window_may_add_seeds(tmp_path):
-    from engram.window import parse_window_experiment, run_window_experiment
+    from engram.experiments.window import parse_window_experiment, run_window_experiment
 
     raw = {"seeds": [0], "run": {"n_points": 20, "x_dim": 4, "y_dim": 2, "width": 4,
                                  "window": 5, "max_steps": 20}}
@@ -211,7 +212,7 @@ SWEEP = {"name": "grid", "seeds": [0], "plots": False, "data": {"source": "digit
 def test_a_sweep_may_grow_by_alternatives_but_a_changed_scalar_is_refused(tmp_path):
     """A sweep rerun with another single learning rate pooled both as one grid point ("2
     seeds" of two learning rates); an alternative added to an axis only runs what is new."""
-    from engram.sweep import run_sweep
+    from engram.experiments.sweep import run_sweep
 
     def sweep(**changes):
         raw = json.loads(json.dumps(SWEEP))
@@ -238,7 +239,7 @@ def test_a_sweep_may_grow_by_alternatives_but_a_changed_scalar_is_refused(tmp_pa
 
 def test_every_invocation_appends_its_provenance(tmp_path):
     run_experiment(tiny_config(), tmp_path, show_progress=False)
-    run_experiment(tiny_config(), tmp_path, resume=True, show_progress=False)
+    run_experiment(tiny_config(), tmp_path, show_progress=False)
     entries = [json.loads(line) for line in (tmp_path / outdir.PROVENANCE).read_text().splitlines()]
     assert len(entries) == 2
     import platform

@@ -10,7 +10,7 @@ import torch
 
 from engram.errors import ConfigError
 from engram.methods.packnet import PackNet, PackNetEvalNet, prune_smallest
-from engram.runner import train_task
+from engram.training import train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram.config import parse_dataclass
-from engram.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, LTUTarget, PlasticityConfig,
-                               ProblemConfig, bit_flipping_tasks, load_plasticity_config,
-                               permuted_digits_tasks, run_plasticity)
+from engram.schema import parse_dataclass
+from engram.data.problems import (LTUTarget, ProblemConfig, bit_flipping_tasks,
+                                  permuted_digits_tasks)
+from engram.experiments.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
+                                           load_plasticity_config, run_plasticity)
 from engram.results import read_rows
 
 
@@ -68,8 +69,8 @@ def tiny(**raw) -> PlasticityConfig:
     methods = base.pop("methods", None)
     cfg = parse_dataclass(PlasticityConfig, base)
     if methods:
-        from engram.config import _parse_methods
-        cfg.methods = _parse_methods(methods)
+        from engram.config import parse_methods
+        cfg.methods = parse_methods(methods)
     return cfg
 
 
@@ -79,7 +80,7 @@ def test_online_error_is_the_loss_before_each_update(tmp_path, method):
     fixed network on it, and online accuracy its plain accuracy; with replay too: online
     error counts the step's new examples only, not the remembered ones mixed in."""
     from engram.models import build_model
-    from engram.plasticity import problem_tasks
+    from engram.experiments.plasticity import problem_tasks
 
     for kind in ("bit_flipping", "permuted_digits"):
         cfg = tiny(seeds=[0], train={"epochs": 1, "batch_size": 1, "lr": 0.0},
@@ -158,7 +159,7 @@ def test_parallel_workers_write_the_same_rows(tmp_path):
 
 
 def test_class_stream_cycles_class_groups():
-    from engram.plasticity import class_stream_tasks
+    from engram.data.problems import class_stream_tasks
 
     images, labels = torch.rand(60, 4), torch.arange(60) % 6
     cfg = ProblemConfig(kind="class_stream", n_tasks=7, classes_per_task=2)
@@ -170,7 +171,7 @@ def test_class_stream_cycles_class_groups():
 
 
 def test_binned_curves_average_each_seed_then_across_seeds():
-    from engram.plasticity import metric_curves
+    from engram.experiments.plasticity import metric_curves
 
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
              "value": str(10 * s + t), "run_id": f"r{s}"} for s in (0, 1) for t in range(1, 7)]
@@ -183,12 +184,12 @@ def test_binned_curves_average_each_seed_then_across_seeds():
 def test_an_unknown_problem_is_named_in_the_error():
     from engram.errors import ConfigError
 
-    with pytest.raises(ConfigError, match="problem.kind: unknown problem 'flipping'; choose one of: bit_flipping"):
+    with pytest.raises(ConfigError, match="problem.kind: unknown plasticity problem 'flipping'; choose one of: bit_flipping"):
         tiny(problem={"kind": "flipping"})
 
 
 def test_summary_windows_and_standard_errors_by_hand():
-    from engram.plasticity import format_plasticity_summary, plasticity_summary
+    from engram.experiments.plasticity import format_plasticity_summary, plasticity_summary
 
     # 10 tasks: early = tasks 2-3, late = tasks 9-10; value = seed * 10 + task
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),

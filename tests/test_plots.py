@@ -1,4 +1,4 @@
-"""engram.plots: drawing functions on tiny synthetic rows, and write_plots from a CSV alone."""
+"""engram.reports.figures: drawing functions on tiny synthetic rows, and write_plots from a CSV alone."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from matplotlib.figure import Figure
 
 from engram.errors import DataError
-from engram.plots import (plot_accuracy_matrix, plot_method_comparison, plot_task_curves,
+from engram.reports.figures import (plot_accuracy_matrix, plot_method_comparison, plot_task_curves,
                           safe_name, task_curves, write_plots)
 from engram.results import ResultWriter
 
@@ -72,7 +72,7 @@ def write_csv(path, rows) -> None:
 
 
 def test_import_does_not_import_matplotlib():
-    code = "import sys, engram.plots; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
+    code = "import sys, engram.reports.figures; print('matplotlib' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False False"
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engram.config import parse_dataclass
+from engram.schema import parse_dataclass
 from engram.errors import EngramError
-from engram.importance.profile import (PROFILE_COLUMNS, PROFILE_KEY, ProfileConfig,
+from engram.experiments.profile import (PROFILE_COLUMNS, PROFILE_KEY, ProfileConfig,
                                        load_profile_config, run_profile)
 from engram.results import read_rows
 
@@ -84,12 +84,12 @@ def test_another_setting_in_the_same_folder_is_refused(tmp_path):
 def test_profiling_leaves_the_trained_network_untouched():
     from engram.data import DATASETS, build_stream
     from engram.config import StreamConfig
-    from engram.importance.measures import TrajectoryRecorder
-    from engram.importance.profile import profile_network, profile_id
+    from engram.experiments.profile import TrajectoryRecorder
+    from engram.experiments.profile import profile_network, profile_id
     from engram.methods.base import Context
     from engram.models import build_model
     from engram.results import ResultWriter
-    from engram.runner import evaluate, train_task
+    from engram.training import evaluate, train_task
     from engram.config import TrainConfig
     import tempfile
 
@@ -155,7 +155,7 @@ def test_cli_profile_then_report(tmp_path, capsys):
     assert main(["profile", "--help-config"]) == 0
     assert "profile.measures" in capsys.readouterr().out
     assert main(["profile", str(config), "profile.measures=[nonsense]", "--out", str(out)]) == 2
-    assert "profile.measures[0]: unknown measure 'nonsense'" in capsys.readouterr().err
+    assert "profile.measures[0]: unknown importance measure 'nonsense'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -163,7 +163,7 @@ def test_default_digits_grid_ranks_fisher_and_magnitude_above_random(tmp_path):
     """The README's claim, on the default grid (3 seeds, about 15 s): removing the least
     important weights first, Fisher and magnitude beat random with non-overlapping t-intervals
     of the area under the loss curve, and inverse magnitude is worse than random."""
-    from engram.importance.report import ranking_table
+    from engram.reports.profile import ranking_table
 
     report = run_profile(load_profile_config(DIGITS_PROFILE), tmp_path, show_progress=False)
     assert report.rows_written >= 8 * 3 * 21 * 2 * 3

@@ -1,4 +1,4 @@
-"""engram.importance.report: curve summaries, the ranking table's statistics and the profile
+"""engram.reports.profile: curve summaries, the ranking table's statistics and the profile
 figures, on profile rows written by hand (every value a string, as read_rows returns)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from engram.errors import DataError
-from engram.importance.report import (PROFILE_COLUMNS, curve_summaries, format_ranking_table,
+from engram.reports.profile import (PROFILE_COLUMNS, curve_summaries, format_ranking_table,
                                       holm, max_safe_threshold, paired_test, profile_figure,
                                       ranking_table, t_interval, trapezoid, write_profile_plots)
 
@@ -307,6 +307,6 @@ def test_one_seed_draws_no_band():
 
 
 def test_importing_the_report_does_not_import_matplotlib():
-    code = "import sys, engram.importance.report; print('matplotlib' in sys.modules)"
+    code = "import sys, engram.reports.profile; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.methods.progressive import Progressive, ProgressiveNet
-from engram.runner import evaluate, train_task
+from engram.training import evaluate, train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

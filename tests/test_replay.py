@@ -266,7 +266,7 @@ def test_herding_memory_is_chosen_at_task_end_and_old_classes_keep_a_prefix():
 @pytest.mark.parametrize("scenario", ["task", "domain", "class"])
 def test_every_policy_trains_and_keeps_memory(policy, scenario, tmp_path):
     from engram.results import read_rows
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
     from tests.conftest import tiny_config
 
     cfg = tiny_config(stream={"scenario": scenario},

@@ -16,8 +16,9 @@ import yaml
 from engram.config import config_to_dict
 from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.results import COLUMNS, ResultWriter, read_rows, row_key
-from engram.runner import resolve_device, run_experiment
-from engram.summary import accuracy_matrices
+from engram.experiments.continual import run_experiment
+from engram.experiments.harness import resolve_device
+from engram.reports.tables import accuracy_matrices
 from tests.conftest import tiny_config
 
 
@@ -97,22 +98,23 @@ def test_completed_runs_are_skipped_on_resume(tmp_path):
     cfg = tiny_config()
     run_experiment(cfg, tmp_path, show_progress=False)
     before = (tmp_path / "results.csv").read_text()
-    run_experiment(cfg, tmp_path, resume=True, show_progress=False)
+    run_experiment(cfg, tmp_path, show_progress=False)
     assert (tmp_path / "results.csv").read_text() == before
 
 
-def test_existing_results_need_resume(tmp_path):
-    cfg = tiny_config()
-    run_experiment(cfg, tmp_path, show_progress=False)
-    with pytest.raises(EngramError, match="already holds results; pass --resume"):
-        run_experiment(cfg, tmp_path, show_progress=False)
+def test_a_rerun_with_more_seeds_runs_only_the_new_seed(tmp_path):
+    """Rerunning resumes (no --resume needed); a seed added to the config runs, alone."""
+    run_experiment(tiny_config(seeds=[0]), tmp_path, show_progress=False)
+    report = run_experiment(tiny_config(seeds=[0, 1]), tmp_path, show_progress=False)
+    assert (report.total, report.skipped, report.completed) == (2, 1, 1)
+    assert {r["seed"] for r in read_rows(tmp_path / "results.csv")} == {"0", "1"}
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path):
     run_experiment(tiny_config(), tmp_path, show_progress=False)
     with pytest.raises(EngramError, match=r"holds another experiment \(train.lr: 0.05 there, "
                                           r"0.01 here\); .*only seeds may grow"):
-        run_experiment(tiny_config(train={"lr": 0.01}), tmp_path, resume=True, show_progress=False)
+        run_experiment(tiny_config(train={"lr": 0.01}), tmp_path, show_progress=False)
 
 
 def test_half_written_last_line_is_cut_before_appending(tmp_path):
@@ -129,12 +131,12 @@ def test_half_written_last_line_is_cut_before_appending(tmp_path):
 
 def test_unreadable_checkpoint_names_the_file(tmp_path):
     cfg = tiny_config()
-    from engram.config import run_id
+    from engram.experiments.continual import continual_run_id as run_id
     (tmp_path / "checkpoints").mkdir(parents=True)
     bad = tmp_path / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(EngramError, match=r"checkpoint .*\.pt cannot be read"):
-        run_experiment(cfg, tmp_path, resume=True, show_progress=False)
+        run_experiment(cfg, tmp_path, show_progress=False)
 
 
 def test_divergence_stops_with_a_clear_message(tmp_path):
@@ -163,7 +165,7 @@ def test_runs_on_cuda_with_data_on_the_device(tmp_path):
 
 
 def test_summary_uses_validation_when_no_test_split_was_measured(tmp_path):
-    from engram.summary import summary_table
+    from engram.reports.tables import summary_table
     cfg = tiny_config(train={"eval_splits": ["val"]}, data={"val_fraction": 0.2})
     run_experiment(cfg, tmp_path, show_progress=False)
     (entry,) = summary_table(read_rows(tmp_path / "results.csv"))
@@ -175,7 +177,7 @@ def test_checkpoints_without_results_are_not_resumed_silently(tmp_path):
     cfg = tiny_config(checkpoint_seconds=0.0)
     run_experiment(cfg, tmp_path / "a", show_progress=False)
     expected = _comparable(read_rows(tmp_path / "a" / "results.csv"))
-    from engram.config import run_id
+    from engram.experiments.continual import continual_run_id as run_id
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)
     stale = tmp_path / "b" / "checkpoints" / f"{run_id(cfg, cfg.methods[0], 0)}.pt"
     torch.save({"model": {}, "method": {}, "generator": torch.Generator().get_state(),
@@ -187,7 +189,7 @@ def test_checkpoints_without_results_are_not_resumed_silently(tmp_path):
 def _stop_in_task(monkeypatch, index: int) -> None:
     """Make train_task raise KeyboardInterrupt when it reaches task `index` (0-based): a kill
     between that task's start and its end, after the checkpoint of the task before it."""
-    import engram.runner as runner
+    import engram.experiments.continual as runner
     real_train_task = runner.train_task
 
     def stop(ctx, method, on_epoch):
@@ -218,7 +220,7 @@ def test_a_checkpoint_ahead_of_the_results_is_not_resumed(tmp_path, monkeypatch)
         writer = csv.DictWriter(f, fieldnames=COLUMNS, lineterminator="\n")
         writer.writeheader()
         writer.writerows(kept)
-    run_experiment(cfg, tmp_path / "cut", resume=True, show_progress=False)
+    run_experiment(cfg, tmp_path / "cut", show_progress=False)
 
     def measured(path):
         return sorted((r["task_trained"], r["epoch"], r["task_eval"], r["split"], r["metric"],
@@ -251,6 +253,6 @@ def test_resume_with_dropout_matches_an_uninterrupted_run(tmp_path, monkeypatch,
         state = torch.load(checkpoint, weights_only=True)
         del state["global_rng"]
         torch.save(state, checkpoint)
-    run_experiment(cfg, tmp_path / "cut", resume=True, show_progress=False)
+    run_experiment(cfg, tmp_path / "cut", show_progress=False)
     assert _comparable(read_rows(tmp_path / "cut" / "results.csv")) == \
         _comparable(read_rows(tmp_path / "full" / "results.csv"))

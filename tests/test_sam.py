@@ -55,7 +55,7 @@ def test_sam_in_the_window_experiment_uses_its_squared_error():
     from engram.config import parse_method
     from engram.data.streams import TensorSet
     from engram.methods.base import Context
-    from engram.window import WindowConfig, run_window, squared_norm_loss, window_data
+    from engram.experiments.window import WindowConfig, run_window, squared_norm_loss, window_data
 
     cfg = WindowConfig(n_points=20, x_dim=6, width=6, y_dim=3, depth=2, window=5,
                        init="default", max_steps=30, record_every=10)

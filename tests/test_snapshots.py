@@ -9,7 +9,8 @@ import torch
 from engram.data.streams import TensorSet
 from engram.methods.snapshots import SnapshotNet, Snapshots
 from engram.results import read_rows
-from engram.runner import evaluate, run_experiment, train_task
+from engram.experiments.continual import run_experiment
+from engram.training import evaluate, train_task
 from tests.conftest import tiny_config
 from tests.test_methods import _context
 

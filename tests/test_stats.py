@@ -123,8 +123,8 @@ def test_the_module_imports_no_engram_module():
 def test_every_call_site_gives_the_textbook_mean_and_se():
     """Two seeds with R0 and R1: final average accuracy 0.55 and 0.60, so mean 0.575,
     SE = |0.60 - 0.55| / 2 = 0.025, as before the shared module."""
-    from engram.plots import task_curves
-    from engram.summary import scenario_table, summary_table
+    from engram.reports.figures import task_curves
+    from engram.reports.tables import scenario_table, summary_table
 
     rows = run_rows(R0, 0) + run_rows(R1, 1)
     (entry,) = summary_table(rows)
@@ -146,7 +146,7 @@ def plasticity_rows(runs, metric="online_loss", n_tasks=5, label="m"):
 
 
 def test_plasticity_summary_mean_se_and_interval_by_hand():
-    from engram.plasticity import format_plasticity_summary, metric_curves, plasticity_summary
+    from engram.experiments.plasticity import format_plasticity_summary, metric_curves, plasticity_summary
 
     rows = plasticity_rows([("a", 0, lambda t: t), ("b", 1, lambda t: t + 2)])
     (entry,) = plasticity_summary(rows)  # 5 tasks: early = task 2, late = task 5
@@ -166,7 +166,7 @@ def test_plasticity_summary_mean_se_and_interval_by_hand():
 
 
 def test_format_table_says_mean_and_se_and_with_ci_prints_the_interval_by_hand():
-    from engram.summary import format_table, summary_table
+    from engram.reports.tables import format_table, summary_table
 
     rows = run_rows(R0, 0) + run_rows(R1, 1)
     table = summary_table(rows)
@@ -182,7 +182,7 @@ def test_format_table_says_mean_and_se_and_with_ci_prints_the_interval_by_hand()
 
 
 def test_one_seed_tables_say_there_is_no_spread():
-    from engram.summary import format_table, summary_table
+    from engram.reports.tables import format_table, summary_table
 
     lines = format_table(summary_table(run_rows(R0, 0)), ci=True).splitlines()
     assert lines[2].split()[3] == "0.550" and "±" not in lines[2] and "[" not in lines[2]
@@ -190,7 +190,7 @@ def test_one_seed_tables_say_there_is_no_spread():
 
 
 def test_scenario_table_with_ci_by_hand():
-    from engram.summary import format_scenario_table, scenario_table
+    from engram.reports.tables import format_scenario_table, scenario_table
 
     table = scenario_table(two_seeds())
     text = format_scenario_table(table, ci=True)
@@ -206,8 +206,8 @@ def test_scenario_table_with_ci_by_hand():
 def test_scenario_png_draws_the_interval_with_ci():
     from matplotlib.figure import Figure
 
-    from engram.plots import plot_scenario_table
-    from engram.summary import scenario_table
+    from engram.reports.figures import plot_scenario_table
+    from engram.reports.tables import scenario_table
 
     table = scenario_table(run_rows(R0, 0) + run_rows(R1, 1))
     for ci, half in ((False, 0.025), (True, T_975_1 * 0.025)):
@@ -229,8 +229,8 @@ def two_configs_one_label():
 
 
 def test_summary_tables_refuse_two_runs_on_one_seed_naming_them():
-    from engram.plots import task_curves
-    from engram.summary import scenario_table, summary_table
+    from engram.reports.figures import task_curves
+    from engram.reports.tables import scenario_table, summary_table
 
     rows = two_configs_one_label()
     message = (r"method 'naive' of experiment 'exp', class-incremental: seed 0 has 2 runs "
@@ -243,7 +243,7 @@ def test_summary_tables_refuse_two_runs_on_one_seed_naming_them():
 
 
 def test_write_plots_refuses_two_runs_on_one_seed(tmp_path):
-    from engram.plots import write_plots
+    from engram.reports.figures import write_plots
     from engram.results import COLUMNS, ResultWriter
 
     with ResultWriter(tmp_path / "results.csv", COLUMNS) as writer:
@@ -253,8 +253,8 @@ def test_write_plots_refuses_two_runs_on_one_seed(tmp_path):
 
 
 def test_a_sweeps_grid_points_are_rows_of_their_own_not_pooled_seeds():
-    from engram.plots import task_curves
-    from engram.summary import format_table, summary_table
+    from engram.reports.figures import task_curves
+    from engram.reports.tables import format_table, summary_table
 
     rows = (run_rows(R0, 0, name="sweep[lr=0.1]") + run_rows(R1, 1, name="sweep[lr=0.1]")
             + run_rows(R1, 0, name="sweep[lr=0.01]") + run_rows(R1, 1, name="sweep[lr=0.01]"))
@@ -268,7 +268,7 @@ def test_a_sweeps_grid_points_are_rows_of_their_own_not_pooled_seeds():
 
 
 def test_plasticity_summaries_refuse_two_runs_on_one_seed():
-    from engram.plasticity import metric_curves, plasticity_summary
+    from engram.experiments.plasticity import metric_curves, plasticity_summary
 
     rows = plasticity_rows([("a", 0, lambda t: t), ("b", 1, lambda t: t),
                             ("c", 0, lambda t: 2 * t)])
@@ -279,7 +279,7 @@ def test_plasticity_summaries_refuse_two_runs_on_one_seed():
 
 
 def window_record(seed: int, relearn: list[int]):
-    from engram.window import WindowRecord
+    from engram.experiments.window import WindowRecord
 
     return WindowRecord(steps=np.zeros(1, np.int64), point_loss=np.zeros((1, 4), np.float32),
                         window_start=np.zeros(1, np.int64), weight_norm=np.ones(1),
@@ -288,7 +288,7 @@ def window_record(seed: int, relearn: list[int]):
 
 
 def test_window_summary_by_hand_and_its_format():
-    from engram.window import format_window_summary, parse_window_experiment, window_summary
+    from engram.experiments.window import format_window_summary, parse_window_experiment, window_summary
 
     experiment = parse_window_experiment({"seeds": [0, 1], "run": {"n_points": 4, "shift": 2,
                                                                    "window": 2}})

@@ -12,7 +12,8 @@ import yaml
 from engram.cli import main
 from engram.errors import ConfigError
 from engram.results import COLUMNS, read_rows
-from engram.sweep import expand_sweep, run_sweep, sweep_jobs
+from engram.experiments.continual import continual_jobs as sweep_jobs
+from engram.experiments.sweep import expand_sweep, run_sweep
 
 TINY = {
     "name": "tiny",

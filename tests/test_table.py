@@ -10,9 +10,9 @@ from matplotlib.colors import to_rgba
 from matplotlib.figure import Figure
 
 from engram.errors import DataError
-from engram.plots import plot_scenario_table, write_table_png
+from engram.reports.figures import plot_scenario_table, write_table_png
 from engram.results import ResultWriter
-from engram.summary import (byte_unit, format_bytes, format_scenario_table, method_names,
+from engram.reports.tables import (byte_unit, format_bytes, format_scenario_table, method_names,
                             scenario_columns, scenario_table)
 from tests.conftest import tiny_config
 
@@ -235,7 +235,7 @@ def test_write_table_png_refuses_missing_or_unfinished_results(tmp_path):
 
 def test_end_to_end_replay_keeps_memory_and_naive_none(tmp_path):
     from engram.results import read_rows
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
 
     run_experiment(tiny_config(methods=["naive", "replay"]), tmp_path, show_progress=False)
     table = {e["label"]: e for e in scenario_table(read_rows(tmp_path / "results.csv"))}

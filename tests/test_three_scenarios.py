@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from engram.results import read_rows
-from engram.summary import scenario_table
-from engram.sweep import run_sweep
+from engram.reports.tables import scenario_table
+from engram.experiments.sweep import run_sweep
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "three_scenarios_digits.yaml"
 

@@ -107,18 +107,19 @@ def test_the_refusal_is_true_a_softmax_over_one_output_gives_exactly_zero():
 
 
 def _bit_flipping(methods: list) -> object:
-    from engram.config import _parse_methods, parse_dataclass
-    from engram.plasticity import PlasticityConfig
+    from engram.config import parse_methods
+    from engram.schema import parse_dataclass
+    from engram.experiments.plasticity import PlasticityConfig
 
     cfg = parse_dataclass(PlasticityConfig, {
         "seeds": [0], "problem": {"n_tasks": 3, "flip_every": 100, "probe_size": 20},
         "model": {"hidden": [5]}})
-    cfg.methods = _parse_methods(methods)
+    cfg.methods = parse_methods(methods)
     return cfg
 
 
 def test_plasticity_refuses_before_any_run(tmp_path):
-    from engram.plasticity import run_plasticity
+    from engram.experiments.plasticity import run_plasticity
 
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match="method lwf cannot act on problem bit_flipping"):
@@ -127,7 +128,7 @@ def test_plasticity_refuses_before_any_run(tmp_path):
 
 
 def test_window_experiment_refuses_before_any_run(tmp_path):
-    from engram.window import parse_window_experiment, run_window, run_window_experiment
+    from engram.experiments.window import parse_window_experiment, run_window, run_window_experiment
 
     experiment = parse_window_experiment({
         "run": {"max_steps": 10, "y_dim": 1},
@@ -143,7 +144,7 @@ def test_window_experiment_refuses_before_any_run(tmp_path):
 def test_the_runner_refuses_before_the_first_task(tmp_path):
     """One class per task, task-incremental: every head has a single output."""
     from engram.results import read_rows
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
     from tests.conftest import tiny_config
 
     cfg = tiny_config(stream={"scenario": "task", "classes_per_task": 1, "n_tasks": 3},
@@ -158,7 +159,7 @@ def test_the_runner_refuses_before_the_first_task(tmp_path):
 def test_methods_with_their_own_loss_run_on_bit_flipping(tmp_path, name):
     """These took cross-entropy (or a true logit) whatever the problem: on bit flipping's
     single real-valued output they crashed. Now they use its squared error."""
-    from engram.plasticity import PLASTICITY_COLUMNS, PLASTICITY_KEY, run_plasticity
+    from engram.experiments.plasticity import PLASTICITY_COLUMNS, PLASTICITY_KEY, run_plasticity
     from engram.results import read_rows
 
     params = {"memory": 50} if name == "agem" else {"samples_per_task": 10} if name == "ogd" \

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from engram.errors import ConfigError
-from engram.window import (WindowConfig, WindowRecord, run_window, squared_norm_loss,
+from engram.experiments.window import (WindowConfig, WindowRecord, run_window, squared_norm_loss,
                            weight_norm, window_data, window_indices)
 
 
@@ -276,7 +276,7 @@ def test_a_registered_method_takes_part_in_every_step():
 
 
 def test_relearn_by_pass_means_each_complete_pass():
-    from engram.window import relearn_by_pass
+    from engram.experiments.window import relearn_by_pass
 
     rec = WindowRecord(steps=np.zeros(1, np.int64), point_loss=np.zeros((1, 4), np.float32),
                        window_start=np.zeros(1, np.int64), weight_norm=np.zeros(1),
@@ -290,7 +290,7 @@ def test_relearn_by_pass_means_each_complete_pass():
 # ----------------------------------------------------------------------------- experiments
 
 def test_experiment_defaults_and_variants():
-    from engram.window import load_window_experiment, parse_window_experiment
+    from engram.experiments.window import load_window_experiment, parse_window_experiment
 
     default = load_window_experiment(None)
     assert [v.name for v in default.variants] == ["plain"]
@@ -325,7 +325,7 @@ def test_experiment_defaults_and_variants():
      "reservoir"),
 ])
 def test_experiment_config_errors_name_the_problem(raw, message):
-    from engram.window import parse_window_experiment
+    from engram.experiments.window import parse_window_experiment
 
     with pytest.raises(ConfigError, match=message):
         parse_window_experiment(raw)
@@ -340,14 +340,14 @@ def _tiny_experiment_raw() -> dict:
 
 
 def _tiny_experiment():
-    from engram.window import parse_window_experiment
+    from engram.experiments.window import parse_window_experiment
 
     return parse_window_experiment(_tiny_experiment_raw())
 
 
 def test_experiment_writes_rows_and_npz_and_resumes_without_duplicates(tmp_path):
     from engram.results import read_rows
-    from engram.window import (WINDOW_COLUMNS, WINDOW_KEY, record_path,
+    from engram.experiments.window import (WINDOW_COLUMNS, WINDOW_KEY, record_path,
                                run_window_experiment, window_run_id)
 
     exp = _tiny_experiment()
@@ -376,7 +376,7 @@ def test_experiment_writes_rows_and_npz_and_resumes_without_duplicates(tmp_path)
 
 
 def test_parallel_workers_give_the_same_rows(tmp_path):
-    from engram.window import run_window_experiment
+    from engram.experiments.window import run_window_experiment
 
     exp = _tiny_experiment()
     run_window_experiment(exp, tmp_path / "one", show_progress=False)
@@ -390,8 +390,8 @@ def test_parallel_workers_give_the_same_rows(tmp_path):
 def test_pictures_are_written(tmp_path):
     from PIL import Image
 
-    from engram.window import run_window_experiment
-    from engram.window_plots import write_window_pictures
+    from engram.experiments.window import run_window_experiment
+    from engram.reports.window import write_window_pictures
 
     exp = _tiny_experiment()
     report = run_window_experiment(exp, tmp_path, show_progress=False)
@@ -406,7 +406,7 @@ def test_pictures_are_written(tmp_path):
 def test_mp4_without_ffmpeg_is_a_clear_error(monkeypatch):
     from matplotlib import animation
 
-    from engram.window_plots import animation_writer
+    from engram.reports.window import animation_writer
 
     monkeypatch.setattr(animation.writers, "is_available", lambda name: False)
     with pytest.raises(ConfigError, match="ffmpeg"):
@@ -426,7 +426,7 @@ def test_cli_window_runs_and_prints_the_summary(tmp_path, capsys):
 
 
 def test_shipped_window_configs_validate_and_run_short(tmp_path):
-    from engram.window import load_window_experiment, run_window_experiment
+    from engram.experiments.window import load_window_experiment, run_window_experiment
 
     root = Path(__file__).resolve().parents[1] / "configs" / "window"
     paths = sorted(root.glob("*.yaml"))
@@ -439,7 +439,7 @@ def test_shipped_window_configs_validate_and_run_short(tmp_path):
 
 def test_a_diverging_variant_is_named(tmp_path):
     from engram.errors import DivergenceError
-    from engram.window import parse_window_experiment, run_window_experiment
+    from engram.experiments.window import parse_window_experiment, run_window_experiment
 
     exp = parse_window_experiment({"run": {"n_points": 20, "x_dim": 4, "y_dim": 2, "width": 4,
                                            "window": 5, "optimizer": "sgd", "lr": 100.0,
@@ -453,7 +453,7 @@ def test_a_diverging_variant_is_named(tmp_path):
 def test_a_changed_config_is_refused_and_twin_variants_both_run(tmp_path):
     from engram.errors import EngramError
     from engram.results import read_rows
-    from engram.window import (WINDOW_COLUMNS, WINDOW_KEY, parse_window_experiment,
+    from engram.experiments.window import (WINDOW_COLUMNS, WINDOW_KEY, parse_window_experiment,
                                run_window_experiment)
 
     raw = _tiny_experiment_raw()
@@ -484,7 +484,7 @@ def _failing_job(index: int, report):
 
 
 def test_one_failing_worker_keeps_the_others_results():
-    from engram.parallel import run_in_processes
+    from engram.experiments.pool import run_in_processes
 
     got = []
     with pytest.raises(ValueError, match="job [01] failed") as info:

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -80,12 +81,16 @@ RUN_EPILOG = """\
 examples:
   engram run configs/demo.yaml --out runs/split
   engram run configs/demo.yaml train.epochs=5 seeds=[0,1,2] stream.scenario=task
-  engram run configs/demo.yaml --out runs/split --resume   # finish a killed run
+  engram run configs/demo.yaml --out runs/split            # again: finishes a killed run
+  engram run configs/demo.yaml seeds=[0,1,2,3] --workers 2  # runs in 2 processes
 
 Overrides are dotted keys with YAML values; list entries by index (methods.1.strength=10).
 Results: OUT/results.csv (one tidy row per measured number, appended as measured),
 OUT/config.yaml (the resolved config), OUT/plots/*.png. A killed run keeps every row it
-wrote; --resume continues from the last finished task of each run with no duplicates.
+wrote; the same command again continues from the last finished task of each run with no
+duplicates (a folder holding another experiment is refused). A failing run (diverged, bad
+data) is listed with its seed and error, in OUT/failures.jsonl too, and the other runs go
+on; the exit status is then 1.
 `engram run --help-config` lists every config key with its default; `engram list
 --params` lists each method's parameters.
 """
@@ -133,6 +138,15 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_workers(parser: argparse.ArgumentParser) -> None:
+    """--workers and -q: every experiment command runs its jobs on the one harness."""
+    parser.add_argument("--workers", type=at_least_one, default=1, metavar="N",
+                        help="jobs in parallel local processes (default: 1); each uses the "
+                             "config's `threads` torch threads, so N x threads should not "
+                             "exceed your cores; only this process writes the results")
+    _add_quiet(parser)
+
+
 def _add_experiment_args(parser: argparse.ArgumentParser, kind: str, config_help: str,
                          override_example: str) -> None:
     """CONFIG, KEY=VALUE overrides, --out and --help-config: the arguments every experiment
@@ -160,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--seeds", type=at_least_one, default=None, metavar="N",
                       help="number of seeds (default: 3)")
-    _add_quiet(demo)
+    _add_workers(demo)
 
     run = commands.add_parser(
         "run", help="run an experiment from a YAML config",
@@ -171,11 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                      help="dotted config overrides, e.g. train.epochs=5")
     run.add_argument("--out", help="run folder (default: runs/<config file name>)")
-    run.add_argument("--resume", action="store_true",
-                     help="finish the run in --out: skip finished runs, continue unfinished ones")
+    run.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now
     run.add_argument("--help-config", action="store_true",
                      help="list every config key with its default and meaning, then exit")
-    _add_quiet(run)
+    _add_workers(run)
 
     sweep = commands.add_parser(
         "sweep", help="run a grid of configs (any key may list alternatives), resumable and parallel",
@@ -185,13 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                        help="dotted overrides, e.g. seeds=[0,1] or train.lr=[0.01,0.1]")
     sweep.add_argument("--out", help="sweep folder (default: runs/<sweep file name>)")
-    sweep.add_argument("--workers", type=at_least_one, default=1, metavar="N",
-                       help="local worker processes running runs in parallel (default: 1); "
-                            "each uses `threads` torch threads, so N x threads should not "
-                            "exceed your cores")
     sweep.add_argument("--dry-run", action="store_true",
                        help="list the grid's runs and which are already done; run nothing")
-    _add_quiet(sweep)
+    _add_workers(sweep)
 
     profile = commands.add_parser(
         "profile", help="rank weight-importance measures by replacing the weights they call "
@@ -199,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_experiment_args(profile, "profile", "profile YAML (see configs/profile/digits.yaml)",
                          "seeds=[0,1,2] profile.epochs=[2,5]")
-    _add_quiet(profile)
+    _add_workers(profile)
 
     profile_report = commands.add_parser(
         "profile-report", help="ranking table and plots of a profile folder",
@@ -228,10 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "a rerun.")
     _add_experiment_args(plasticity, "plasticity", "plasticity YAML (configs/plasticity/)",
                          "seeds=[0] problem.n_tasks=20")
-    plasticity.add_argument("--workers", type=at_least_one, default=1, metavar="N",
-                            help="runs in parallel processes (default 1); a worker's rows are "
-                                 "written when its run finishes")
-    _add_quiet(plasticity)
+    _add_workers(plasticity)
 
     window = commands.add_parser(
         "window", help="watch forgetting: memorise a sliding window of random points; movie, "
@@ -240,11 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_experiment_args(window, "window", "window YAML (configs/window/); default: the "
                          "experiment as first described", "run.max_steps=10000 seeds=[0,1]")
-    window.add_argument("--workers", type=at_least_one, default=1, metavar="N",
-                        help="runs in parallel processes (default 1)")
     window.add_argument("--no-animation", action="store_true",
                         help="skip the movie (the figures are still drawn)")
-    _add_quiet(window)
+    _add_workers(window)
 
     ci_help = ("also print the 95%% t-interval of each mean, mean ± t_{0.975,n-1}·SE, in "
                "brackets (with few seeds it is much wider than ± SE)")
@@ -300,11 +304,11 @@ def _version() -> str:
 def cmd_list(args: argparse.Namespace) -> None:
     import dataclasses
 
-    from engram.data import DATASETS, STREAMS
-    from engram.importance.measures import MEASURES
-    from engram.methods import METHODS
-    from engram.models import MODELS
-    from engram.plasticity import PROBLEMS
+    from engram.registry import DATASETS, STREAMS
+    from engram.registry import MEASURES
+    from engram.registry import METHODS
+    from engram.registry import MODELS
+    from engram.registry import PROBLEMS
 
     for registry in (DATASETS, STREAMS, MODELS, METHODS, MEASURES, PROBLEMS):
         print(f"{registry.kind}s:")  # a header per registry: `mas` is a method and a measure
@@ -320,30 +324,48 @@ def cmd_list(args: argparse.Namespace) -> None:
 def _finish(out: Path, plots: bool) -> None:
     """Print the summary table and draw the plots of a finished run folder."""
     from engram.results import read_rows
-    from engram.summary import format_table, summary_table
+    from engram.reports.tables import format_table, summary_table
 
     rows = read_rows(out / "results.csv")
     print(format_table(summary_table(rows)))
     print(f"\nresults: {out / 'results.csv'}")
     if plots:
-        from engram.plots import write_plots
+        from engram.reports.figures import write_plots
         written = write_plots(out)
         print(f"plots:   {out / 'plots'}/ ({len(written)} PNG files)")
+
+
+def _report_failures(report: Any) -> int:
+    """List a harness report's failed jobs (point, seed, the error's last line) on stderr;
+    the exit status: 1 when any failed, else 0. The same for every experiment command."""
+    if not report.failures:
+        return 0
+    print(f"\n{len(report.failures)} of {report.total} runs failed (also in "
+          f"{report.folder / 'failures.jsonl'}); the others' results were kept:", file=sys.stderr)
+    for failure in report.failures:
+        where = ", ".join(f"{k}={v}" for k, v in failure["point"].items())
+        last_line = failure["error"].splitlines()[-1]
+        print(f"  {failure['label']} seed {failure['seed']}" + (f" [{where}]" if where else "")
+              + f": {last_line}", file=sys.stderr)
+    print("fix the cause and rerun the same command: only the failed runs run again",
+          file=sys.stderr)
+    return 1
 
 
 def _holding(out: Path, command: str):
     """The lock of `out` for a whole command: the experiment function takes it again inside
     (nested in one process), and the summary and plots drawn afterwards stay under it."""
-    from engram.outdir import OutputFolder
+    from engram.experiments.outdir import OutputFolder
     return OutputFolder(out, command)
 
 
-def cmd_run(args: argparse.Namespace) -> None:
-    from engram.config import describe_fields, load_config
+def cmd_run(args: argparse.Namespace) -> int:
+    from engram.config import RunConfig, load_config
+    from engram.schema import describe_fields
     from engram.errors import ConfigError
 
     if args.help_config:
-        print("\n".join(describe_fields()))
+        print("\n".join(describe_fields(RunConfig)))
         return
     if args.config is None:
         raise SystemExit("engram run: error: a CONFIG file is required (see configs/)")
@@ -352,16 +374,18 @@ def cmd_run(args: argparse.Namespace) -> None:
     except ConfigError as err:
         raise ConfigError(f"{err}{_sweep_hint(args.config, args.overrides)}") from None
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
 
     with _holding(out, "run"):  # the summary and plots too are written under the lock
-        run_experiment(cfg, out, resume=args.resume, show_progress=not args.quiet)
+        report = run_experiment(cfg, out, workers=args.workers, show_progress=not args.quiet,
+                                raise_failures=False)
         _finish(out, cfg.plots)
+    return _report_failures(report)
 
 
 def _sweep_hint(config: str, overrides: list[str]) -> str:
     """A hint when a config that `engram run` rejects is a valid sweep (lists alternatives)."""
-    from engram.sweep import load_sweep
+    from engram.experiments.sweep import load_sweep
 
     try:
         _, jobs = load_sweep(config, overrides)
@@ -371,9 +395,9 @@ def _sweep_hint(config: str, overrides: list[str]) -> str:
             f"`engram sweep {config}`")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
+def cmd_demo(args: argparse.Namespace) -> int:
     from engram.config import load_config
-    from engram.runner import run_experiment
+    from engram.experiments.continual import run_experiment
 
     overrides = [f"seeds={list(range(args.seeds))}"] if args.seeds is not None else []
     cfg = load_config(DEMO_CONFIG, overrides)
@@ -381,14 +405,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
           f"{cfg.stream.n_tasks} class-incremental tasks -> {out}/")
     with _holding(out, "run"):
-        run_experiment(cfg, out, resume=True, show_progress=not args.quiet)
+        report = run_experiment(cfg, out, workers=args.workers, show_progress=not args.quiet,
+                                raise_failures=False)
         _finish(out, cfg.plots)
+    if _report_failures(report):
+        return 1
     print("\nNaive fine-tuning keeps only the last task (about 1/5 of all digits right); replay "
           "keeps much more with 200 stored examples; joint training on everything is the ceiling.")
+    return 0
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from engram.sweep import load_sweep, run_sweep
+    from engram.experiments.sweep import load_sweep, run_sweep
 
     out = Path(args.out) if args.out else Path("runs") / Path(args.sweep_file).stem
     if args.dry_run:
@@ -409,16 +437,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"sweep: {report.total} runs: {report.skipped} were already done, "
               f"{report.completed} finished now, {len(report.failures)} failed")
         _print_scenario_table(out, png=True)
-    if report.failures:
-        print(f"\n{len(report.failures)} runs failed (also in {out / 'failures.jsonl'}):",
-              file=sys.stderr)
-        for failure in report.failures:
-            where = ", ".join(f"{k}={v}" for k, v in failure["point"].items())
-            first_line = failure["error"].splitlines()[-1]
-            print(f"  {failure['method']} seed {failure['seed']} [{where}]: {first_line}",
-                  file=sys.stderr)
-        return 1
-    return 0
+    return _report_failures(report)
 
 
 def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
@@ -426,7 +445,7 @@ def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
                           ci: bool = False) -> None:
     from engram.errors import DataError
     from engram.results import read_rows
-    from engram.summary import format_scenario_table, scenario_table
+    from engram.reports.tables import format_scenario_table, scenario_table
 
     rows = []
     for folder in [run_dir, *more_dirs]:
@@ -438,7 +457,7 @@ def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
     table = scenario_table(rows, split)
     print(format_scenario_table(table, markdown=markdown, ci=ci))
     if png and table:
-        from engram.plots import write_table_png
+        from engram.reports.figures import write_table_png
         print(f"\ntable plot: {write_table_png(run_dir, split, more_dirs, ci=ci)}")
 
 
@@ -448,7 +467,7 @@ def cmd_table(args: argparse.Namespace) -> None:
 
 
 def cmd_plot(args: argparse.Namespace) -> None:
-    from engram.plots import write_plots
+    from engram.reports.figures import write_plots
 
     for path in write_plots(args.run_dir):
         print(path)
@@ -457,7 +476,7 @@ def cmd_plot(args: argparse.Namespace) -> None:
 def cmd_summary(args: argparse.Namespace) -> None:
     from engram.errors import DataError
     from engram.results import read_rows
-    from engram.summary import format_table, summary_table
+    from engram.reports.tables import format_table, summary_table
 
     path = Path(args.run_dir) / "results.csv"
     if not path.is_file():
@@ -466,8 +485,8 @@ def cmd_summary(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from engram.config import describe_fields
-    from engram.importance.profile import ProfileConfig, load_profile_config, run_profile
+    from engram.schema import describe_fields
+    from engram.experiments.profile import ProfileConfig, load_profile_config, run_profile
 
     if args.help_config:
         print("\n".join(describe_fields(ProfileConfig)))
@@ -484,8 +503,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_plasticity(args: argparse.Namespace) -> int:
-    from engram.config import describe_fields
-    from engram.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
+    from engram.schema import describe_fields
+    from engram.experiments.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
                                    format_plasticity_summary, load_plasticity_config,
                                    plasticity_summary, run_plasticity, write_plasticity_plots)
     from engram.results import read_rows
@@ -509,10 +528,10 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
 
 def cmd_window(args: argparse.Namespace) -> int:
-    from engram.config import describe_fields
-    from engram.window import (WindowExperiment, format_window_summary, load_window_experiment,
+    from engram.schema import describe_fields
+    from engram.experiments.window import (WindowExperiment, format_window_summary, load_window_experiment,
                                run_window_experiment, window_summary)
-    from engram.window_plots import write_window_pictures
+    from engram.reports.window import write_window_pictures
 
     if args.help_config:
         print("\n".join(describe_fields(WindowExperiment)))
@@ -524,7 +543,7 @@ def cmd_window(args: argparse.Namespace) -> int:
         config = None
     experiment = load_window_experiment(config, overrides)
     if experiment.animation != "none" and not args.no_animation:
-        from engram.window_plots import animation_writer
+        from engram.reports.window import animation_writer
         animation_writer(experiment.animation, experiment.fps)  # no ffmpeg: say so now
     out = Path(args.out or Path("runs") / experiment.name)
     with _holding(out, "window"):  # the summary and plots under the lock too
@@ -542,8 +561,8 @@ def cmd_window(args: argparse.Namespace) -> int:
 
 def cmd_profile_report(args: argparse.Namespace) -> int:
     from engram.errors import DataError
-    from engram.importance.profile import PROFILE_COLUMNS, PROFILE_KEY
-    from engram.importance.report import format_ranking_table, ranking_table, write_profile_plots
+    from engram.experiments.profile import PROFILE_COLUMNS, PROFILE_KEY
+    from engram.reports.profile import format_ranking_table, ranking_table, write_profile_plots
     from engram.results import read_rows
 
     path = Path(args.run_dir) / "results.csv"
@@ -603,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("\nengram: interrupted; every row measured so far is in results.csv. "
-              "Rerun the same command (engram run: with --resume) to finish.",
+              "Rerun the same command to finish.",
               file=sys.stderr)
         return 130
     return status or 0

@@ -1,15 +1,18 @@
-"""A tiny name -> (object, one-line description) registry.
+"""engram's registries: name -> (object, one-line description), one per pluggable kind.
 
-Every pluggable piece of engram (datasets, streams, models, methods) lives in one of
-these. Entries are added with one explicit line next to the code they name, never by
-scanning the filesystem, so `engram list` and the registry-parametrized tests see exactly
-what the code defines.
+Ground floor: imports nothing of engram. The registries are made here, empty, so that the
+config schema can name them (`opt(..., registry=METHODS)`) without importing the libraries
+that fill them; each library adds its entries with one explicit line next to the code they
+name (`METHODS.add("ewc", EWC, "...")` in engram/methods/__init__.py), never by scanning the
+filesystem. A registry knows the module that fills it (`home`) and imports it on first
+lookup, so `"ewc" in METHODS` is true whether or not engram.methods was imported yet.
 """
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
-from typing import Generic, Iterator, TypeVar
+from typing import Any, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
@@ -24,9 +27,17 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """An ordered mapping from registry names to objects with a description each."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, home: str | None = None) -> None:
         self.kind = kind  # e.g. "dataset", used in error messages
+        self.home = home  # the module whose import adds the entries, e.g. "engram.methods"
         self._entries: dict[str, Entry[T]] = {}
+        self._filled = home is None
+
+    def _fill(self) -> None:
+        """Import the home module once (its import adds the entries)."""
+        if not self._filled:
+            self._filled = True  # first: the home module's own lookups must not recurse
+            importlib.import_module(self.home)
 
     def add(self, name: str, obj: T, description: str) -> T:
         if name in self._entries:
@@ -37,6 +48,7 @@ class Registry(Generic[T]):
         return obj
 
     def get(self, name: str) -> T:
+        self._fill()
         try:
             return self._entries[name].obj
         except KeyError:
@@ -45,13 +57,26 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._fill()
         return list(self._entries)
 
     def entries(self) -> Iterator[Entry[T]]:
+        self._fill()
         return iter(self._entries.values())
 
     def __contains__(self, name: object) -> bool:
+        self._fill()
         return name in self._entries
 
     def __len__(self) -> int:
+        self._fill()
         return len(self._entries)
+
+
+# The registries of engram's libraries, filled by the modules named.
+DATASETS: Registry[Any] = Registry("dataset", "engram.data")
+STREAMS: Registry[Any] = Registry("stream", "engram.data")
+PROBLEMS: Registry[Any] = Registry("plasticity problem", "engram.data")
+MODELS: Registry[Any] = Registry("model", "engram.models")
+METHODS: Registry[Any] = Registry("method", "engram.methods")
+MEASURES: Registry[Any] = Registry("importance measure", "engram.importance")

@@ -167,7 +167,7 @@ def read_rows(path: str | Path, columns: list[str] = COLUMNS,
             try:
                 kind(value)
             except ValueError:
-                from engram.config import short_repr
+                from engram.schema import short_repr
                 raise DataError(f"{path}, line {reader.line_num}, column {column}: "
                                 f"{short_repr(value)} is not "
                                 f"{'an integer' if kind is int else 'a number'}") from None

@@ -177,7 +177,7 @@ def rotated_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) 
 def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, seed: int,
                  device: torch.device | str = "cpu") -> Stream:
     """The task sequence for one seed: same arguments, same tensors."""
-    from engram.data import STREAMS
+    from engram.registry import STREAMS
 
     generator = torch.Generator().manual_seed(seed)
     pools = _split_pools(source, data_cfg, generator)

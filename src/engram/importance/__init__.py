@@ -6,9 +6,9 @@ from engram.importance.aggregate import (AGGREGATIONS, DIRECTIONS, REDUCERS, SCO
                                          replacement_order, replacement_values,
                                          thresholded_parameters)
 from engram.importance.fisher import FISHER_ESTIMATORS, fisher_diagonal
-from engram.importance.measures import MEASURES, Trajectory, TrajectoryRecorder, profiled_parameters
+from engram.importance.measures import MEASURES, Trajectory, profiled_parameters
 
 __all__ = ["AGGREGATIONS", "DIRECTIONS", "FISHER_ESTIMATORS", "MEASURES", "REDUCERS", "SCOPES",
-           "Groups", "Trajectory", "TrajectoryRecorder", "evaluate_stacked", "fisher_diagonal",
+           "Groups", "Trajectory", "evaluate_stacked", "fisher_diagonal",
            "group_scores", "make_groups", "profiled_parameters", "replacement_order",
            "replacement_values", "thresholded_parameters"]

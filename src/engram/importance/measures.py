@@ -46,8 +46,8 @@ w_T - w_0; magnitude and inverse magnitude use |w|; the Fisher uses log-softmax 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -55,8 +55,7 @@ from torch.func import functional_call, grad
 
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
-from engram.methods.base import Batch, Context, Method
-from engram.registry import Registry
+from engram.registry import MEASURES
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]   # (x (B, ...), y (B,)) on the model's device
 Importance = dict[str, torch.Tensor]                # param name -> tensor like it; larger = more important
@@ -67,7 +66,6 @@ PROFILED_MODULES = (nn.Linear, nn.Conv2d)
 SI_DAMPING = 1e-3        # xi of the SI measure (Zenke et al.'s split-CIFAR value)
 INVERSE_EPS = 1e-12      # keeps 1/|w| finite for w = 0 without tying small weights
 
-MEASURES: Registry[MeasureFn] = Registry("importance measure")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,102 +143,6 @@ class Trajectory:
     sign_flips: dict[str, torch.Tensor]       # #{t: theta_t * theta_{t-1} < 0}
     direction_flips: dict[str, torch.Tensor]  # #{t >= 2: (th_t - th_{t-1}) (th_{t-1} - th_{t-2}) < 0}
     steps: int                                # optimizer steps recorded
-
-
-@dataclass
-class _Running:
-    """The recorder's running sums and the copies it compares against."""
-    start: dict[str, torch.Tensor] = field(default_factory=dict)
-    si_path: dict[str, torch.Tensor] = field(default_factory=dict)
-    path_length: dict[str, torch.Tensor] = field(default_factory=dict)
-    sign_flips: dict[str, torch.Tensor] = field(default_factory=dict)
-    direction_flips: dict[str, torch.Tensor] = field(default_factory=dict)
-    previous: dict[str, torch.Tensor] = field(default_factory=dict)        # theta_{t-1}
-    previous_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # theta_{t-1} - theta_{t-2}
-    steps: int = 0
-
-
-class TrajectoryRecorder(Method):
-    """Records the training trajectory for the si and trajectory measures; changes nothing.
-
-    Driven by the runner's `train_task` loop like any method:
-    `after_backward` copies the gradient in .grad (g_t: the training loss's gradient, plus
-    the penalty of any method composed with the recorder), `after_step` reads the new
-    weights theta_t and updates, per element,
-
-        si_path         -= g_t * (theta_t - theta_{t-1})
-        path_length     += |theta_t - theta_{t-1}|
-        sign_flips      += [theta_t * theta_{t-1} < 0]
-        direction_flips += [(theta_t - theta_{t-1}) * (theta_{t-1} - theta_{t-2}) < 0]   (t >= 2)
-
-    All counts are kept on copies (`detach().clone()`), never on references to the live
-    tensors (HM's bug (i): its first comparison was a weight with itself).
-
-    Recording begins at the first `before_task` (or at `reset(model)`) and then accumulates
-    across later `train_task` calls, so a model trained in several chunks (profile, train on,
-    profile again) is recorded as one trajectory; call `reset(model)` to start over.
-    """
-
-    def __init__(self, params: Any = None) -> None:
-        super().__init__(params)
-        self._run = _Running()
-        self._grad: dict[str, torch.Tensor] = {}
-
-    @property
-    def recording(self) -> bool:
-        return bool(self._run.start)
-
-    def reset(self, model: nn.Module) -> None:
-        """Start recording afresh from the model's current weights."""
-        start = {name: p.detach().clone() for name, p in model.named_parameters()}
-        zeros = lambda: {name: torch.zeros_like(t) for name, t in start.items()}  # noqa: E731
-        self._run = _Running(start=start, si_path=zeros(), path_length=zeros(),
-                             sign_flips=zeros(), direction_flips=zeros(),
-                             previous={name: t.clone() for name, t in start.items()})
-        self._grad = {}
-
-    def before_task(self, ctx: Context) -> None:
-        if not self.recording:
-            self.reset(ctx.model)
-
-    def after_backward(self, ctx: Context) -> None:
-        self._grad = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
-                      for name, p in ctx.model.named_parameters()}
-
-    @torch.no_grad()
-    def after_step(self, batch: Batch, ctx: Context) -> None:
-        run = self._run
-        for name, p in ctx.model.named_parameters():
-            now, before = p.detach().clone(), run.previous[name]
-            delta = now - before  # theta_t - theta_{t-1}
-            run.si_path[name] -= self._grad[name] * delta
-            run.path_length[name] += delta.abs()
-            run.sign_flips[name] += (now * before < 0).to(now.dtype)
-            if name in run.previous_delta:
-                run.direction_flips[name] += (delta * run.previous_delta[name] < 0).to(now.dtype)
-            run.previous[name], run.previous_delta[name] = now, delta
-        run.steps += 1
-
-    def trajectory(self) -> Trajectory:
-        """A snapshot (copies): later steps do not change it."""
-        if not self.recording:
-            raise ValueError("the TrajectoryRecorder has recorded nothing yet: train with it "
-                             "as the method (or call reset(model) first)")
-        run = self._run
-        copy = lambda d: {name: t.clone() for name, t in d.items()}  # noqa: E731
-        return Trajectory(start=copy(run.start), si_path=copy(run.si_path),
-                          path_length=copy(run.path_length), sign_flips=copy(run.sign_flips),
-                          direction_flips=copy(run.direction_flips), steps=run.steps)
-
-    def state_dict(self) -> dict[str, Any]:
-        run = self._run
-        return {"start": run.start, "si_path": run.si_path, "path_length": run.path_length,
-                "sign_flips": run.sign_flips, "direction_flips": run.direction_flips,
-                "previous": run.previous, "previous_delta": run.previous_delta, "steps": run.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._run = _Running(**{key: dict(value) if isinstance(value, dict) else value
-                                for key, value in state.items()})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -513,4 +415,4 @@ def cbp_utility(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
 
 
 __all__ = ["Batches", "Importance", "MEASURES", "MeasureFn", "PROFILED_MODULES", "SI_DAMPING",
-           "Trajectory", "TrajectoryRecorder", "profiled_layers", "profiled_parameters"]
+           "Trajectory", "profiled_layers", "profiled_parameters"]

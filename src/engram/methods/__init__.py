@@ -31,9 +31,8 @@ from engram.methods.shrink_perturb import ShrinkPerturb
 from engram.methods.si import SI
 from engram.methods.sleep import Sleep
 from engram.methods.snapshots import Snapshots
-from engram.registry import Registry
+from engram.registry import METHODS
 
-METHODS: Registry = Registry("method")
 METHODS.add("naive", Naive, "fine-tune on each task in turn; the lower bound")
 METHODS.add("joint", Joint, "train on all tasks seen so far; the upper bound")
 METHODS.add("ewc", EWC, "elastic weight consolidation with a named Fisher estimator (Kirkpatrick et al. 2017)")

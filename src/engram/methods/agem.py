@@ -39,7 +39,7 @@ from typing import Any, Literal
 
 import torch
 
-from engram.config import opt
+from engram.schema import opt
 from engram.data.streams import TensorSet
 from engram.methods.base import Context, Method, UpdateSnapshot, flat_grad, set_flat_grad
 from engram.methods.replay import Replay, ReplayParams

@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 import torch
 
-from engram.config import opt
+from engram.schema import opt
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
 from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores, random_subset

@@ -1,6 +1,6 @@
 """The Method interface: small hooks the runner calls around its one training loop.
 
-The runner owns the step (see `engram.runner.train_task`):
+The runner owns the step (see `engram.training.train_task`):
 
     model = method.prepare_model(model, ctx)     # once per run: progressive nets add columns
     method.before_task(ctx)
@@ -94,7 +94,7 @@ def refuse_unusable(spec: MethodSpec, problem: ProblemInfo) -> None:
     """ConfigError naming the method, the problem and the reason when the method cannot act on
     the problem (`Method.unusable_reason`). Cheap: it only builds the method object, so every
     entry point calls it for every configured method before any training starts."""
-    from engram.methods import METHODS
+    from engram.registry import METHODS
 
     reason = METHODS.get(spec.name)(spec.params).unusable_reason(problem)
     if reason is not None:

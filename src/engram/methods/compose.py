@@ -40,7 +40,7 @@ class Compose(Method):
 
     def __init__(self, params: ComposeParams | None = None) -> None:
         super().__init__(params)
-        from engram.methods import METHODS
+        from engram.registry import METHODS
 
         if not self.params.methods:  # Compose() in code: the same default as the config
             from engram.config import parse_method

@@ -101,7 +101,7 @@ from typing import Any, Callable, Literal
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
 from engram.models.residual import Atan, ResidualNet

@@ -66,7 +66,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Batch, Context, Method, ProblemInfo, needs_class_scores
 
 

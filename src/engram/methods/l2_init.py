@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Context, Method
 
 

@@ -76,7 +76,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, ProblemInfo

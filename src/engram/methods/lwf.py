@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores
 
 

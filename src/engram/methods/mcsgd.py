@@ -65,7 +65,7 @@ from typing import Any, Callable
 import torch
 from torch.func import functional_call
 
-from engram.config import opt
+from engram.schema import opt
 from engram.data.streams import TensorSet
 from engram.errors import DivergenceError
 from engram.methods.base import Context, Method, random_subset

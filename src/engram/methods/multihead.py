@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Context, Method
 
 

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 from torch.func import functional_call, grad, jacrev, vmap
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import (Context, Method, UpdateSnapshot, flat_grad, random_subset,
                                  set_flat_grad)

@@ -70,7 +70,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, task_ids_at_test
 

@@ -62,7 +62,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, task_ids_at_test
 

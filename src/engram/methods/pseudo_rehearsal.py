@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Context
 from engram.methods.lwf import LwF
 

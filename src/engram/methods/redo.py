@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
 from engram.metrics.plasticity import scores_from_activity  # the one ReDo score formula

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import opt
+from engram.schema import opt
 from engram.data.streams import TensorSet
 from engram.methods.base import Batch, Context, Method, ProblemInfo
 

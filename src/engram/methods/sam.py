@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Context, Method, flat_grad, set_flat_grad
 
 

@@ -40,7 +40,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Batch, Context, Method
 
 DEFAULTS = {"task": (0.4, 0.1), "step": (1.0, 1e-4)}  # every -> (shrink, perturb)

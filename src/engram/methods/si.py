@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engram.config import opt
+from engram.schema import opt
 from engram.methods.base import Batch, Context, Method
 
 

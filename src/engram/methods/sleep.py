@@ -76,7 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engram.config import opt
+from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method
 

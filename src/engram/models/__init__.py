@@ -7,9 +7,8 @@
 from __future__ import annotations
 
 from engram.models.nets import ContinualNet, build_model, cnn_body, mlp_body
-from engram.registry import Registry
+from engram.registry import MODELS
 
-MODELS: Registry = Registry("model")
 MODELS.add("mlp", mlp_body, "fully connected ReLU network on flattened pixels (model.hidden widths)")
 MODELS.add("cnn", cnn_body, "small CNN: 3x3 conv + ReLU + 2x2 max-pool blocks (model.channels), then a linear head")
 

@@ -74,7 +74,7 @@ class ContinualNet(nn.Module):
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_heads: int,
                 head_dim: int) -> ContinualNet:
-    from engram.models import MODELS
+    from engram.registry import MODELS
 
     body, n_features = MODELS.get(cfg.kind)(input_shape, cfg)
     return ContinualNet(body, n_features, n_heads, head_dim)

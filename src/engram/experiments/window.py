@@ -10,7 +10,7 @@ The network (engram.models.residual.ResidualNet) is `depth` residual blocks
 h <- h + act(W h + b) of width `width` (= `x_dim`) followed by a dense layer `width` ->
 `y_dim`; by default every weight and bias starts at zero.
 
-The step is the runner's (engram.runner.apply_update), so any registered method can ride
+The step is the runner's (engram.training.apply_update), so any registered method can ride
 along: `method: {name: continual_backprop}` resets units, `replay` mixes remembered points
 into the window's batch, `shrink_perturb` / `l2_init` act every step. The whole run is one
 task to the method, so methods that act only at task boundaries (EWC, LwF, ...) do nothing
@@ -50,8 +50,8 @@ from typing import TYPE_CHECKING, Callable, Literal
 import numpy as np
 import torch
 
-from engram.config import (SEED_MAX, MethodSpec, TrainConfig, _check_range, check_name,
-                           check_seeds, opt, short_repr)
+from engram.config import SEED_MAX, MethodSpec, TrainConfig, check_name, check_seeds
+from engram.schema import check_range, opt, short_repr
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DataError, DivergenceError
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
@@ -88,7 +88,7 @@ class WindowConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_range(getattr(self, f.name), f.metadata, f.name)
+            check_range(getattr(self, f.name), f.metadata, f.name)
         if self.width != self.x_dim:
             raise ConfigError(f"width: the residual blocks keep the input's width, so width "
                               f"must equal x_dim ({self.x_dim}); got {self.width}")
@@ -227,9 +227,9 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     """Train on the sliding window for cfg.max_steps steps (see the module doc), with the
     registered `method` (default: none). `on_steps(n)` is told every 1,000 steps done."""
     from engram.data.streams import Stream, Task
-    from engram.methods import METHODS
+    from engram.registry import METHODS
     from engram.methods.base import Context, refuse_unusable
-    from engram.runner import apply_update, make_optimizer
+    from engram.training import apply_update, make_optimizer
 
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed)  # init: default, dropout masks
@@ -378,7 +378,7 @@ def load_window_experiment(path: str | Path | None, overrides: list[str] = ()
     """A window experiment from YAML (safe loader; no file: the defaults) with dotted
     overrides (`run.max_steps=5000`; with a config file also `variants.1.dropout=0.2`),
     validated."""
-    from engram.config import apply_override, read_config_tree
+    from engram.schema import apply_override, read_config_tree
 
     if path is None:
         raw: dict = {}
@@ -390,7 +390,8 @@ def load_window_experiment(path: str | Path | None, overrides: list[str] = ()
 
 
 def parse_window_experiment(raw: dict) -> WindowExperiment:
-    from engram.config import parse_dataclass, parse_method
+    from engram.config import parse_method
+    from engram.schema import parse_dataclass
 
     raw = dict(raw)
     variants = raw.pop("variants", None) or [{"name": "plain"}]
@@ -490,10 +491,10 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     identically and not duplicated.
 
     The folder is locked for the whole call and must hold this experiment, or one this
-    extends by seeds (engram.outdir); worker processes never write it."""
+    extends by seeds (engram.experiments.outdir); worker processes never write it."""
     from engram.config import params_dict
     from engram.methods.base import refuse_unusable
-    from engram.outdir import OutputFolder
+    from engram.experiments.outdir import OutputFolder
 
     for variant in experiment.variants:  # a method that cannot act: refused before any run
         refuse_unusable(variant.method, window_problem(variant.config))
@@ -553,7 +554,7 @@ def _run_window_experiment_in(experiment: WindowExperiment, dump: dict, out: Pat
                     finish(variant, seed, _run_job(variant, seed, experiment.threads, update))
                     done += 1
             else:
-                from engram.parallel import run_in_processes
+                from engram.experiments.pool import run_in_processes
 
                 jobs_args = [(v, s, experiment.threads) for v, s in todo]
                 for (variant, seed, _), record in run_in_processes(_run_job, jobs_args,
@@ -593,7 +594,7 @@ def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowR
     shifts, final weight norm, seconds. ``seeds`` counts distinct seeds; two records of one
     variant on one seed raise DataError (:func:`engram.summary.count_seeds`)."""
     from engram.stats import mean_se
-    from engram.summary import count_seeds
+    from engram.reports.tables import count_seeds
 
     table = []
     for variant in experiment.variants:
@@ -617,7 +618,7 @@ def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowR
 def format_window_summary(table: list[dict]) -> str:
     """The summary as a text table: relearn steps per shift, "mean ± SE [95% t-interval]"
     over seeds (a mean alone with one seed; n/a: no such pass)."""
-    from engram.summary import _text_table, format_stat, spread_note
+    from engram.reports.tables import _text_table, format_stat, spread_note
 
     headers = ["variant", "seeds", "passes", "pass 1", "pass 2", "last pass", "|w| end",
                "s/run"]

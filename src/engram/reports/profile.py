@@ -271,7 +271,7 @@ def format_ranking_table(table: Sequence[dict[str, Any]], markdown: bool = False
     p and its Holm-adjusted value. "n/a" marks what needs 2 or more seeds (or a random
     baseline). `markdown` renders each block as a GitHub pipe table under a bold title.
     """
-    from engram.summary import _render_block
+    from engram.reports.tables import _render_block
 
     if not table:
         return "no complete profile curves yet"
@@ -389,7 +389,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
     (epoch, aggregation), epochs as rows and aggregations as columns (in the order
     AGGREGATIONS lists them, unknown ones after), each panel drawn by
     :func:`plot_loss_bands` with the chance level ln(n_classes) of its rows."""
-    from engram.plots import _new_figure, _seeds
+    from engram.reports.figures import _new_figure, _seeds
 
     _check_columns(rows, (*_NEEDED, "n_classes"))
     picked = [r for r in rows if (r["direction"], r["reducer"], r["scope"])
@@ -435,7 +435,7 @@ def write_profile_plots(rows: Sequence[dict[str, str]], out_dir: str | Path) -> 
     """Write ``out_dir/profile_<direction>_<reducer>_<scope>.png`` for every (direction,
     reducer, scope) in `rows` (see :func:`profile_figure`); returns the paths, least_first
     figures first. Creates `out_dir`. DataError when `rows` is empty."""
-    from engram.plots import _save, safe_name
+    from engram.reports.figures import _save, safe_name
 
     if not rows:
         raise DataError("no profile rows to plot; run `engram profile` first")

@@ -9,7 +9,7 @@ Two layers:
 * :func:`write_plots` and :func:`write_table_png`, which read ``RUN_DIR/results.csv`` and
   write ``RUN_DIR/plots/*.png``.
 
-matplotlib is imported inside the functions, so ``import engram.plots`` (and the CLI's
+matplotlib is imported inside the functions, so ``import engram.reports.figures`` (and the CLI's
 ``--help``) stays cheap. Figures are built as ``matplotlib.figure.Figure`` with the Agg
 canvas, never through pyplot: no display is needed, and no figure lingers in pyplot's
 global registry of open figures.
@@ -115,7 +115,7 @@ def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
     ends); for a run without one, the last step of that task's rows is used when the run
     has started a later task, since only then is the task known to have ended.
     """
-    from engram.summary import count_seeds
+    from engram.reports.tables import count_seeds
 
     picked = [r for r in rows if r["label"] == label
               and (scenario is None or r["scenario"] == scenario)
@@ -290,7 +290,7 @@ def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
     """
     from matplotlib import colormaps
 
-    from engram.summary import method_names
+    from engram.reports.tables import method_names
 
     name = METRIC_NAMES.get(metric, metric.replace("_", " "))
     names = dict(zip(map(id, table), method_names(table)))  # name / label for a sweep's points
@@ -346,7 +346,7 @@ def _scenario_colour(scenario: str, scenarios: Sequence[str]):
     scenario keeps its colour from panel to panel and figure to figure; others follow."""
     from matplotlib import colormaps
 
-    from engram.summary import SCENARIO_ORDER
+    from engram.reports.tables import SCENARIO_ORDER
 
     others = [s for s in scenarios if s not in SCENARIO_ORDER]
     index = SCENARIO_ORDER.index(scenario) if scenario in SCENARIO_ORDER \
@@ -366,7 +366,7 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     spans orders of magnitude and a small bar (or a 0 B one) would not read off the axis;
     ``wall_seconds`` is in seconds.
     """
-    from engram.summary import byte_unit, format_bytes, method_names, scenario_columns
+    from engram.reports.tables import byte_unit, format_bytes, method_names, scenario_columns
 
     scenarios = scenario_columns(table)
     values = [c[metric] for e in table for c in e["cells"].values() if np.isfinite(c[metric][0])]
@@ -498,7 +498,7 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     Uses the test split, or val when the runs evaluated no test split. Returns the paths
     written. Raises DataError when results.csv is missing or holds no accuracy rows.
     """
-    from engram.summary import accuracy_matrices, count_seeds, summary_table
+    from engram.reports.tables import accuracy_matrices, count_seeds, summary_table
 
     run_dir = Path(run_dir)
     path, rows = _read_results(run_dir)
@@ -583,7 +583,7 @@ def write_table_png(run_dir: str | Path, split: str | None = None,
     test when measured, else val), error bars ±1 SE or with `ci` the 95% t-interval. Returns
     the path. Raises DataError when a results.csv is missing or there is no complete run.
     """
-    from engram.summary import method_names, scenario_columns, scenario_table
+    from engram.reports.tables import method_names, scenario_columns, scenario_table
 
     run_dir = Path(run_dir)
     path, rows = _read_results(run_dir)

@@ -12,7 +12,7 @@ Every result is one row of `OUT/results.csv`, appended as it is measured (`PROFI
 a rerun skips the rows already there, so an interrupted grid resumes, and a grid grown by
 more seeds, measures or thresholds measures only what is new. `profile_id` hashes what
 determines the numbers besides the grid axes (data, task, model, training, replacement); a
-folder holding another profile is refused (engram.outdir).
+folder holding another profile is refused (engram.experiments.outdir).
 
     engram profile configs/profile/digits.yaml --out runs/profile_digits
     engram profile-report runs/profile_digits
@@ -32,9 +32,13 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device,
-                           check_name, check_seeds, opt, parse_dataclass, read_config_tree)
+from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds
+from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
+from engram.registry import MEASURES, STREAMS
+from engram.importance.measures import Trajectory
+from engram.methods.base import Batch, Context, Method
+from torch import nn
 
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
                     "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
@@ -49,7 +53,7 @@ PROFILE_KEY = ("profile_id", "seed", "epoch", "measure", "aggregation", "reducer
 
 @dataclass
 class ProfileTask:
-    kind: str = opt("split", "stream the task comes from (see `engram list`)", registry="streams")
+    kind: str = opt("split", "stream the task comes from (see `engram list`)", registry=STREAMS)
     n_tasks: int = opt(1, "tasks in that stream (split: at most classes / classes_per_task)", low=1)
     classes_per_task: int = opt(10, "split only: classes per task (10 on digits: all of them)",
                                 low=1)
@@ -72,7 +76,7 @@ class ProfileGrid:
     epochs: list[int] = opt([2], "profile after these training epochs (training runs to the "
                                  "largest)", low=1)
     measures: list[str] = opt(list(DEFAULT_MEASURES), "importance measures (see `engram list`)",
-                              registry="measures")
+                              registry=MEASURES)
     aggregations: list[Literal["weight", "unit", "filter", "layer"]] = opt(
         ["weight", "unit", "layer"], "groups replaced together: weight, unit (fan-in + bias), "
         "filter (conv output channel), layer")
@@ -165,9 +169,9 @@ def _combinations(grid: ProfileGrid) -> list[tuple[str, str, str, str]]:
 def run_profile(cfg: ProfileConfig, out: str | Path, *, show_progress: bool = True) -> ProfileReport:
     """Run (or resume) the whole grid of `cfg` into `out/results.csv`. The folder is locked
     for the whole call and must hold this profile, or one this extends by seeds or grid
-    values (GROWABLE; engram.outdir)."""
-    from engram.outdir import OutputFolder
-    from engram.runner import resolve_device
+    values (GROWABLE; engram.experiments.outdir)."""
+    from engram.experiments.outdir import OutputFolder
+    from engram.experiments.continual import resolve_device
 
     device = resolve_device(cfg.device)
     dump = dataclasses.asdict(cfg)
@@ -186,7 +190,8 @@ def _run_profile_in(cfg: ProfileConfig, dump: dict, out: Path, device: torch.dev
                     show_progress: bool) -> ProfileReport:
     import yaml
 
-    from engram.data import DATASETS, build_stream
+    from engram.data import build_stream
+    from engram.registry import DATASETS
     from engram.results import ResultWriter
 
     if cfg.threads:
@@ -241,10 +246,9 @@ def _seed_keys(cfg: ProfileConfig, pid: str, seed: int, combos: list) -> set[tup
 def _profile_seed(cfg: ProfileConfig, pid: str, seed: int, task: Any, stream: Any,
                   device: torch.device, writer: Any, progress: Any) -> tuple[int, int]:
     """Train one seed's network, profiling it at each chosen epoch; (rows written, skipped)."""
-    from engram.importance.measures import TrajectoryRecorder
     from engram.methods.base import Context
     from engram.models import build_model
-    from engram.runner import train_task
+    from engram.training import train_task
 
     torch.manual_seed(seed)  # initialisation; training draws come from ctx.generator
     model = build_model(cfg.model, stream.input_shape, 1, stream.head_dim).to(device)
@@ -281,7 +285,7 @@ def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: 
     """Score, threshold and evaluate `model` for every measure and combination of the grid.
     The model is not changed (measures are pure; thresholded copies are stacked)."""
     from engram.importance import aggregate
-    from engram.importance.measures import MEASURES
+    from engram.registry import MEASURES
     from engram.results import row_key
 
     grid = cfg.profile
@@ -329,3 +333,101 @@ def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: 
             if progress is not None:
                 progress.update(len(rows))
     return written, skipped
+
+
+# ----------------------------------------------------------------------------- the trajectory recorder
+
+@dataclass
+class _Running:
+    """The recorder's running sums and the copies it compares against."""
+    start: dict[str, torch.Tensor] = field(default_factory=dict)
+    si_path: dict[str, torch.Tensor] = field(default_factory=dict)
+    path_length: dict[str, torch.Tensor] = field(default_factory=dict)
+    sign_flips: dict[str, torch.Tensor] = field(default_factory=dict)
+    direction_flips: dict[str, torch.Tensor] = field(default_factory=dict)
+    previous: dict[str, torch.Tensor] = field(default_factory=dict)        # theta_{t-1}
+    previous_delta: dict[str, torch.Tensor] = field(default_factory=dict)  # theta_{t-1} - theta_{t-2}
+    steps: int = 0
+
+
+class TrajectoryRecorder(Method):
+    """Records the training trajectory for the si and trajectory measures; changes nothing.
+
+    Driven by the runner's `train_task` loop like any method:
+    `after_backward` copies the gradient in .grad (g_t: the training loss's gradient, plus
+    the penalty of any method composed with the recorder), `after_step` reads the new
+    weights theta_t and updates, per element,
+
+        si_path         -= g_t * (theta_t - theta_{t-1})
+        path_length     += |theta_t - theta_{t-1}|
+        sign_flips      += [theta_t * theta_{t-1} < 0]
+        direction_flips += [(theta_t - theta_{t-1}) * (theta_{t-1} - theta_{t-2}) < 0]   (t >= 2)
+
+    All counts are kept on copies (`detach().clone()`), never on references to the live
+    tensors (HM's bug (i): its first comparison was a weight with itself).
+
+    Recording begins at the first `before_task` (or at `reset(model)`) and then accumulates
+    across later `train_task` calls, so a model trained in several chunks (profile, train on,
+    profile again) is recorded as one trajectory; call `reset(model)` to start over.
+    """
+
+    def __init__(self, params: Any = None) -> None:
+        super().__init__(params)
+        self._run = _Running()
+        self._grad: dict[str, torch.Tensor] = {}
+
+    @property
+    def recording(self) -> bool:
+        return bool(self._run.start)
+
+    def reset(self, model: nn.Module) -> None:
+        """Start recording afresh from the model's current weights."""
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        zeros = lambda: {name: torch.zeros_like(t) for name, t in start.items()}  # noqa: E731
+        self._run = _Running(start=start, si_path=zeros(), path_length=zeros(),
+                             sign_flips=zeros(), direction_flips=zeros(),
+                             previous={name: t.clone() for name, t in start.items()})
+        self._grad = {}
+
+    def before_task(self, ctx: Context) -> None:
+        if not self.recording:
+            self.reset(ctx.model)
+
+    def after_backward(self, ctx: Context) -> None:
+        self._grad = {name: p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+                      for name, p in ctx.model.named_parameters()}
+
+    @torch.no_grad()
+    def after_step(self, batch: Batch, ctx: Context) -> None:
+        run = self._run
+        for name, p in ctx.model.named_parameters():
+            now, before = p.detach().clone(), run.previous[name]
+            delta = now - before  # theta_t - theta_{t-1}
+            run.si_path[name] -= self._grad[name] * delta
+            run.path_length[name] += delta.abs()
+            run.sign_flips[name] += (now * before < 0).to(now.dtype)
+            if name in run.previous_delta:
+                run.direction_flips[name] += (delta * run.previous_delta[name] < 0).to(now.dtype)
+            run.previous[name], run.previous_delta[name] = now, delta
+        run.steps += 1
+
+    def trajectory(self) -> Trajectory:
+        """A snapshot (copies): later steps do not change it."""
+        if not self.recording:
+            raise ValueError("the TrajectoryRecorder has recorded nothing yet: train with it "
+                             "as the method (or call reset(model) first)")
+        run = self._run
+        copy = lambda d: {name: t.clone() for name, t in d.items()}  # noqa: E731
+        return Trajectory(start=copy(run.start), si_path=copy(run.si_path),
+                          path_length=copy(run.path_length), sign_flips=copy(run.sign_flips),
+                          direction_flips=copy(run.direction_flips), steps=run.steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        run = self._run
+        return {"start": run.start, "si_path": run.si_path, "path_length": run.path_length,
+                "sign_flips": run.sign_flips, "direction_flips": run.direction_flips,
+                "previous": run.previous, "previous_delta": run.previous_delta, "steps": run.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._run = _Running(**{key: dict(value) if isinstance(value, dict) else value
+                                for key, value in state.items()})

@@ -43,40 +43,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 
-from engram.config import (DataConfig, MethodSpec, ModelConfig, TrainConfig, _parse_methods,
-                           check_device, check_name, check_seeds, opt, params_dict,
-                           parse_dataclass, read_config_tree)
-from engram.data.streams import Stream, Task, TensorSet
+from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, params_dict
+from engram.schema import opt, parse_dataclass, read_config_tree
+from engram.data.streams import Stream, Task
 from engram.errors import ConfigError, DivergenceError
-from engram.registry import Registry
+from engram.data.problems import PROBLEMS, Problem, ProblemConfig
 
 PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
                       "metric", "value"]
 PLASTICITY_KEY = ("run_id", "task", "metric")
-
-
-@dataclass
-class ProblemConfig:
-    kind: str = opt("bit_flipping", "the non-stationary problem (see `engram list`)",
-                    registry="problems")
-    n_tasks: int = opt(100, "tasks in the stream (bit flipping: flips; permuted: permutations)",
-                       low=1)
-    flip_every: int = opt(10000, "bit_flipping: examples per task (T)", low=1)
-    n_inputs: int = opt(20, "bit_flipping: input bits (m)", low=2)
-    n_flipping: int = opt(15, "bit_flipping: bits constant within a task (f)", low=1)
-    flip_one: bool = opt(False, "bit_flipping: flip one bit per task instead of redrawing all")
-    target_hidden: int = opt(100, "bit_flipping: threshold units of the target network", low=1)
-    beta: float = opt(0.7, "bit_flipping: threshold parameter of the target's units", low=0.0)
-    examples_per_task: int | None = opt(None, "permuted_digits: examples per task (default: "
-                                              "the whole training set)", low=1)
-    classes_per_task: int = opt(2, "class_stream: classes in each task", low=1)
-    probe_size: int = opt(500, "examples of the next task the diagnostics are measured on",
-                          low=2)
 
 
 @dataclass
@@ -117,129 +97,13 @@ def load_plasticity_config(path: str | Path, overrides: list[str] = ()) -> Plast
     methods = raw.pop("methods", None)
     cfg = parse_dataclass(PlasticityConfig, raw)
     if methods is not None:
-        cfg.methods = _parse_methods(methods)
+        cfg.methods = parse_methods(methods)
     return cfg
-
-
-# ----------------------------------------------------------------------------- problems
-
-@dataclass
-class LTUTarget:
-    """The bit-flipping target: x (N, m) bits -> y (N,), through `hidden` linear threshold
-    units with weights and biases in {-1, +1} (Dohare et al.; LoP fix_ltu_net.py)."""
-    w_in: torch.Tensor   # (hidden, m)
-    b_in: torch.Tensor   # (hidden,)
-    w_out: torch.Tensor  # (hidden,)
-    b_out: torch.Tensor  # ()
-    threshold: torch.Tensor  # (hidden,)
-
-    @classmethod
-    def draw(cls, m: int, hidden: int, beta: float, generator: torch.Generator) -> LTUTarget:
-        def signs(*shape: int) -> torch.Tensor:
-            return torch.randint(0, 2, shape, generator=generator).float() * 2 - 1
-
-        w_in, b_in, w_out, b_out = signs(hidden, m), signs(hidden), signs(hidden), signs()
-        s = (m - w_in.sum(1) + b_in) / 2  # LoP's S_i ("number of -1 input weights")
-        return cls(w_in, b_in, w_out, b_out, beta * (m + 1) - s)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        fired = (x @ self.w_in.T + self.b_in > self.threshold).float()  # (N, hidden)
-        return fired @ self.w_out + self.b_out
-
-
-def bit_flipping_tasks(cfg: ProblemConfig, seed: int) -> Iterator[Task]:
-    """The slowly-changing regression's tasks, one per flip, generated lazily."""
-    generator = torch.Generator().manual_seed(seed)
-    target = LTUTarget.draw(cfg.n_inputs, cfg.target_hidden, cfg.beta, generator)
-    flipping = torch.randint(0, 2, (cfg.n_flipping,), generator=generator).float()
-    for index in range(cfg.n_tasks):
-        if index > 0:
-            if cfg.flip_one:
-                bit = int(torch.randint(cfg.n_flipping, (1,), generator=generator))
-                flipping[bit] = 1 - flipping[bit]
-            else:
-                flipping = torch.randint(0, 2, (cfg.n_flipping,), generator=generator).float()
-        free = torch.randint(0, 2, (cfg.flip_every, cfg.n_inputs - cfg.n_flipping),
-                             generator=generator).float()
-        x = torch.cat([flipping.expand(cfg.flip_every, -1), free], dim=1)  # (T, m)
-        data = TensorSet(x, target(x), torch.zeros(cfg.flip_every, dtype=torch.long))
-        yield Task(index, f"flip {index}", [0], data, None, data)
-
-
-def permuted_digits_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torch.Tensor,
-                          seed: int) -> Iterator[Task]:
-    """Online permuted digits: each task a fresh pixel permutation, examples reshuffled."""
-    generator = torch.Generator().manual_seed(seed)
-    flat = images.reshape(len(images), -1)  # (N, D)
-    n = min(cfg.examples_per_task or len(flat), len(flat))
-    for index in range(cfg.n_tasks):
-        pixels = torch.randperm(flat.shape[1], generator=generator)
-        order = torch.randperm(len(flat), generator=generator)[:n]
-        x = flat[order][:, pixels]
-        data = TensorSet(x, labels[order], torch.zeros(n, dtype=torch.long))
-        yield Task(index, f"permutation {index}", list(range(10)), data, None, data)
-
-
-def class_stream_tasks(cfg: ProblemConfig, images: torch.Tensor, labels: torch.Tensor,
-                       seed: int) -> Iterator[Task]:
-    """A long class-incremental stream: class groups in a seeded order, cycling."""
-    generator = torch.Generator().manual_seed(seed)
-    classes = labels.unique()[torch.randperm(len(labels.unique()), generator=generator)]
-    groups = [classes[i:i + cfg.classes_per_task]
-              for i in range(0, len(classes), cfg.classes_per_task)]
-    flat = images.reshape(len(images), -1)
-    for index in range(cfg.n_tasks):
-        group = groups[index % len(groups)]
-        members = torch.nonzero(torch.isin(labels, group)).flatten()
-        members = members[torch.randperm(len(members), generator=generator)]
-        data = TensorSet(flat[members], labels[members], torch.zeros(len(members), dtype=torch.long))
-        yield Task(index, "/".join(str(int(c)) for c in group), group.tolist(), data, None, data)
-
-
-class Problem(NamedTuple):
-    """One seed's problem: its tasks (generated lazily), input shape, outputs, loss kind."""
-    tasks: Iterator[Task]
-    input_shape: tuple[int, ...]
-    outputs: int
-    regression: bool
-
-
-def bit_flipping_problem(cfg: PlasticityConfig, seed: int) -> Problem:
-    return Problem(bit_flipping_tasks(cfg.problem, seed), (cfg.problem.n_inputs,), 1, True)
-
-
-def _images(cfg: PlasticityConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    from engram.data import DATASETS
-
-    source = DATASETS.get(cfg.data.source)(cfg.data.path)
-    return source.x_train.reshape(len(source.x_train), -1), source.y_train  # (N, D), (N,)
-
-
-def permuted_digits_problem(cfg: PlasticityConfig, seed: int) -> Problem:
-    x, y = _images(cfg)
-    return Problem(permuted_digits_tasks(cfg.problem, x, y, seed), (x.shape[1],),
-                   int(y.max()) + 1, False)
-
-
-def class_stream_problem(cfg: PlasticityConfig, seed: int) -> Problem:
-    x, y = _images(cfg)
-    return Problem(class_stream_tasks(cfg.problem, x, y, seed), (x.shape[1],),
-                   int(y.max()) + 1, False)
-
-
-PROBLEMS: Registry = Registry("plasticity problem")
-PROBLEMS.add("bit_flipping", bit_flipping_problem,
-             "slowly-changing regression: input bits redrawn every T examples, fixed random "
-             "threshold-unit target (Dohare et al. 2024)")
-PROBLEMS.add("permuted_digits", permuted_digits_problem,
-             "online permuted digits: a fresh pixel permutation per task, each example once")
-PROBLEMS.add("class_stream", class_stream_problem,
-             "a long class-incremental stream: class groups cycling, one shared head, online")
 
 
 def problem_tasks(cfg: PlasticityConfig, seed: int) -> Problem:
     """The configured problem for one seed."""
-    return PROBLEMS.get(cfg.problem.kind)(cfg, seed)
+    return PROBLEMS.get(cfg.problem.kind)(cfg.problem, cfg.data, seed)
 
 
 def check_methods_usable(cfg: PlasticityConfig) -> None:
@@ -284,9 +148,9 @@ def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: boo
     (a rerun redoes them), where a single process writes every task's rows as measured.
 
     The folder is locked for the whole call and must hold this experiment, or one this
-    extends by seeds (engram.outdir); worker processes never write it."""
-    from engram.outdir import OutputFolder
-    from engram.runner import resolve_device
+    extends by seeds (engram.experiments.outdir); worker processes never write it."""
+    from engram.experiments.outdir import OutputFolder
+    from engram.experiments.continual import resolve_device
 
     check_methods_usable(cfg)  # a method that cannot act is refused before any run starts
     device = resolve_device(cfg.device)
@@ -337,7 +201,7 @@ def _run_plasticity_in(cfg: PlasticityConfig, dump: dict, out: Path, device: tor
                     _run_one(cfg, spec, seed, run_id, device, writer, progress)
                     done += 1
             else:
-                from engram.parallel import run_in_processes
+                from engram.experiments.pool import run_in_processes
 
                 jobs = [(cfg, spec, seed, run_id, str(device)) for spec, seed, run_id in todo]
                 update = progress.update if progress is not None else None
@@ -380,11 +244,11 @@ def _run_in_worker(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: s
 
 def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
              device: torch.device, writer: Any, progress: Any) -> None:
-    from engram.methods import METHODS
+    from engram.registry import METHODS
     from engram.methods.base import Context
     from engram.metrics.plasticity import plasticity_diagnostics
     from engram.models import build_model
-    from engram.runner import train_task
+    from engram.training import train_task
 
     tasks, input_shape, outputs, regression = problem_tasks(cfg, seed)
     torch.manual_seed(seed)
@@ -437,7 +301,7 @@ def _per_seed(rows: list[dict[str, str]], metric: str) -> dict[str, dict[int, di
     """label -> seed -> task -> value of `metric`, labels in first-seen order. A label with
     two runs on one seed (two configs' runs in one folder, which the label does not tell
     apart) raises DataError (:func:`engram.summary.count_seeds`) instead of counting it twice."""
-    from engram.summary import count_seeds
+    from engram.reports.tables import count_seeds
 
     per_label: dict[str, dict[int, dict[int, float]]] = {}
     runs: dict[str, dict[str, str]] = {}  # label -> run id -> seed
@@ -482,7 +346,7 @@ def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
     """One figure, `out_dir/plasticity.png`: a panel per recorded metric of `PLOTTED` against
     the task number, a line per method with a ±1 SE band over seeds; the online error and
     accuracy in bins of `bin_tasks` tasks (default: a twentieth of the tasks)."""
-    from engram.plots import _new_figure, _save
+    from engram.reports.figures import _new_figure, _save
 
     present = [(m, title) for m, title in PLOTTED if any(r["metric"] == m for r in rows)]
     n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=1)
@@ -541,7 +405,7 @@ def plasticity_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
 def format_plasticity_summary(table: list[dict[str, Any]]) -> str:
     """The summary as aligned text: one block per metric, a line per method, each window
     "mean ± SE [95% t-interval]" over the seeds (a mean alone with one seed)."""
-    from engram.summary import format_stat
+    from engram.reports.tables import format_stat
 
     lines = []
     for metric in dict.fromkeys(e["metric"] for e in table):

@@ -1,6 +1,6 @@
 """Pictures of the sliding-window experiment: the movie, the still summary, the comparison.
 
-All three read `WindowRecord`s (engram.window), never the network, so they can be redrawn
+All three read `WindowRecord`s (engram.experiments.window), never the network, so they can be redrawn
 from the NPZ files of a finished run.
 """
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from engram.errors import ConfigError
-from engram.plots import _new_figure, _save
+from engram.reports.figures import _new_figure, _save
 from engram.stats import mean_se
-from engram.window import WindowRecord, relearn_by_pass
+from engram.experiments.window import WindowRecord, relearn_by_pass
 
 IN_WINDOW, OUTSIDE = "#1f77b4", "#d62728"  # blue: trained on now; red: not
 

@@ -1,0 +1,289 @@
+"""Continual-learning runs: every (method, seed) of a config through its task stream.
+
+The optimisation itself is engram.training.train_task; this module is the bookkeeping around
+it: building data and models, evaluating, writing rows, checkpointing at task
+boundaries so that rerunning the command continues a killed run exactly where its last
+finished task left off (same tensors, same random states: the run's generator and torch's global RNG that
+draws dropout masks, so the same numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict
+from engram.data.streams import Stream
+from engram.errors import EngramError
+from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
+from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
+from engram.registry import DATASETS
+from engram.results import COLUMNS, KEY, row_key
+from engram.training import evaluate, train_task
+
+# Config keys that change how a run is carried out but not its numbers: --resume may differ.
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+
+
+@dataclass
+class RunIdentity:
+    """The columns every row of one run shares."""
+    run_id: str
+    cfg: RunConfig
+    method: MethodSpec
+    seed: int
+
+    def row(self, **fields: Any) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id, "name": self.cfg.name, "seed": self.seed,
+            "method": self.method.name, "label": self.method.label(),
+            "params": json.dumps(params_dict(self.method.params), sort_keys=True),
+            "dataset": self.cfg.data.source, "stream": self.cfg.stream.kind,
+            "scenario": self.cfg.stream.scenario, "task_eval": "", "split": "", **fields}
+
+
+def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+                     epoch: int) -> list[dict]:
+    rows = []
+    net = method.eval_model(ctx)  # the live model unless the method picks weights per task
+    for task in ctx.stream.tasks:
+        for split in ctx.train_cfg.eval_splits:
+            data = task.val if split == "val" else task.test
+            if data is None or len(data) == 0:
+                continue
+            accuracy, loss = evaluate(net, data)
+            common = dict(task_trained=task_trained, epoch=epoch, step=ctx.step,
+                          task_eval=task.index + 1, split=split)
+            rows.append(ident.row(metric="accuracy", value=accuracy, **common))
+            rows.append(ident.row(metric="loss", value=loss, **common))
+    return rows
+
+
+def task_end_recorded(keys: set, run_id: str, task: int, epochs: int) -> bool:
+    """Whether the results hold the rows written at the end of `task` (1-based) of a run:
+    its extra_bytes row, the last of that batch, so the batch before it is complete too."""
+    marker = {"run_id": run_id, "task_trained": task, "epoch": epochs, "task_eval": "",
+              "split": "", "metric": "extra_bytes"}
+    return task == 0 or row_key(marker) in keys
+
+
+def global_random_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """torch's global RNG states: the CPU one and, on CUDA, the run device's. Dropout draws
+    its masks from them (the run's own generator, ctx.generator, draws everything else), so
+    a checkpoint must carry them for a resumed run to draw the masks an uninterrupted one
+    would; torch.manual_seed(seed) at the run's start sets both."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_global_random_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Restore what global_random_state saved (the tensors may have been moved to `device` by
+    torch.load's map_location; the setters want CPU byte tensors)."""
+    torch.set_rng_state(state["cpu"].cpu())
+    if device.type == "cuda" and "cuda" in state:  # absent: saved by a CPU run
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)  # atomic: a kill leaves the old checkpoint or the new one
+
+
+# What _save_checkpoint writes, and the type of each entry.
+CHECKPOINT_ENTRIES = {"model": dict, "method": dict, "generator": torch.Tensor, "step": int,
+                      "tasks_done": int}
+
+
+def _unusable(path: Path, reason: str) -> EngramError:
+    return EngramError(f"checkpoint {path} cannot be read ({reason}); delete it to restart "
+                       "this run from its first task")
+
+
+def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
+    """A resume checkpoint, checked to hold CHECKPOINT_ENTRIES with tasks_done in
+    [0, n_tasks]; EngramError naming the file otherwise (it would fail deep inside run_one)."""
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _unusable(path, f"not a torch file: {first_line[:120]}") from None
+    if not isinstance(state, dict):
+        raise _unusable(path, f"it holds a {type(state).__name__}, not an engram checkpoint")
+    for key, kind in CHECKPOINT_ENTRIES.items():
+        if not isinstance(state.get(key), kind):
+            raise _unusable(path, f"entry {key!r} is missing or not a {kind.__name__}")
+    if not 0 <= state["tasks_done"] <= n_tasks:
+        raise _unusable(path, f"tasks_done is {state['tasks_done']}; this run has {n_tasks} "
+                              "tasks")
+    return state
+
+
+def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
+    """The run id (engram.experiments.harness.run_id) of everything that determines one run's
+    numbers: data, stream, model, train, the method and its parameters, the seed (not the
+    name, plots, threads or device)."""
+    return run_id({
+        "data": dataclasses.asdict(cfg.data), "stream": dataclasses.asdict(cfg.stream),
+        "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+        "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
+
+
+def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: JobSink,
+            device: torch.device) -> str:
+    """Train one method with one seed through the whole stream, handing rows to `sink` as
+    they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
+    tasks it covers are recorded. Return the run id."""
+    from engram.models import build_model
+    from engram.registry import METHODS
+
+    ident = RunIdentity(continual_run_id(cfg, spec, seed), cfg, spec, seed)
+    # before any training: a method that could not act on this stream is refused, not run
+    refuse_unusable(spec, ProblemInfo(f"{cfg.data.source} ({cfg.stream.kind} stream)",
+                                      stream.head_dim, classification=True))
+    torch.manual_seed(seed)  # model init and dropout masks; every other draw uses ctx.generator
+    model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim).to(device)
+    method: Method = METHODS.get(spec.name)(spec.params)
+    ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
+                  generator=torch.Generator().manual_seed(seed), device=device)
+    ctx.model = model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
+    checkpoint = sink.folder / "checkpoints" / f"{ident.run_id}.pt"
+    tasks_done = 0
+    state = None
+    if checkpoint.exists():
+        state = _load_checkpoint(checkpoint, device, len(stream))
+        if "global_rng" not in state or not task_end_recorded(
+                sink.recorded, ident.run_id, state["tasks_done"], cfg.train.epochs):
+            # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
+            # a results file cut short): resuming would leave tasks without rows. Or it is
+            # from an engram that did not save the global RNG, so dropout masks would differ.
+            # Start over; the rows already there are re-measured identically and skipped.
+            checkpoint.unlink()
+            state = None
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+            method.load_state_dict(state["method"])
+            ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
+            set_global_random_state(state["global_rng"], device)  # dropout masks
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:  # wrong shapes or keys
+            raise _unusable(checkpoint, f"it does not fit this run: "
+                                        f"{' '.join(str(err).split())[:200]}") from None
+        ctx.step, tasks_done = state["step"], state["tasks_done"]
+    else:
+        sink.emit(_evaluation_rows(ident, ctx, method, task_trained=0, epoch=0))  # the untrained baseline
+
+    epochs = cfg.train.epochs
+    sink.report(tasks_done * epochs)  # progress is counted in epochs
+    ctx.seen_tasks = list(stream.tasks[:tasks_done])
+    last_checkpoint = time.perf_counter()
+    for task in stream.tasks[tasks_done:]:
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        started = time.perf_counter()
+        number = task.index + 1
+
+        def on_epoch(epoch: int, mean_loss: float) -> None:
+            sink.emit([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
+                                 metric="train_loss", value=mean_loss)])
+            if cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and epoch < epochs:
+                sink.emit(_evaluation_rows(ident, ctx, method, number, epoch))
+            sink.report(1)
+
+        train_task(ctx, method, on_epoch)
+        seconds = time.perf_counter() - started
+        rows = _evaluation_rows(ident, ctx, method, number, epochs)
+        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
+                              metric="train_seconds", value=seconds))
+        # What the method keeps beyond the live model after this task: the memory bill.
+        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step,
+                              metric="extra_bytes", value=method.extra_bytes()))
+        sink.emit(rows)
+        # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
+        # so save one only when enough work would otherwise be lost. A run killed without one
+        # resumes from its previous checkpoint (or its start): the same numbers, re-measured.
+        due = time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+        if due and number < len(stream):
+            checkpoint.parent.mkdir(exist_ok=True)  # the harness removes it when empty
+            _save_checkpoint(checkpoint, {
+                "model": model.state_dict(), "method": method.state_dict(),
+                "generator": ctx.generator.get_state(), "global_rng": global_random_state(device),
+                "step": ctx.step, "tasks_done": number})
+            last_checkpoint = time.perf_counter()
+    sink.emit([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
+                         metric="run_complete", value=1)])
+    checkpoint.unlink(missing_ok=True)
+    return ident.run_id
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+# Config keys that change how a run is carried out but not its numbers.
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+
+
+@dataclass
+class RunPayload:
+    """What a worker needs to run one job: the grid point's config and the method."""
+    cfg: RunConfig
+    method: MethodSpec
+
+
+def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
+    """The runs of (grid point, config) pairs, each once (two points that differ only in
+    name share runs); each job reports its epochs to the progress bar."""
+    jobs, seen = [], set()
+    for point, cfg in points:
+        for seed in cfg.seeds:
+            for spec in cfg.methods:
+                key = continual_run_id(cfg, spec, seed)
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(Job(key, seed, spec.label(), RunPayload(cfg, spec), point,
+                                    size=cfg.stream.n_tasks * cfg.train.epochs))
+    return jobs
+
+
+@functools.lru_cache(maxsize=4)
+def _source(name: str, path: str | None) -> Any:
+    return DATASETS.get(name)(path)
+
+
+def execute_run(job: Job, sink: JobSink) -> None:
+    """The harness's `execute` for continual runs: build the seed's stream, run the method."""
+    from engram.data import build_stream
+
+    cfg, spec = job.payload.cfg, job.payload.method
+    device = resolve_device(cfg.device)
+    stream = build_stream(_source(cfg.data.source, cfg.data.path), cfg.data, cfg.stream,
+                          job.seed, device)
+    run_one(cfg, spec, job.seed, stream, sink, device)
+
+
+def run_plan_of(cfg: RunConfig) -> Plan:
+    """The harness plan of `engram run`: every method x seed of one config."""
+    device = resolve_device(cfg.device)  # a bad device stops before the folder is made
+    wanted = config_to_dict(cfg)
+    return Plan(command="run", identity={k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS},
+                growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
+                jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),
+                threads=cfg.threads, unit="epoch")
+
+
+def run_experiment(cfg: RunConfig, out: str | Path, *, workers: int = 1,
+                   show_progress: bool = True, raise_failures: bool = True) -> Report:
+    """Run (or resume) every method x seed of `cfg` into `out/results.csv`, on the harness:
+    the folder is locked, finished runs are skipped, an interrupted one resumes from its
+    last checkpoint (engram.experiments.harness)."""
+    return run_plan(run_plan_of(cfg), out, workers=workers, show_progress=show_progress,
+                    raise_failures=raise_failures)

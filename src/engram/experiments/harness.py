@@ -1,0 +1,394 @@
+"""The one shell every experiment runs in: folder, config, device, jobs, rows, workers, resume.
+
+An experiment (continual runs and sweeps, the profile, plasticity, the sliding window) turns
+its validated config into a `Plan`: what identifies the folder's numbers, the config to keep,
+the results table's columns and key, and a list of `Job`s (one run each: a method and a seed,
+a grid point, a variant) with a module-level `execute(job, sink)` function that runs one job
+and hands its rows to `sink.emit` as they are measured. `run_plan` does the rest, the same way
+for every experiment:
+
+- the output folder: locked for the whole call, one writer (engram.experiments.outdir); a
+  folder holding another experiment, another command's results or another engram version's
+  is refused; `experiment.json` records what determines the numbers, `provenance.jsonl` who
+  wrote them;
+- `config.yaml`: the config as run; a different earlier one (a folder extended by seeds or
+  alternatives) is kept as `config.N.yaml`;
+- device and CPU threads, set once;
+- one results table (engram.results.ResultWriter): rows appended as measured, keyed, so a
+  rerun resumes: finished jobs are skipped, an unfinished one reruns and its rows already
+  written are skipped as duplicates;
+- one worker pool: with `workers > 1`, jobs run in spawned processes that send their rows
+  here, so only this process writes the table, one batch at a time;
+- failure isolation: a job that fails (a diverging run, a bug) is recorded in
+  `failures.jsonl` with its point and seed, and the others go on;
+- one progress bar (tqdm; none when stderr is not a terminal).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import multiprocessing
+import os
+import queue as queue_module
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+
+from engram.config import check_device
+from engram.errors import ConfigError, EngramError
+from engram.experiments.outdir import OutputFolder
+from engram.results import ResultWriter
+
+
+def run_id(canonical: dict[str, Any]) -> str:
+    """The run id: a hash of everything that determines one job's numbers (its canonical,
+    JSON-able description: config parts, method and parameters, seed), 12 hex digits. The one
+    run-id function of every experiment: the same description gives the same id, so a rerun
+    finds the job's rows and skips it."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` picks CUDA when available, else CPU; cpu, cuda, cuda:N and mps must exist here.
+    Other torch devices (meta, xpu, ...) are refused by check_device: engram cannot train there."""
+    check_device(name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} asked for CUDA but torch sees no CUDA device; use auto or cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device: {name!r}: torch sees only {torch.cuda.device_count()} CUDA "
+                          f"devices (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r}: torch sees no MPS device; use auto or cpu")
+    return device
+
+
+def set_threads(threads: int) -> None:
+    """torch's CPU threads for this process (0: leave torch's default). Small models are
+    fastest on one thread; a worker process sets its own."""
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- jobs and plans
+
+@dataclass
+class Job:
+    """One unit of work of an experiment: one run, written under one run id."""
+    run_id: str
+    seed: int
+    label: str                 # what it runs, e.g. "ewc(strength=100)" or a variant's name
+    payload: Any               # what `execute` needs (picklable: it may go to a worker)
+    point: dict[str, Any] = field(default_factory=dict)  # a sweep's grid values at this job
+    size: int = 1              # progress units (epochs, tasks, steps) the job reports
+    key_prefix: tuple[str, ...] = ()  # the leading key columns of its rows; default (run_id,)
+
+    def describe(self) -> str:
+        where = ", ".join(f"{k}={v}" for k, v in self.point.items())
+        return f"{self.label} seed {self.seed}" + (f" [{where}]" if where else "")
+
+    def prefix(self) -> tuple[str, ...]:
+        return self.key_prefix or (self.run_id,)
+
+
+@dataclass
+class JobSink:
+    """What a running job talks to: `emit(rows)` hands rows to the one writer (directly, or
+    through the worker queue), `report(n)` advances the progress bar by n units, `recorded`
+    holds the keys of this job's rows already in the table (a resumed run reads them to
+    decide whether its checkpoint may be used), and `folder` is the output folder (for the
+    job's own files: checkpoints, records)."""
+    emit: Callable[[list[dict[str, Any]]], None]
+    report: Callable[[int], None]
+    recorded: set[tuple[str, ...]]
+    folder: Path
+
+
+@dataclass
+class Plan:
+    """Everything `run_plan` needs from an experiment."""
+    command: str                       # the CLI command, recorded in the folder
+    identity: dict[str, Any]           # what determines the folder's numbers (experiment.json)
+    growable: tuple[str, ...]          # identity keys a rerun may extend (seeds, grid axes)
+    config: dict[str, Any]             # config.yaml as run
+    columns: list[str]                 # the results table's columns
+    key: tuple[str, ...]               # and the columns that identify a row
+    jobs: list[Job]
+    execute: Callable[[Job, JobSink], None]  # module level: worker processes import it
+    device: str = "cpu"
+    threads: int = 1
+    unit: str = "run"                  # the progress bar's unit (what Job.size counts)
+    finished: Callable[[Job, ResultWriter, Path], bool] | None = None  # default: run_complete
+    config_name: str = "config.yaml"
+
+
+@dataclass
+class Report:
+    total: int           # jobs in the plan
+    skipped: int         # finished before this call
+    completed: int       # finished by this call
+    failures: list[dict[str, Any]]
+    seconds: float
+    folder: Path
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+class JobsFailed(EngramError):
+    """Some jobs failed; the others' rows were kept. The first failure's error is the cause."""
+
+
+def keep_config(out: Path, dump: dict[str, Any], name: str = "config.yaml") -> None:
+    """Write the config as run to OUT/<name>; an earlier, different one (a folder extended by
+    seeds or alternatives, or an older run of it) is kept as <stem>.N<suffix>."""
+    import yaml
+
+    text = yaml.safe_dump(dump, sort_keys=False)
+    current = out / name
+    if current.exists() and current.read_text() != text:
+        stem, suffix = current.stem, current.suffix
+        n = 1
+        while (out / f"{stem}.{n}{suffix}").exists():
+            n += 1
+        current.rename(out / f"{stem}.{n}{suffix}")
+    current.write_text(text)
+
+
+def run_plan(plan: Plan, out: str | Path, *, workers: int = 1, show_progress: bool = True,
+             raise_failures: bool = True) -> Report:
+    """Run (or resume) every job of `plan` into `out`; see the module docstring.
+
+    With raise_failures (the library default) a failed job's exception is raised at the end,
+    after every other job ran (its note says how many failed); otherwise the failures are in
+    the report and `failures.jsonl`, for the CLI to list."""
+    if workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {workers}")
+    with OutputFolder(out, plan.command) as folder:
+        folder.claim(plan.identity, plan.growable, plan.device)
+        return _run_plan_in(plan, folder.path, workers, show_progress, raise_failures)
+
+
+def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
+                 raise_failures: bool) -> Report:
+    started = time.perf_counter()
+    keep_config(out, plan.config, plan.config_name)
+    set_threads(plan.threads)
+    failures_file = out / "failures.jsonl"
+    failures: list[dict[str, Any]] = []
+    errors: list[BaseException | str] = []
+    progress = _progress_bar(sum(job.size for job in plan.jobs), plan.unit, show_progress,
+                             workers)
+    try:
+        with ResultWriter(out / "results.csv", plan.columns, plan.key) as writer:
+            finished = plan.finished or _run_complete
+            todo = [job for job in plan.jobs if not finished(job, writer, out)]
+            progress.update(sum(job.size for job in plan.jobs) - sum(job.size for job in todo))
+            failures_file.unlink(missing_ok=True)  # this call's failures; earlier ones rerun now
+
+            def record(job: Job, error: BaseException | str | None) -> None:
+                if error is None:
+                    return
+                text = error if isinstance(error, str) else _error_text(error)
+                failure = {"run_id": job.run_id, "point": job.point, "label": job.label,
+                           "seed": job.seed, "error": text}
+                failures.append(failure)
+                errors.append(error)
+                with open(failures_file, "a") as f:
+                    f.write(json.dumps(failure) + "\n")
+
+            if workers == 1 or len(todo) <= 1:
+                for job in todo:
+                    progress.set_postfix_str(job.describe(), refresh=False)
+                    sink = JobSink(writer.write, progress.update, _recorded(writer, job), out)
+                    record(job, _execute_here(plan.execute, job, sink))
+            else:
+                _run_in_workers(plan, todo, workers, writer, out, record, progress)
+    finally:
+        progress.close()
+    checkpoints = out / "checkpoints"  # jobs keep resume checkpoints there (continual runs)
+    if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        checkpoints.rmdir()
+    report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
+                    failures, time.perf_counter() - started, out)
+    if failures and raise_failures:
+        first = errors[0]
+        if isinstance(first, str):
+            first = JobsFailed(f"{failures[0]['label']} seed {failures[0]['seed']}: {first}")
+        if len(failures) > 1:
+            first.add_note(f"({len(failures)} of {len(todo)} runs failed; the others' results "
+                           f"were kept; see {failures_file})")
+        raise first
+    return report
+
+
+def _run_complete(job: Job, writer: ResultWriter, out: Path) -> bool:
+    return job.run_id in writer.completed_runs
+
+
+def _recorded(writer: ResultWriter, job: Job) -> set[tuple[str, ...]]:
+    prefix = job.prefix()
+    return {key for key in writer.keys if key[:len(prefix)] == prefix}
+
+
+def _error_text(error: BaseException) -> str:
+    """One line for an engram error; the traceback for anything else (a bug)."""
+    if isinstance(error, EngramError):
+        return f"{type(error).__name__}: {error}"
+    return "".join(traceback.format_exception(error)).rstrip()
+
+
+def _execute_here(execute: Callable[[Job, JobSink], None], job: Job,
+                  sink: JobSink) -> BaseException | None:
+    """Run one job; its exception (not KeyboardInterrupt) is returned, not raised."""
+    try:
+        execute(job, sink)
+        return None
+    except Exception as error:  # noqa: BLE001 - one failed job must not stop the others
+        return error
+
+
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix_str(self, text: str, refresh: bool = True) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, unit: str, show: bool, workers: int) -> Any:
+    """A tqdm bar on a terminal; nothing when not shown or stderr is not a terminal."""
+    if not show:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, dynamic_ncols=True, disable=None, unit_scale=True,
+                desc=f"{workers} worker{'s' * (workers > 1)}")
+
+
+# ----------------------------------------------------------------------------- the worker pool
+
+def exit_with_parent(parent: int, every: float = 0.5) -> None:
+    """In a worker process: exit as soon as `parent` (the process that started this one)
+    has died, checked every `every` seconds by a daemon thread. A parent killed with SIGKILL
+    cannot stop its workers, and nobody would read what they compute: without this they
+    would compute, or wait on a queue, forever."""
+    def watch() -> None:
+        while os.getppid() == parent:  # an orphan is re-parented to init or a subreaper
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
+def _portable(error: BaseException) -> BaseException | str:
+    """The exception itself if it survives pickling (engram's errors do), else its text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(error))
+        return error
+    except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
+        return _error_text(error)
+
+
+def _worker(worker_id: int, execute: Callable, threads: int, out: Path, jobs: Any,
+            messages: Any) -> None:
+    """A worker process: take (index, job, recorded) until the sentinel None; send rows,
+    progress and each job's outcome to the parent, in that order."""
+    parent = os.getppid()
+    exit_with_parent(parent)  # also while waiting for a job or inside a long epoch
+    set_threads(threads)
+
+    def emit(rows: Iterable[dict[str, Any]]) -> None:
+        messages.put(("rows", list(rows)))
+
+    def report(n: int) -> None:
+        messages.put(("progress", n))
+
+    try:
+        while (item := jobs.get()) is not None:
+            index, job, recorded = item
+            messages.put(("start", worker_id, index))
+            error = _execute_here(execute, job, JobSink(emit, report, recorded, out))
+            messages.put(("done", worker_id, index, None if error is None else _portable(error)))
+    except KeyboardInterrupt:
+        pass  # the parent reports the interruption
+
+
+def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWriter, out: Path,
+                    record: Callable[[Job, Any], None], progress: Any) -> None:
+    """Hand `todo` to `workers` spawned processes; write their rows here, one batch at a
+    time. A worker that dies (killed, out of memory) fails its job and is replaced."""
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
+    jobs, messages = context.Queue(), context.Queue()
+    for index, job in enumerate(todo):
+        jobs.put((index, job, _recorded(writer, job)))
+    processes: dict[int, Any] = {}
+    running: dict[int, int] = {}  # worker id -> index of the job it holds
+    worker_ids = itertools.count()
+
+    def start() -> None:
+        jobs.put(None)  # one sentinel per started worker ends it when the jobs run out
+        worker_id = next(worker_ids)
+        process = context.Process(target=_worker, daemon=True, args=(
+            worker_id, plan.execute, plan.threads, out, jobs, messages))
+        process.start()
+        processes[worker_id] = process
+
+    for _ in range(min(workers, len(todo))):
+        start()
+    remaining = len(todo)
+    try:
+        while remaining:
+            try:
+                message = messages.get(timeout=1.0)
+            except queue_module.Empty:
+                for worker_id, process in list(processes.items()):
+                    if process.is_alive() or worker_id not in running:
+                        continue
+                    index = running.pop(worker_id)
+                    record(todo[index], f"the worker process died (exit code {process.exitcode}) "
+                                        "while running this job")
+                    remaining -= 1
+                    del processes[worker_id]
+                    if remaining:
+                        start()
+                if remaining and not any(process.is_alive() for process in processes.values()):
+                    raise EngramError(f"every worker process exited with {remaining} runs "
+                                      "left; rerun the command to resume them")
+                continue
+            kind = message[0]
+            if kind == "rows":
+                writer.write(message[1])
+            elif kind == "progress":
+                progress.update(message[1])
+            elif kind == "start":
+                running[message[1]] = message[2]
+                progress.set_postfix_str(todo[message[2]].describe(), refresh=False)
+            elif kind == "done":
+                _, worker_id, index, error = message
+                running.pop(worker_id, None)
+                record(todo[index], error)
+                remaining -= 1
+    finally:
+        jobs.cancel_join_thread()  # unstarted jobs left in the queue must not block our exit
+        for process in processes.values():
+            if process.is_alive():
+                process.terminate()
+        for process in processes.values():
+            process.join(timeout=5)

@@ -1,0 +1,112 @@
+"""The one training loop every experiment shares: read `train_task` top to bottom.
+
+A library module (imports data, methods and the config parts, nothing above): the continual
+runs, the plasticity streams and the sliding window all train through `apply_update`, so a
+method's hooks run in the same order everywhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from engram.data.streams import TensorSet
+from engram.errors import DivergenceError
+from engram.methods.base import Context, Method
+
+EVAL_CHUNK = 4096  # examples per forward pass when evaluating
+
+
+def make_optimizer(model: torch.nn.Module, cfg, foreach: bool | None = None
+                   ) -> torch.optim.Optimizer:
+    """The optimizer of `cfg` (a TrainConfig) over the model's parameters. foreach=True
+    batches the update over all tensors, which on the CPU is faster for many small tensors
+    (torch's default there is one tensor at a time)."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay, foreach=foreach)
+    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            foreach=foreach)
+
+
+def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
+                 loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet) -> None:
+    """One optimizer update from the training `loss` of `batch` (what make_batch returned),
+    with the method's penalty and hooks in the order every method relies on. `task_batch` is
+    what after_step is given: the examples the stream delivers at this step (train_task: the
+    mini-batch; the sliding window: the points entering it for the first time, often none).
+    Shared by train_task and the sliding-window experiment (engram.experiments.window)."""
+    ctx.batch = batch  # LwF distils on the batch being trained
+    penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
+    total = loss if penalty is None else loss + penalty
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    method.after_backward(ctx)  # gradient projections
+    optimizer.step()
+    method.correct_update(ctx)  # OGD / A-GEM project the update the optimizer made
+    method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
+    ctx.step += 1
+
+
+def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
+    """Train `ctx.model` on `ctx.task` for train.epochs epochs: the loop every method shares.
+
+    `on_epoch(epoch, loss)` gets the epoch's mean over its mini-batches of the loss of each
+    mini-batch's own examples (the task's, not the memory examples replay mixes in, nor any
+    penalty), computed in the forward pass of the step, before its update: the online error
+    of the plasticity runner and `engram run`'s train_loss. The divergence check watches the
+    loss actually trained on (replay's mixed batch)."""
+    cfg, model = ctx.train_cfg, ctx.model
+    model.train()
+    method.before_task(ctx)
+    # Fresh each task, so no momentum is carried across tasks; made after before_task, which
+    # may change which parameters train (progressive nets, PackNet).
+    optimizer = make_optimizer(model, cfg)
+    data = method.training_data(ctx.task.train, ctx)  # joint training widens this
+    n = len(data)
+    for epoch in range(1, cfg.epochs + 1):
+        order = torch.randperm(n, generator=ctx.generator).to(ctx.device)
+        loss_sum = torch.zeros((), device=ctx.device)  # the trained loss, for divergence
+        own_loss_sum = torch.zeros((), device=ctx.device)  # the recorded loss (see above)
+        correct_sum = torch.zeros((), device=ctx.device)
+        for start in range(0, n, cfg.batch_size):
+            index = order[start:start + cfg.batch_size]
+            task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
+            batch = method.make_batch(task_batch, ctx)  # replay appends memory examples here
+            outputs = model(batch.x, batch.task)
+            loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
+            # This step's own examples are the first len(index) of the batch (make_batch's
+            # contract), measured before the update: the online loss and accuracy.
+            own = outputs[:len(index)].detach()
+            own_loss_sum += loss.detach() if batch is task_batch else ctx.loss_fn(own, task_batch.y)
+            if ctx.count_correct:
+                correct_sum += (own.argmax(1) == task_batch.y).sum()
+            apply_update(ctx, method, optimizer, loss, batch, task_batch)
+            loss_sum += loss.detach()
+        n_batches = -(-n // cfg.batch_size)
+        mean_loss = float(loss_sum) / n_batches  # one sync per epoch
+        ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
+        if not math.isfinite(mean_loss):
+            raise DivergenceError(
+                f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
+                f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
+        on_epoch(epoch, float(own_loss_sum) / n_batches)
+    method.after_task(ctx)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: TensorSet) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of `model` on `data`, in eval mode."""
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0.0, 0.0
+    for start in range(0, len(data), EVAL_CHUNK):
+        x, y, task = (part[start:start + EVAL_CHUNK] for part in data)
+        logits = model(x, task)
+        correct += float((logits.argmax(dim=1) == y).sum())
+        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+    model.train(was_training)
+    return correct / len(data), loss_sum / len(data)
