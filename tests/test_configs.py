@@ -26,12 +26,12 @@ def test_configs_exist():
 def test_config_validates_and_runs_when_its_data_is_here(path, tmp_path, monkeypatch):
     """A plain config is a one-point sweep, so every config goes through the sweep path."""
     _, jobs = load_sweep(path, QUICK)
-    if len({job.cfg.stream.scenario for job in jobs}) > 1:
+    if len({job.payload.cfg.stream.scenario for job in jobs}) > 1:
         overrides = QUICK + ["stream.scenario=class"]  # one scenario is enough to check it runs
         _, jobs = load_sweep(path, overrides)
     else:
         overrides = QUICK
-    source = jobs[0].cfg.data.source
+    source = jobs[0].payload.cfg.data.source
     if source == "cifar10":
         report = run_sweep(path, tmp_path, overrides=overrides, show_progress=False)
         assert report.failures and all("cifar-10-batches-py" in f["error"] for f in report.failures)
@@ -49,6 +49,6 @@ def test_config_validates_and_runs_when_its_data_is_here(path, tmp_path, monkeyp
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_configs_with_one_grid_point_load_for_engram_run(path):
     _, jobs = load_sweep(path, QUICK)
-    if len({job.cfg.name for job in jobs}) > 1 or len({job.cfg.stream.scenario for job in jobs}) > 1:
+    if len({job.payload.cfg.name for job in jobs}) > 1 or len({job.payload.cfg.stream.scenario for job in jobs}) > 1:
         pytest.skip("a sweep: run it with engram sweep")
     load_config(path, QUICK)

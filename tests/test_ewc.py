@@ -192,7 +192,7 @@ def two_task_rows(tmp_path, seeds, strength):
         "train": {"epochs": 40, "batch_size": 32, "lr": 1.0},
         "methods": ["naive", {"name": "ewc", "strength": strength}],
     }
-    csv = run_experiment(load_config_dict(raw), tmp_path, show_progress=False)
+    csv = run_experiment(load_config_dict(raw), tmp_path, show_progress=False).results
     return accuracy_matrices(read_rows(csv))
 
 

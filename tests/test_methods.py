@@ -112,7 +112,7 @@ def test_every_method_has_params_dataclass_and_docstring():
 def test_every_task_end_records_the_methods_extra_bytes(tmp_path):
     """The memory bill: joint keeps every seen task's training set, naive keeps nothing."""
     cfg = tiny_config(methods=["naive", "joint"])
-    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False).results)
     source = DATASETS.get("digits")(None)
     stream = build_stream(source, cfg.data, cfg.stream, seed=0)
     task_bytes = [sum(part.numel() * part.element_size() for part in task.train)

@@ -271,6 +271,6 @@ def test_every_policy_trains_and_keeps_memory(policy, scenario, tmp_path):
 
     cfg = tiny_config(stream={"scenario": scenario},
                       methods=[{"name": "replay", "memory": 24, "policy": policy}])
-    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False).results)
     memory = [float(r["value"]) for r in rows if r["metric"] == "extra_bytes"]
     assert memory[-1] > 0 and any(r["metric"] == "run_complete" for r in rows)

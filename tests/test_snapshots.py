@@ -57,7 +57,7 @@ def test_without_task_ids_at_test_the_live_model_is_evaluated():
 
 def test_memory_bill_is_one_model_per_finished_task(tmp_path):
     cfg = tiny_config(stream={"scenario": "task"}, methods=["snapshots"])
-    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False).results)
     ctx = _context(cfg)
     model_bytes = sum(t.numel() * t.element_size() for t in ctx.model.state_dict().values())
     bills = [float(r["value"]) for r in rows if r["metric"] == "extra_bytes"]
@@ -66,7 +66,7 @@ def test_memory_bill_is_one_model_per_finished_task(tmp_path):
 
 def test_old_tasks_never_move_in_the_accuracy_rows(tmp_path):
     cfg = tiny_config(stream={"scenario": "task"}, methods=["snapshots"])
-    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False))
+    rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False).results)
     acc = {(int(r["task_trained"]), int(r["task_eval"])): float(r["value"]) for r in rows
            if r["metric"] == "accuracy" and r["split"] == "test"}
     for task in (1, 2):

@@ -94,7 +94,7 @@ def test_holm_by_hand():
 
 def test_the_profile_report_and_the_metrics_use_the_same_functions():
     from engram import metrics
-    from engram.importance import report
+    from engram.reports import profile as report
 
     assert report.t_interval is t_interval and report.paired_test is paired_test
     assert report.holm is holm

@@ -12,8 +12,6 @@ and the allowed values.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,19 +210,3 @@ def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
     out = dataclasses.asdict(cfg)
     out["methods"] = [{"name": m.name, **params_dict(m.params)} for m in cfg.methods]
     return out
-
-
-def run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
-    """Hash of everything that determines one run's numbers (not name, plots or threads)."""
-    canonical = {
-        "data": dataclasses.asdict(cfg.data),
-        "stream": dataclasses.asdict(cfg.stream),
-        "model": dataclasses.asdict(cfg.model),
-        "train": dataclasses.asdict(cfg.train),
-        "method": {"name": method.name, **params_dict(method.params)},
-        "seed": seed,
-    }
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-

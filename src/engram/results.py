@@ -7,7 +7,7 @@ of a run adds no duplicates. A half-written last line (the process died mid-writ
 off before appending.
 
 Columns (`COLUMNS`):
-    run_id        hash of the config that determines the run's numbers (engram.config.run_id)
+    run_id        hash of the config that determines the run's numbers (engram.experiments.harness.run_id)
     name          the experiment name from the config
     seed          random seed of the run
     method        method registry name; label: name plus non-default params, e.g. ewc(strength=10)

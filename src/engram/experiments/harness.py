@@ -145,6 +145,11 @@ class Report:
     def ok(self) -> bool:
         return not self.failures
 
+    @property
+    def results(self) -> Path:
+        """The results table the plan wrote: OUT/results.csv."""
+        return self.folder / "results.csv"
+
 
 class JobsFailed(EngramError):
     """Some jobs failed; the others' rows were kept. The first failure's error is the cause."""

@@ -11,7 +11,7 @@ list alternatives:
 
 The grid is the Cartesian product of the alternatives; each point runs every method with
 every seed. Each (point, method, seed) is one run, keyed by the hash of its canonical
-config (`engram.config.run_id`), so a run is measured once however often the sweep is
+config (`engram.experiments.harness.run_id`), so a run is measured once however often the sweep is
 started: rerunning the same command resumes an interrupted sweep, and adding a seed or an
 alternative runs only what is new. The runs are the continual runs of
 engram.experiments.continual on the one harness (engram.experiments.harness): `--workers`
