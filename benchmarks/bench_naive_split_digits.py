@@ -2,7 +2,7 @@
 
     python benchmarks/bench_naive_split_digits.py [--repeats 5] [--processes]
 
-Times `engram.runner.run_experiment` on configs/bench/naive_split_digits.yaml (which also
+Times `engram.experiments.continual.run_experiment` on configs/bench/naive_split_digits.yaml (which also
 writes every result row to a CSV, as a real run does) against `hand_loop.hand_loop` (no
 bookkeeping at all), alternating the two, and prints the median of each and the ratio.
 With --processes it also times the two as whole processes (`engram run ...` vs

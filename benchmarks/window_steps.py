@@ -8,7 +8,7 @@ per step a no-grad check of the window's mean loss, a shift when it is below the
 one forward/backward/Adam step on the window, and every 20 steps every point's loss and the
 weight norm recorded.
 
-- engram: engram.window.run_window (nn.Module network, the runner's apply_update with the
+- engram: engram.experiments.window.run_window (nn.Module network, the runner's apply_update with the
   method hooks of `naive`, Context bookkeeping).
 - hand loop: four plain tensors, the forward written out, torch.optim.Adam, nothing else.
 

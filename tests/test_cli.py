@@ -30,6 +30,36 @@ def test_every_subcommand_has_help(capsys):
     assert set(build_parser()._subparsers._group_actions[0].choices) == set(SUBCOMMANDS)
 
 
+EXPERIMENT_COMMANDS = ("demo", "run", "sweep", "profile", "plasticity", "window")
+
+
+@pytest.mark.parametrize("command", EXPERIMENT_COMMANDS)
+def test_every_experiment_command_takes_workers_and_quiet(command):
+    """One harness, one set of options: --workers N (>= 1) and -q on every experiment."""
+    parser = build_parser()
+    positional = {"sweep": ["x.yaml"], "run": ["x.yaml"]}.get(command, [])
+    args = parser.parse_args([command, *positional, "--workers", "3", "-q"])
+    assert args.workers == 3 and args.quiet
+    with pytest.raises(SystemExit):
+        parser.parse_args([command, *positional, "--workers", "0"])
+
+
+def test_a_failed_run_is_listed_with_its_seed_and_the_exit_status_is_1(tmp_path, capsys):
+    """A diverging run does not stop the others; it is listed on stderr and in failures.jsonl."""
+    cfg = config_to_dict(tiny_config(seeds=[0], methods=["naive", "ewc"]))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    status = main(["run", str(config), "--out", str(tmp_path / "out"), "-q",
+                   "methods=[naive, {name: ewc, strength: 1.0e+300}]"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "1 of 2 runs failed" in err and "ewc(strength=1e+300) seed 0: DivergenceError" in err
+    failures = (tmp_path / "out" / "failures.jsonl").read_text().splitlines()
+    assert len(failures) == 1 and '"seed": 0' in failures[0]
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert {r["method"] for r in rows if r["metric"] == "run_complete"} == {"naive"}
+
+
 def test_python_dash_m_engram_lists_every_registry_entry():
     out = subprocess.run([sys.executable, "-m", "engram", "list"], capture_output=True, text=True,
                          check=True).stdout

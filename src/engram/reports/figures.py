@@ -4,8 +4,8 @@ Two layers:
 
 * pure drawing functions, ``(data, ax) -> ax``, that touch no files and no global state:
   :func:`plot_accuracy_matrix`, :func:`plot_task_curves` (fed by :func:`task_curves`) and
-  :func:`plot_method_comparison` (fed by :func:`engram.summary.summary_table`) and
-  :func:`plot_scenario_table` (fed by :func:`engram.summary.scenario_table`);
+  :func:`plot_method_comparison` (fed by :func:`engram.reports.tables.summary_table`) and
+  :func:`plot_scenario_table` (fed by :func:`engram.reports.tables.scenario_table`);
 * :func:`write_plots` and :func:`write_table_png`, which read ``RUN_DIR/results.csv`` and
   write ``RUN_DIR/plots/*.png``.
 
@@ -103,7 +103,7 @@ def task_curves(rows: Sequence[dict[str, str]], label: str, split: str = "test",
     shows how far it got. `scenario`, when given, keeps only that scenario's rows (the same
     label may have been run in several), and `name` only that experiment's (a sweep's grid
     points share labels). Each seed must have one run: runs of two configs under one label
-    raise DataError (:func:`engram.summary.count_seeds`) rather than count a seed twice.
+    raise DataError (:func:`engram.reports.tables.count_seeds`) rather than count a seed twice.
 
     Seeds are matched by the point of the schedule, (task_trained, epoch), not by the raw
     step: with a seed-dependent split the tasks of two seeds differ by a few batches, so
@@ -283,7 +283,7 @@ def plot_method_comparison(table: Sequence[dict[str, Any]], ax: "Axes",
                            metric: str = "average_accuracy") -> "Axes":
     """Bars of the mean of `metric` per method label, ±1 SE error bars, seed counts shown.
 
-    `table` is :func:`engram.summary.summary_table`'s output. With several scenarios the
+    `table` is :func:`engram.reports.tables.summary_table`'s output. With several scenarios the
     bars are grouped by scenario (a gap between groups, one colour per scenario, a
     name on the top axis); with one, each method gets its own colour and the scenario goes
     in the title.
@@ -359,7 +359,7 @@ def plot_scenario_table(table: Sequence[dict[str, Any]], ax: "Axes",
     """Grouped bars of `metric`: one group per method, one bar per scenario, ±1 SE error bars
     (with `ci`, the 95% t-interval, mean ± t_{0.975,n-1}·SE); the y label says which.
 
-    `table` is :func:`engram.summary.scenario_table`'s output; bar height = the cell's mean,
+    `table` is :func:`engram.reports.tables.scenario_table`'s output; bar height = the cell's mean,
     error bar = its standard error (none with one seed). A method not run in a scenario, or
     a number not measured (nan), leaves a gap. ``extra_bytes`` is drawn in the decimal unit
     (B, kB, MB, GB) of its largest bar, each bar labelled with its own size, since memory
