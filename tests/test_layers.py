@@ -137,3 +137,16 @@ def test_one_run_id_function_one_worker_pool_one_writer_one_t_interval():
     assert defining("def t_interval(") == ["engram.stats"]
     assert defining("def auc(") == ["engram.stats"]
     assert defining("torch.set_num_threads(") == ["engram.experiments.harness"]
+
+
+def test_a_registry_is_filled_by_its_home_module_on_first_lookup():
+    """The ground floor names registries without importing the libraries that fill them; the
+    first lookup imports the home module (checked in a fresh interpreter)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import engram.config; from engram.registry import METHODS, PROBLEMS; "
+            "assert 'engram.methods' not in sys.modules; assert 'ewc' in METHODS; "
+            "assert 'engram.methods' in sys.modules; assert 'bit_flipping' in PROBLEMS.names()")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

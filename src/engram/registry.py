@@ -37,7 +37,11 @@ class Registry(Generic[T]):
         """Import the home module once (its import adds the entries)."""
         if not self._filled:
             self._filled = True  # first: the home module's own lookups must not recurse
-            importlib.import_module(self.home)
+            try:
+                importlib.import_module(self.home)
+            except BaseException:
+                self._filled = False  # a failed import must not leave a silently short list
+                raise
 
     def add(self, name: str, obj: T, description: str) -> T:
         if name in self._entries:
