@@ -85,13 +85,12 @@ def test_profiling_leaves_the_trained_network_untouched():
     from engram.data import DATASETS, build_stream
     from engram.config import StreamConfig
     from engram.experiments.profile import TrajectoryRecorder
+    from engram.experiments.harness import JobSink
     from engram.experiments.profile import profile_network, profile_id
     from engram.methods.base import Context
     from engram.models import build_model
-    from engram.results import ResultWriter
     from engram.training import evaluate, train_task
     from engram.config import TrainConfig
-    import tempfile
 
     cfg = tiny(seeds=[0], profile={"measures": ["magnitude", "fisher_exact", "si", "snip"]})
     stream = build_stream(DATASETS.get("digits")(None), cfg.data,
@@ -107,10 +106,10 @@ def test_profiling_leaves_the_trained_network_untouched():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     grads = [p.grad.clone() for p in model.parameters()]  # left by the last training step
     model.train()
-    with tempfile.TemporaryDirectory() as folder, \
-            ResultWriter(Path(folder) / "r.csv", PROFILE_COLUMNS, PROFILE_KEY) as writer:
-        profile_network(cfg, profile_id(cfg), 0, 1, model, task, recorder, 0.0, writer)
-        rows = read_rows(Path(folder) / "r.csv", PROFILE_COLUMNS, PROFILE_KEY)
+    rows, reported = [], []
+    sink = JobSink(rows.extend, reported.append, recorded=set(), folder=Path("unused"))
+    profile_network(cfg, profile_id(cfg), 0, 1, model, task, recorder, 0.0, sink)
+    assert len(rows) == sum(reported) == 4 * 6 * 3  # measures x curves x thresholds
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert model.training
     assert all(torch.equal(g, p.grad) for g, p in zip(grads, model.parameters()))
@@ -193,3 +192,50 @@ def test_a_later_epoch_added_retrains_the_same_network(tmp_path):
     rows = [read_rows(tmp_path / d / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)
             for d in ("one", "both")]
     assert values(rows[0]) == values(rows[1])
+
+
+def test_the_profile_id_is_the_harness_run_id_of_the_same_content_as_before():
+    """Folders profiled before the harness keep their rows' ids: the id of the shipped digits
+    grid as the earlier hashing computed it (sha256 of the same canonical JSON)."""
+    from engram.experiments.profile import profile_id
+
+    assert profile_id(load_profile_config(DIGITS_PROFILE)) == "fc4301e334fc"
+
+
+def test_seeds_in_worker_processes_give_the_same_rows_and_counts(tmp_path):
+    cfg = tiny()
+    run_profile(cfg, tmp_path / "one", show_progress=False)
+    report = run_profile(cfg, tmp_path / "two", workers=2, show_progress=False)
+    rows = [read_rows(tmp_path / d / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)
+            for d in ("one", "two")]
+    assert report.rows_written == len(rows[1]) == 2 * 2 * 6 * 3 and report.rows_skipped == 0
+    assert report.total == 2 and report.completed == 2 and not report.failures
+    assert values(rows[0]) == values(rows[1])
+    again = run_profile(cfg, tmp_path / "two", workers=2, show_progress=False)
+    assert again.rows_written == 0 and again.skipped == 2 and again.rows_skipped == len(rows[1])
+
+
+def test_a_failing_seed_is_listed_and_the_others_rows_are_kept(tmp_path, monkeypatch, capsys):
+    from engram.cli import main
+    from engram.experiments import profile
+
+    real = profile._profile_seed
+
+    def seed_one_fails(cfg, pid, seed, *args):
+        if seed == 1:
+            raise RuntimeError("seed 1 diverged")
+        return real(cfg, pid, seed, *args)
+
+    monkeypatch.setattr(profile, "_profile_seed", seed_one_fails)
+    report = run_profile(tiny(), tmp_path, show_progress=False, raise_failures=False)
+    assert [f["seed"] for f in report.failures] == [1] and report.completed == 1
+    rows = read_rows(tmp_path / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)
+    assert {r["seed"] for r in rows} == {"0"} and report.rows_written == len(rows) == 2 * 6 * 3
+    with pytest.raises(RuntimeError, match="seed 1 diverged"):
+        run_profile(tiny(), tmp_path, show_progress=False)
+    config = tmp_path / "p.yaml"
+    config.write_text("seeds: [0, 1]\ndata: {source: digits, limit: 300, val_fraction: 0.2}\n"
+                      "model: {hidden: [16]}\nprofile: {epochs: [1], thresholds: [0.0, 1.0],"
+                      " measures: [random], aggregations: [weight]}\n")
+    assert main(["profile", str(config), "--out", str(tmp_path / "cli"), "-q"]) == 1
+    assert "1 of 2 runs failed" in capsys.readouterr().err

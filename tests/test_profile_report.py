@@ -13,7 +13,7 @@ import pytest
 from engram.errors import DataError
 from engram.reports.profile import (PROFILE_COLUMNS, curve_summaries, format_ranking_table,
                                       holm, max_safe_threshold, paired_test, profile_figure,
-                                      ranking_table, t_interval, trapezoid, write_profile_plots)
+                                      ranking_table, t_interval, write_profile_plots)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -62,12 +62,6 @@ def test_auc_is_the_trapezoid_area_under_loss_against_fraction_replaced():
     assert s_t["auc"] == pytest.approx(0.25 * 0.15 + 0.25 * 0.35 + 0.5 * 1.4)
     assert s["base_loss"] == 0.1 and s["n_points"] == 4 and s["complete"]
     assert (s["epoch"], s["seed"], s["measure"], s["aggregation"]) == (2, 0, "magnitude", "unit")
-
-
-def test_trapezoid_of_a_straight_line_and_of_too_few_points():
-    assert trapezoid([0, 1], [0, 2]) == pytest.approx(1.0)
-    assert trapezoid([0, 0.5, 0.5, 1], [1, 1, 3, 3]) == pytest.approx(2.0)  # repeated x: a step
-    assert trapezoid([0.3], [5.0]) == 0.0
 
 
 def test_max_safe_threshold_stops_at_the_first_rise_past_the_margin():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from engram.errors import DataError
-from engram.stats import holm, mean_se, paired_test, t_interval, t_quantile
+from engram.stats import auc, holm, mean_se, paired_test, t_interval, t_quantile
 from tests.test_table import R0, R1, run_rows, two_seeds
 
 T_975_3 = 3.182446305284263  # t_{0.975, 3} (4 values), scipy.stats.t.ppf(0.975, 3)
@@ -92,14 +92,25 @@ def test_holm_by_hand():
     assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
 
 
+def test_auc_by_the_trapezoid_rule_by_hand():
+    # pieces (0, 0.5) and (0.5, 1): 0.5 * (1 + 2) / 2 + 0.5 * (2 + 4) / 2 = 0.75 + 1.5 = 2.25
+    assert auc([0.0, 0.5, 1.0], [1.0, 2.0, 4.0]) == pytest.approx(2.25)
+    assert auc([0, 1], [0, 2]) == pytest.approx(1.0)  # a straight line: a triangle
+    # a repeated x is a zero-width piece, so the curve steps: 0.5 * 1 + 0 + 0.5 * 3 = 2
+    assert auc([0, 0.5, 0.5, 1], [1, 1, 3, 3]) == pytest.approx(2.0)
+    assert auc([0.3], [5.0]) == 0.0 and auc([], []) == 0.0  # no width
+    with pytest.raises(ValueError, match="one length"):
+        auc([0, 1], [1, 2, 3])
+
+
 def test_the_profile_report_and_the_metrics_use_the_same_functions():
     from engram import metrics
-    from engram.reports import profile as report
+    from engram.reports import profile
 
-    assert report.t_interval is t_interval and report.paired_test is paired_test
-    assert report.holm is holm
+    assert profile.t_interval is t_interval and profile.paired_test is paired_test
+    assert profile.holm is holm and profile.auc is auc
+    assert not hasattr(metrics, "t_interval")  # one t-interval: engram.stats.t_interval
     values = [0.3, 0.1, 0.7, 0.4]
-    assert metrics.t_interval(values) == t_interval(values)
     assert metrics.mean_and_standard_error(values) == mean_se(values)
 
 

@@ -495,11 +495,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise SystemExit("engram profile: give a profile config, e.g. configs/profile/digits.yaml")
     cfg = load_profile_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    report = run_profile(cfg, out, show_progress=not args.quiet)
+    report = run_profile(cfg, out, workers=args.workers, show_progress=not args.quiet,
+                         raise_failures=False)
     print(f"{report.rows_written} rows measured, {report.rows_skipped} already there, "
           f"in {report.seconds:.1f} s")
     print(f"results: {out / 'results.csv'}\nnext: engram profile-report {out}")
-    return 0
+    return _report_failures(report)
 
 
 def cmd_plasticity(args: argparse.Namespace) -> int:

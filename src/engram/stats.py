@@ -11,6 +11,8 @@ online loss over some tasks, ...) with these functions, so they all agree:
   keeps its 95% (reference sheet plasticity-importance-metrics.md, section 6).
 * :func:`paired_test`: the two-sided paired t-test of two methods measured on the same
   seeds, and :func:`holm`: Holm's correction when several are tested at once.
+* :func:`auc`: the trapezoid area under a curve, which reduces one seed's curve (the
+  importance profile's loss against the fraction of weights replaced) to one number.
 
 With one value (one seed) there is no spread to estimate: SE, the interval's half-width and
 the test are ``nan``, which the tables print as a mean alone (no "±") or "n/a". With no
@@ -91,6 +93,23 @@ def t_interval(values: Sequence[float] | np.ndarray,
     v = _values(values)  # (n,)
     mean, se = mean_se(v)
     return mean, t_quantile(len(v), confidence) * se if len(v) > 1 else math.nan
+
+
+def auc(x: Sequence[float] | np.ndarray, y: Sequence[float] | np.ndarray) -> float:
+    """Area under y(x) by the trapezoid rule:
+
+        AUC = Σ_{k=0}^{K-2} (x_{k+1} - x_k) · (y_k + y_{k+1}) / 2
+
+    x sorted ascending (a repeated x adds a zero-width piece, so a step is drawn as two
+    points at one x). By hand: x = [0, 0.5, 1], y = [1, 2, 4] gives 0.5·1.5 + 0.5·3 = 2.25.
+    0 with fewer than 2 points (no width); nan where a y in a used piece is nan.
+    """
+    xs, ys = np.asarray(x, dtype=float), np.asarray(y, dtype=float)  # (K,) each
+    if xs.shape != ys.shape or xs.ndim != 1:
+        raise ValueError(f"auc needs x and y of one length, got shapes {xs.shape} and {ys.shape}")
+    if len(xs) < 2:
+        return 0.0
+    return float(np.sum(np.diff(xs) * (ys[1:] + ys[:-1]) / 2))
 
 
 def paired_test(a: Sequence[float], b: Sequence[float],

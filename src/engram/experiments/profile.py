@@ -14,16 +14,19 @@ more seeds, measures or thresholds measures only what is new. `profile_id` hashe
 determines the numbers besides the grid axes (data, task, model, training, replacement); a
 folder holding another profile is refused (engram.experiments.outdir).
 
-    engram profile configs/profile/digits.yaml --out runs/profile_digits
+The grid runs on the one harness (engram.experiments.harness): one job per seed (train it,
+profile it at each chosen epoch), so `--workers N` profiles N seeds in parallel processes
+while this process alone writes the table, and a seed that fails is listed while the
+others go on.
+
+    engram profile configs/profile/digits.yaml --out runs/profile_digits --workers 3
     engram profile-report runs/profile_digits
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import time
+import functools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +38,9 @@ import torch.nn.functional as F
 from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
-from engram.registry import MEASURES, STREAMS
+from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
+from engram.registry import DATASETS, MEASURES, STREAMS
+from engram.results import ResultWriter
 from engram.importance.measures import Trajectory
 from engram.methods.base import Batch, Context, Method
 from torch import nn
@@ -132,14 +137,13 @@ def load_profile_config(path: str | Path, overrides: list[str] = ()) -> ProfileC
 
 
 def profile_id(cfg: ProfileConfig) -> str:
-    """Hash of what determines the numbers apart from the grid axes and seeds."""
+    """The run id (engram.experiments.harness.run_id) of what determines the numbers apart
+    from the grid axes and seeds; unchanged content, so folders made earlier keep their ids."""
     grid = cfg.profile
-    canonical = {"data": dataclasses.asdict(cfg.data), "task": dataclasses.asdict(cfg.task),
-                 "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
-                 "replacement": [grid.replacement, grid.replacement_scale],
-                 "importance_examples": grid.importance_examples}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return run_id({"data": dataclasses.asdict(cfg.data), "task": dataclasses.asdict(cfg.task),
+                   "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                   "replacement": [grid.replacement, grid.replacement_scale],
+                   "importance_examples": grid.importance_examples})
 
 
 def derived_generator(*parts: Any) -> torch.Generator:
@@ -149,10 +153,11 @@ def derived_generator(*parts: Any) -> torch.Generator:
 
 
 @dataclass
-class ProfileReport:
-    rows_written: int
-    rows_skipped: int
-    seconds: float
+class ProfileReport(Report):
+    """The harness's report (jobs: one per seed) and the rows this call measured and found
+    already there."""
+    rows_written: int = 0
+    rows_skipped: int = 0
 
 
 def _combinations(grid: ProfileGrid) -> list[tuple[str, str, str, str]]:
@@ -166,86 +171,103 @@ def _combinations(grid: ProfileGrid) -> list[tuple[str, str, str, str]]:
     return combos
 
 
-def run_profile(cfg: ProfileConfig, out: str | Path, *, show_progress: bool = True) -> ProfileReport:
-    """Run (or resume) the whole grid of `cfg` into `out/results.csv`. The folder is locked
-    for the whole call and must hold this profile, or one this extends by seeds or grid
-    values (GROWABLE; engram.experiments.outdir)."""
-    from engram.experiments.outdir import OutputFolder
-    from engram.experiments.continual import resolve_device
-
-    device = resolve_device(cfg.device)
-    dump = dataclasses.asdict(cfg)
-    with OutputFolder(out, "profile") as folder:
-        folder.claim({k: v for k, v in dump.items() if k not in ("device", "threads")},
-                     GROWABLE, str(device))
-        return _run_profile_in(cfg, dump, folder.path, device, show_progress)
-
-
 # The config's lists a profile folder may grow by: each value is its own rows.
 GROWABLE = ("seeds", "profile.epochs", "profile.measures", "profile.aggregations",
             "profile.reducers", "profile.scopes", "profile.directions", "profile.thresholds")
 
 
-def _run_profile_in(cfg: ProfileConfig, dump: dict, out: Path, device: torch.device,
-                    show_progress: bool) -> ProfileReport:
-    import yaml
-
-    from engram.data import build_stream
-    from engram.registry import DATASETS
-    from engram.results import ResultWriter
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    pid = profile_id(cfg)
-    results = out / "results.csv"
-    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
-
-    source = DATASETS.get(cfg.data.source)(cfg.data.path)
-    stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
-                              classes_per_task=cfg.task.classes_per_task,
-                              rotation_step=cfg.task.rotation_step)
-    combos = _combinations(cfg.profile)
-    per_seed = len(cfg.profile.epochs) * len(cfg.profile.measures) * len(combos) * \
-        len(cfg.profile.thresholds)
-    started = time.perf_counter()
-    written = skipped = 0
-    progress = None
-    if show_progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=per_seed * len(cfg.seeds), unit="curve point", disable=None,
-                        dynamic_ncols=True)
-    try:
-        with ResultWriter(results, PROFILE_COLUMNS, PROFILE_KEY) as writer:
-            for seed in cfg.seeds:
-                keys = _seed_keys(cfg, pid, seed, combos)
-                if keys <= writer.keys:  # this seed is complete
-                    skipped += len(keys)
-                    if progress is not None:
-                        progress.update(len(keys))
-                    continue
-                stream = build_stream(source, cfg.data, stream_cfg, seed, device)
-                n, s = _profile_seed(cfg, pid, seed, stream.tasks[cfg.task.task - 1], stream,
-                                     device, writer, progress)
-                written, skipped = written + n, skipped + s
-    finally:
-        if progress is not None:
-            progress.close()
-    return ProfileReport(written, skipped, time.perf_counter() - started)
-
-
-def _seed_keys(cfg: ProfileConfig, pid: str, seed: int, combos: list) -> set[tuple[str, ...]]:
+def _seed_keys(cfg: ProfileConfig, pid: str, seed: int) -> set[tuple[str, ...]]:
+    """The keys of every row one seed contributes to the grid."""
     from engram.results import row_key
 
     return {row_key({"profile_id": pid, "seed": seed, "epoch": epoch, "measure": measure,
                      "aggregation": agg, "reducer": red, "scope": scope, "direction": direction,
                      "threshold": threshold}, PROFILE_KEY)
             for epoch in cfg.profile.epochs for measure in cfg.profile.measures
-            for agg, red, scope, direction in combos for threshold in cfg.profile.thresholds}
+            for agg, red, scope, direction in _combinations(cfg.profile)
+            for threshold in cfg.profile.thresholds}
+
+
+class _SeedFinished:
+    """The plan's `finished`: a seed is done when all its rows are in the table. The harness
+    asks about every job before running any, so the keys seen present here are the rows this
+    call found already there (counted as skipped)."""
+
+    def __init__(self, cfg: ProfileConfig) -> None:
+        self.cfg = cfg
+        self.present: set[tuple[str, ...]] = set()
+
+    def __call__(self, job: Job, writer: ResultWriter, out: Path) -> bool:
+        keys = _seed_keys(self.cfg, job.run_id, job.seed)
+        self.present |= keys & writer.keys
+        return keys <= writer.keys
+
+
+def profile_plan(cfg: ProfileConfig) -> Plan:
+    """The harness plan of `engram profile`: one job per seed (train once, profile at every
+    chosen epoch), its progress counted in curve points."""
+    device = resolve_device(cfg.device)  # a bad device stops before the folder is made
+    dump = dataclasses.asdict(cfg)
+    pid = profile_id(cfg)
+    grid = cfg.profile
+    per_seed = (len(grid.epochs) * len(grid.measures) * len(_combinations(grid))
+                * len(grid.thresholds))
+    jobs = [Job(pid, seed, cfg.name, cfg, size=per_seed, key_prefix=(pid, str(seed)))
+            for seed in cfg.seeds]
+    return Plan(command="profile",
+                identity={k: v for k, v in dump.items() if k not in ("device", "threads")},
+                growable=GROWABLE, config=dump, columns=PROFILE_COLUMNS, key=PROFILE_KEY,
+                jobs=jobs, execute=execute_profile, device=str(device), threads=cfg.threads,
+                unit="point", finished=_SeedFinished(cfg))
+
+
+def run_profile(cfg: ProfileConfig, out: str | Path, *, workers: int = 1,
+                show_progress: bool = True, raise_failures: bool = True) -> ProfileReport:
+    """Run (or resume) the whole grid of `cfg` into `out/results.csv` on the harness (one job
+    per seed; `workers` > 1 runs seeds in parallel processes). The folder must hold this
+    profile, or one this extends by seeds or grid values (GROWABLE). rows_written: this
+    grid's rows in the table after the call less those before (workers send rows, not
+    counts); rows_skipped: those before."""
+    from engram.experiments.outdir import OutputFolder
+    from engram.results import read_rows, row_key
+
+    plan = profile_plan(cfg)
+    wanted = set().union(*(_seed_keys(cfg, job.run_id, job.seed) for job in plan.jobs))
+    with OutputFolder(out, plan.command) as folder:  # held until the rows are counted
+        report = run_plan(plan, folder.path, workers=workers, show_progress=show_progress,
+                          raise_failures=raise_failures)
+        after = {row_key(row, PROFILE_KEY)
+                 for row in read_rows(folder.path / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)}
+    before = plan.finished.present
+    return ProfileReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)},
+                         rows_written=len(after & wanted) - len(before),
+                         rows_skipped=len(before))
+
+
+@functools.lru_cache(maxsize=2)
+def _source(name: str, path: str | None) -> Any:
+    """The dataset, loaded once per process (a worker runs several seeds)."""
+    return DATASETS.get(name)(path)
+
+
+def execute_profile(job: Job, sink: JobSink) -> None:
+    """The harness's `execute` for the profile: one seed's stream, training and profiles."""
+    from engram.data import build_stream
+
+    cfg: ProfileConfig = job.payload
+    device = resolve_device(cfg.device)
+    stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
+                              classes_per_task=cfg.task.classes_per_task,
+                              rotation_step=cfg.task.rotation_step)
+    stream = build_stream(_source(cfg.data.source, cfg.data.path), cfg.data, stream_cfg,
+                          job.seed, device)
+    _profile_seed(cfg, job.run_id, job.seed, stream.tasks[cfg.task.task - 1], stream, device,
+                  sink)
 
 
 def _profile_seed(cfg: ProfileConfig, pid: str, seed: int, task: Any, stream: Any,
-                  device: torch.device, writer: Any, progress: Any) -> tuple[int, int]:
-    """Train one seed's network, profiling it at each chosen epoch; (rows written, skipped)."""
+                  device: torch.device, sink: JobSink) -> None:
+    """Train one seed's network, profiling it at each chosen epoch."""
     from engram.methods.base import Context
     from engram.models import build_model
     from engram.training import train_task
@@ -256,17 +278,12 @@ def _profile_seed(cfg: ProfileConfig, pid: str, seed: int, task: Any, stream: An
     ctx = Context(model=model, stream=stream, train_cfg=train_cfg, device=device,
                   generator=torch.Generator().manual_seed(seed), task=task, seen_tasks=[task])
     recorder = TrajectoryRecorder()
-    counts = [0, 0]
 
     def on_epoch(epoch: int, mean_loss: float) -> None:
         if epoch in cfg.profile.epochs:
-            n, s = profile_network(cfg, pid, seed, epoch, model, task, recorder, mean_loss,
-                                   writer, progress)
-            counts[0] += n
-            counts[1] += s
+            profile_network(cfg, pid, seed, epoch, model, task, recorder, mean_loss, sink)
 
     train_task(ctx, recorder, on_epoch)
-    return counts[0], counts[1]
 
 
 def _importance_batches(task: Any, cfg: ProfileConfig, seed: int) -> list[tuple]:
@@ -280,10 +297,11 @@ def _importance_batches(task: Any, cfg: ProfileConfig, seed: int) -> list[tuple]
 
 
 def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: torch.nn.Module,
-                    task: Any, recorder: Any, train_loss: float, writer: Any,
-                    progress: Any = None) -> tuple[int, int]:
-    """Score, threshold and evaluate `model` for every measure and combination of the grid.
-    The model is not changed (measures are pure; thresholded copies are stacked)."""
+                    task: Any, recorder: Any, train_loss: float, sink: JobSink) -> None:
+    """Score, threshold and evaluate `model` for every measure and combination of the grid,
+    handing each curve's rows to `sink.emit` and its points to `sink.report`; a curve whose
+    rows are all in `sink.recorded` is skipped (a resumed seed measures only what is
+    missing). The model is not changed (measures are pure; thresholded copies are stacked)."""
     from engram.importance import aggregate
     from engram.registry import MEASURES
     from engram.results import row_key
@@ -298,7 +316,6 @@ def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: 
     batches = _importance_batches(task, cfg, seed)
     groups = {agg: aggregate.make_groups(model, agg) for agg in grid.aggregations}
     trajectory = recorder.trajectory()
-    written = skipped = 0
     for measure in grid.measures:
         common = {"profile_id": pid, "name": cfg.name, "seed": seed, "epoch": epoch,
                   "measure": measure, "n_classes": len(task.classes)}
@@ -306,10 +323,8 @@ def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: 
         for agg, red, scope, direction in _combinations(grid):
             rows = [{**common, "aggregation": agg, "reducer": red, "scope": scope,
                      "direction": direction, "threshold": t} for t in grid.thresholds]
-            if all(row_key(r, PROFILE_KEY) in writer.keys for r in rows):
-                skipped += len(rows)
-                if progress is not None:
-                    progress.update(len(rows))
+            if all(row_key(r, PROFILE_KEY) in sink.recorded for r in rows):
+                sink.report(len(rows))
                 continue
             todo.append((agg, red, scope, direction, rows))
         if not todo:
@@ -329,10 +344,8 @@ def profile_network(cfg: ProfileConfig, pid: str, seed: int, epoch: int, model: 
                                          accuracies.tolist()):
                 row.update(fraction_replaced=f, train_loss=train_loss, val_loss=loss,
                            val_accuracy=acc)
-            written += writer.write(rows)
-            if progress is not None:
-                progress.update(len(rows))
-    return written, skipped
+            sink.emit(rows)
+            sink.report(len(rows))
 
 
 # ----------------------------------------------------------------------------- the trajectory recorder

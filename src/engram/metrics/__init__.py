@@ -15,7 +15,6 @@ from engram.metrics.continual import (
     learning_accuracy,
     mean_and_standard_error,
     summarize,
-    t_interval,
 )
 
 # The plasticity diagnostics need torch; they are loaded on first use (PEP 562) so that
@@ -61,6 +60,5 @@ __all__ = [
     "learning_accuracy",
     "mean_and_standard_error",
     "summarize",
-    "t_interval",
     *_PLASTICITY,  # plasticity diagnostics (engram.metrics.plasticity)
 ]

@@ -37,9 +37,9 @@ undefined and are returned as ``float("nan")``.
 Invalid input (not 2-D, not square, empty, non-finite, wrong baseline length) raises
 ``ValueError`` with a message naming the problem.
 
-The statistics helpers (:func:`mean_and_standard_error`, :func:`t_interval`) summarise
-one number per seed; they check their input strictly and leave the arithmetic to
-:mod:`engram.stats`, which every table uses. See the reference sheet's advice to use the
+The statistics helper :func:`mean_and_standard_error` summarises one number per seed; it
+checks its input strictly and leaves the arithmetic to :mod:`engram.stats`, which every
+table uses (the t interval is :func:`engram.stats.t_interval`, the one there is). See the reference sheet's advice to use the
 t interval, not +/-1 SE, with 3..10 seeds.
 """
 
@@ -59,7 +59,6 @@ __all__ = [
     "backward_transfer",
     "forward_transfer",
     "mean_and_standard_error",
-    "t_interval",
     "summarize",
 ]
 
@@ -274,29 +273,8 @@ def mean_and_standard_error(values: np.ndarray | Sequence[float]) -> tuple[float
     Returns (mean, SE); SE is ``nan`` when n == 1.  Raises ValueError for an empty, non-1-D
     or non-finite input (:func:`engram.stats.mean_se`, which computes it, returns nan
     there instead).  With few seeds a +/-1 SE band covers the true mean only ~58% (n=3) to
-    ~66% (n=10) of the time; prefer :func:`t_interval`.
+    ~66% (n=10) of the time; prefer :func:`engram.stats.t_interval`.
 
     Source: standard; reference sheet section 6 (Dohare et al. 2024 shade +/-1 SE).
     """
     return stats.mean_se(_as_vector(values, "values"))
-
-
-def t_interval(
-    values: np.ndarray | Sequence[float], confidence: float = 0.95
-) -> tuple[float, float]:
-    """Student t confidence interval for the mean over seeds, strictly checked.
-
-    Formula: mean +/- t_{1-(1-confidence)/2, n-1} * s / sqrt(n), with s the sample
-    standard deviation (ddof=1) and the quantile from ``scipy.stats.t.ppf``.  For 95% and
-    n = 3 the multiplier is 4.303.
-
-    Returns (mean, half_width); the interval is [mean - half_width, mean + half_width].
-    half_width is ``nan`` when n == 1.  Raises ValueError for an empty, non-1-D or
-    non-finite input, or a confidence outside (0, 1); computed by
-    :func:`engram.stats.t_interval`.
-
-    Source: standard Student t interval; reference sheet section 6 (the t interval
-    keeps ~95% coverage at n = 3..10 where +/-1 SE and the percentile bootstrap do not).
-    """
-    stats.t_quantile(2, confidence)  # checks confidence before the values, as always
-    return stats.t_interval(_as_vector(values, "values"), confidence)

@@ -38,7 +38,7 @@ import numpy as np
 from engram.errors import DataError
 # The statistics live in engram.stats (shared with every table); imported here, they stay
 # part of this module's API.
-from engram.stats import CONFIDENCE, holm, paired_test, t_interval  # noqa: F401
+from engram.stats import CONFIDENCE, auc, holm, paired_test, t_interval  # noqa: F401
 
 if TYPE_CHECKING:  # annotations only: matplotlib stays unimported until a figure is drawn
     from matplotlib.axes import Axes
@@ -56,15 +56,6 @@ _NEEDED = ("seed", "epoch", "measure", "aggregation", "reducer", "scope", "direc
 
 
 # --------------------------------------------------------------------------- statistics
-
-
-def trapezoid(x: Sequence[float], y: Sequence[float]) -> float:
-    """Area under y(x) by the trapezoid rule: sum_k (x_{k+1} - x_k) * (y_k + y_{k+1}) / 2.
-    x must be sorted ascending (a repeated x adds a zero-width piece)."""
-    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)  # (K,) each
-    if len(x) < 2:
-        return 0.0
-    return float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
 
 
 def max_safe_threshold(thresholds: Sequence[float], losses: Sequence[float],
@@ -130,9 +121,9 @@ def curve_summaries(rows: Sequence[dict[str, str]], margin: float = 0.1,
     """One summary per curve, i.e. per (epoch, measure, aggregation, reducer, scope,
     direction, seed), in the order the curves first appear in `rows`.
 
-    ``auc``: trapezoid area under val_loss against `x` (default fraction_replaced, the
-    fraction of the model's elements actually replaced, which runs from 0 to 1 like the
-    threshold: with unit or layer groups of different sizes, or model-wide ordering, the
+    ``auc``: trapezoid area (:func:`engram.stats.auc`) under val_loss against `x` (default
+    fraction_replaced, the fraction of the model's elements actually replaced, which runs
+    from 0 to 1 like the threshold: with unit or layer groups of different sizes, or model-wide ordering, the
     threshold counts *groups* while fraction_replaced counts *weights*, so the area does
     not favour a measure that happens to pick small groups first; ``x="threshold"`` uses
     the threshold). Lower AUC = the loss stayed low while more was replaced.
@@ -152,7 +143,7 @@ def curve_summaries(rows: Sequence[dict[str, str]], margin: float = 0.1,
     for key, arr in curves.items():
         xs = arr[:, 0] if x == "threshold" else arr[:, 1]  # (K,) sorted: replaced sets are nested
         out.append({**dict(zip(CURVE_KEY, key)),
-                    "auc": trapezoid(xs, arr[:, 2]),
+                    "auc": auc(xs, arr[:, 2]),
                     "max_safe_threshold": max_safe_threshold(arr[:, 0], arr[:, 2], margin),
                     "base_loss": float(arr[0, 2]),
                     "n_points": len(arr),
@@ -271,7 +262,7 @@ def format_ranking_table(table: Sequence[dict[str, Any]], markdown: bool = False
     p and its Holm-adjusted value. "n/a" marks what needs 2 or more seeds (or a random
     baseline). `markdown` renders each block as a GitHub pipe table under a bold title.
     """
-    from engram.reports.tables import _render_block
+    from engram.reports.tables import render_block
 
     if not table:
         return "no complete profile curves yet"
@@ -299,7 +290,7 @@ def format_ranking_table(table: Sequence[dict[str, Any]], markdown: bool = False
                 (f"{e['n_better']}/{e['n_pairs']}" if e["n_pairs"] else "n/a"),
                 "" if baseline else _p(e["p"]),
                 "" if baseline else _p(e["p_holm"])])
-        out.append(_render_block(title, headers, lines, markdown))
+        out.append(render_block(title, headers, lines, markdown))
     first = table[0]
     against = ("the fraction of weights replaced" if first["auc_x"] == "fraction_replaced"
                else "the threshold")
@@ -389,7 +380,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
     (epoch, aggregation), epochs as rows and aggregations as columns (in the order
     AGGREGATIONS lists them, unknown ones after), each panel drawn by
     :func:`plot_loss_bands` with the chance level ln(n_classes) of its rows."""
-    from engram.reports.figures import _new_figure, _seeds
+    from engram.reports.figures import new_figure, seeds_label
 
     _check_columns(rows, (*_NEEDED, "n_classes"))
     picked = [r for r in rows if (r["direction"], r["reducer"], r["scope"])
@@ -403,7 +394,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
     epochs = sorted({int(_number(r, "epoch")) for r in picked})
     colours = _measure_colours(sorted({r["measure"] for r in picked}))
     n_seeds = len({r["seed"] for r in picked})
-    fig = _new_figure(3.4 * len(aggregations) + 1.8, 2.8 * len(epochs) + 0.6)
+    fig = new_figure(3.4 * len(aggregations) + 1.8, 2.8 * len(epochs) + 0.6)
     axes = fig.subplots(len(epochs), len(aggregations), squeeze=False,
                         sharey=True)  # (epochs, aggregations) array of Axes
     for i, epoch in enumerate(epochs):
@@ -426,7 +417,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
                frameon=False)
     order = "least important first" if direction == "least_first" else "most important first"
     fig.suptitle(f"validation loss as weights are replaced, {order}\n{reducer} reducer, "
-                 f"{scope}-wise thresholds; mean ± 95% t-interval over {_seeds(n_seeds)}",
+                 f"{scope}-wise thresholds; mean ± 95% t-interval over {seeds_label(n_seeds)}",
                  fontsize=10)
     return fig
 
@@ -435,7 +426,7 @@ def write_profile_plots(rows: Sequence[dict[str, str]], out_dir: str | Path) -> 
     """Write ``out_dir/profile_<direction>_<reducer>_<scope>.png`` for every (direction,
     reducer, scope) in `rows` (see :func:`profile_figure`); returns the paths, least_first
     figures first. Creates `out_dir`. DataError when `rows` is empty."""
-    from engram.reports.figures import _save, safe_name
+    from engram.reports.figures import safe_name, save_figure
 
     if not rows:
         raise DataError("no profile rows to plot; run `engram profile` first")
@@ -445,5 +436,5 @@ def write_profile_plots(rows: Sequence[dict[str, str]], out_dir: str | Path) -> 
     for direction, reducer, scope in _figure_keys(rows):
         fig = profile_figure(rows, direction, reducer, scope)
         name = safe_name(f"profile_{direction}_{reducer}_{scope}")
-        written.append(_save(fig, out_dir / f"{name}.png"))
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written

@@ -357,7 +357,7 @@ def format_scenario_table(table: list[dict[str, object]], markdown: bool = False
                     text += f" (n={cell['n_seeds']})"
                 cells.append(text)
             lines.append(cells)
-        blocks.append(_render_block(title, headers, lines, markdown))
+        blocks.append(render_block(title, headers, lines, markdown))
     spread = ("± = standard error over seeds (sample sd / √n), [ ] = 95% t-interval "
               "(mean ± t_{0.975,n-1}·SE)" if ci else
               "± = standard error over seeds (sample sd / √n; --ci adds the 95% t-interval)")
@@ -366,7 +366,9 @@ def format_scenario_table(table: list[dict[str, object]], markdown: bool = False
     return "\n\n".join(blocks + [legend])
 
 
-def _render_block(title: str, headers: list[str], lines: list[list[str]], markdown: bool) -> str:
+def render_block(title: str, headers: list[str], lines: list[list[str]], markdown: bool) -> str:
+    """One titled table: a GitHub pipe table under a bold title with `markdown`, else the
+    title over columns padded to their widest cell."""
     if markdown:
         def row(cells: list[str]) -> str:  # escaped: a '|' in a label would split its cell
             return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
