@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from engram.errors import ConfigError
-from engram.reports.figures import _new_figure, _save
+from engram.reports.figures import new_figure, save_figure
 from engram.stats import mean_se
 from engram.experiments.window import WindowRecord, relearn_by_pass
 
@@ -38,7 +38,7 @@ def plot_window_summary(record: WindowRecord, title: str, path: str | Path,
     and the relearn steps of every shift with the mean of each pass over the points."""
     from matplotlib.colors import LogNorm
 
-    fig = _new_figure(8.0, 8.0)
+    fig = new_figure(8.0, 8.0)
     heat, norm_ax, relearn_ax = fig.subplots(3, 1, height_ratios=[2.2, 1, 1.2], sharex=True)
     loss = np.clip(record.point_loss.T, 1e-3, None)  # (n_points, rows)
     top = float(np.percentile(loss, 99.5))
@@ -71,14 +71,14 @@ def plot_window_summary(record: WindowRecord, title: str, path: str | Path,
         relearn_ax.legend(loc="upper left", fontsize="small")
     relearn_ax.set_ylabel("steps to relearn\nper window shift")
     relearn_ax.set_xlabel("training step")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: dict[str, int],
                             shift: dict[str, int], path: str | Path) -> Path:
     """Relearn steps per shift, mean of each pass (± standard error over seeds), and the
     weight norm over time (mean over seeds), one line per variant."""
-    fig = _new_figure(9.0, 4.2)
+    fig = new_figure(9.0, 4.2)
     relearn_ax, norm_ax = fig.subplots(1, 2)
     for i, (name, runs) in enumerate(records.items()):
         color = f"C{i}"
@@ -118,7 +118,7 @@ def plot_relearn_comparison(records: dict[str, list[WindowRecord]], n_points: di
                         transform=relearn_ax.transAxes)
     norm_ax.set_title("norm of all weights", fontsize="medium")
     norm_ax.set_xlabel("training step")
-    return _save(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def animation_writer(fmt: str, fps: int):
@@ -143,7 +143,7 @@ def write_animation(record: WindowRecord, title: str, path: str | Path, *, frame
     frame updates the artists' data and costs one draw."""
     path = Path(path)
     writer = animation_writer(fmt, fps)
-    fig = _new_figure(6.4, 4.4)
+    fig = new_figure(6.4, 4.4)
     loss_ax, norm_ax = fig.subplots(2, 1, height_ratios=[3, 1])
     n = record.point_loss.shape[1]
     rows = np.unique(np.linspace(0, len(record.steps) - 1, frames).round().astype(int))
