@@ -172,7 +172,7 @@ def test_plasticity_refuses_a_changed_setting_and_may_add_seeds(tmp_path):
     with pytest.raises(EngramError, match=r"another experiment \(train.lr: 0.01 there, 0.1 here"):
         run_plasticity(faster, tmp_path, show_progress=False)
     report = run_plasticity(_tiny_plasticity(seeds=[0, 1]), tmp_path, show_progress=False)
-    assert (report.runs_done, report.runs_skipped) == (1, 1)
+    assert (report.completed, report.skipped) == (1, 1)
 
 
 def test_a_folder_of_another_command_is_refused(tmp_path):

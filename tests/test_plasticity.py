@@ -1,5 +1,6 @@
-"""Plasticity problems and their online runner: the target network, the flips, the
-permutations, the online error's definition, rows and resume, the command."""
+"""The online plasticity runner and its reports: the online error's definition, rows and
+resume on the harness, workers, failures, the command, the curves and the summary. The
+problems themselves are tests/test_problems.py."""
 
 from __future__ import annotations
 
@@ -11,55 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from engram.schema import parse_dataclass
-from engram.data.problems import (LTUTarget, ProblemConfig, bit_flipping_tasks,
-                                  permuted_digits_tasks)
 from engram.experiments.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
                                            load_plasticity_config, run_plasticity)
 from engram.results import read_rows
-
-
-def test_ltu_target_by_hand():
-    w_in = torch.tensor([[1.0, -1.0], [1.0, 1.0]])
-    b_in = torch.tensor([1.0, -1.0])
-    target = LTUTarget(w_in, b_in, torch.tensor([1.0, -1.0]), torch.tensor(1.0),
-                       threshold=torch.tensor([0.5, 1.5]))
-    x = torch.tensor([[0.0, 0.0], [1.0, 1.0], [1.0, 0.0]])
-    # unit 1: 1 + x0 - x1 > 0.5; unit 2: x0 + x1 - 1 > 1.5 (never with bits)
-    assert target(x).tolist() == [2.0, 2.0, 2.0]
-    drawn = LTUTarget.draw(4, 3, 0.7, torch.Generator().manual_seed(0))
-    assert set(drawn.w_in.unique().tolist()) <= {-1.0, 1.0}
-    s = (4 - drawn.w_in.sum(1) + drawn.b_in) / 2  # LoP's S_i
-    torch.testing.assert_close(drawn.threshold, 0.7 * 5 - s)
-
-
-@pytest.mark.parametrize("flip_one", [False, True])
-def test_flipping_bits_hold_within_a_task_and_change_between(flip_one):
-    cfg = ProblemConfig(n_tasks=6, flip_every=50, n_inputs=8, n_flipping=5, flip_one=flip_one)
-    tasks = list(bit_flipping_tasks(cfg, seed=0))
-    assert len(tasks) == 6 and all(len(t.train) == 50 for t in tasks)
-    flips = [t.train.x[:, :5] for t in tasks]
-    assert all(torch.equal(f, f[:1].expand_as(f)) for f in flips)  # constant within a task
-    assert any(tasks[0].train.x[:, 5:].std(0) > 0)  # the free bits vary
-    changed = [int((a[0] != b[0]).sum()) for a, b in zip(flips, flips[1:])]
-    if flip_one:
-        assert changed == [1] * 5
-    else:
-        assert sum(changed) > 5  # all redrawn: usually several bits change
-    again = list(bit_flipping_tasks(cfg, seed=0))
-    assert all(torch.equal(a.train.y, b.train.y) for a, b in zip(tasks, again))
-
-
-def test_permuted_tasks_permute_pixels_and_keep_labels():
-    images = torch.rand(30, 12)
-    labels = torch.arange(30) % 10
-    cfg = ProblemConfig(kind="permuted_digits", n_tasks=3, examples_per_task=20)
-    tasks = list(permuted_digits_tasks(cfg, images, labels, seed=0))
-    for task in tasks:
-        assert len(task.train) == 20
-        for x, y in zip(task.train.x, task.train.y):  # each row is some image, permuted
-            match = [i for i in range(30) if torch.equal(images[i].sort().values, x.sort().values)]
-            assert match and labels[match[0]] == y
-    assert not torch.equal(tasks[0].train.x[:, :3], tasks[1].train.x[:, :3])
 
 
 def tiny(**raw) -> PlasticityConfig:
@@ -111,11 +66,11 @@ def test_rows_per_task_rerun_skips_and_a_cut_run_finishes_without_duplicates(tmp
     cfg = tiny()
     report = run_plasticity(cfg, tmp_path / "a", show_progress=False)
     rows = read_rows(tmp_path / "a" / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
-    assert report.runs_done == 2 and list(rows[0]) == PLASTICITY_COLUMNS
+    assert (report.completed, report.skipped) == (2, 0) and list(rows[0]) == PLASTICITY_COLUMNS
     per_task = {r["metric"] for r in rows if r["task"] == "1"}
     assert {"online_loss", "dead_units", "effective_rank", "weight_magnitude"} <= per_task
     assert sum(r["metric"] == "online_loss" for r in rows) == 2 * 4
-    assert run_plasticity(cfg, tmp_path / "a", show_progress=False).runs_skipped == 2
+    assert run_plasticity(cfg, tmp_path / "a", show_progress=False).skipped == 2
     lines = (tmp_path / "a" / "results.csv").read_text().splitlines(keepends=True)
     cut = tmp_path / "b"
     cut.mkdir()
@@ -158,20 +113,8 @@ def test_parallel_workers_write_the_same_rows(tmp_path):
     assert {key(r): r["value"] for r in rows[0]} == {key(r): r["value"] for r in rows[1]}
 
 
-def test_class_stream_cycles_class_groups():
-    from engram.data.problems import class_stream_tasks
-
-    images, labels = torch.rand(60, 4), torch.arange(60) % 6
-    cfg = ProblemConfig(kind="class_stream", n_tasks=7, classes_per_task=2)
-    tasks = list(class_stream_tasks(cfg, images, labels, seed=0))
-    groups = [tuple(sorted(t.classes)) for t in tasks]
-    assert len(set(groups[:3])) == 3 and groups[3:6] == groups[:3] and groups[6] == groups[0]
-    for task in tasks:
-        assert set(task.train.y.tolist()) == set(task.classes) and len(task.train) == 20
-
-
 def test_binned_curves_average_each_seed_then_across_seeds():
-    from engram.experiments.plasticity import metric_curves
+    from engram.reports.plasticity import metric_curves
 
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
              "value": str(10 * s + t), "run_id": f"r{s}"} for s in (0, 1) for t in range(1, 7)]
@@ -181,15 +124,8 @@ def test_binned_curves_average_each_seed_then_across_seeds():
     assert list(se) == pytest.approx([5.0, 5.0])  # sd 10/sqrt(2), over sqrt(2)
 
 
-def test_an_unknown_problem_is_named_in_the_error():
-    from engram.errors import ConfigError
-
-    with pytest.raises(ConfigError, match="problem.kind: unknown plasticity problem 'flipping'; choose one of: bit_flipping"):
-        tiny(problem={"kind": "flipping"})
-
-
 def test_summary_windows_and_standard_errors_by_hand():
-    from engram.experiments.plasticity import format_plasticity_summary, plasticity_summary
+    from engram.reports.plasticity import format_plasticity_summary, plasticity_summary
 
     # 10 tasks: early = tasks 2-3, late = tasks 9-10; value = seed * 10 + task
     rows = [{"metric": "online_loss", "label": "m", "seed": str(s), "task": str(t),
@@ -211,3 +147,58 @@ def test_a_diverging_run_names_its_method_seed_and_task(tmp_path):
     with pytest.raises(DivergenceError,
                        match=r"^l2_init\(strength=0\.5\) seed 3: training diverged on task 1 "):
         run_plasticity(cfg, tmp_path, show_progress=False)
+
+
+def _diverging(seeds: list[int]) -> PlasticityConfig:
+    return tiny(seeds=seeds, train={"epochs": 1, "batch_size": 1, "lr": 1e6},
+                methods=[{"name": "l2_init", "strength": 0.5}],
+                problem={"n_tasks": 2, "flip_every": 50})
+
+
+def test_a_run_diverging_in_a_worker_raises_the_same_error(tmp_path):
+    from engram.errors import DivergenceError
+
+    with pytest.raises(DivergenceError,
+                       match=r"^l2_init\(strength=0\.5\) seed 3: training diverged on task 1 "):
+        run_plasticity(_diverging([3, 4]), tmp_path, show_progress=False, workers=2)
+
+
+def test_failures_are_reported_and_the_command_lists_them(tmp_path, capsys):
+    import yaml
+
+    from engram.cli import main
+    from engram.experiments.plasticity import plasticity_config_dict
+
+    report = run_plasticity(_diverging([3, 4]), tmp_path / "lib", show_progress=False,
+                            raise_failures=False)
+    assert (report.total, report.completed, report.skipped) == (2, 0, 0)
+    assert [(f["label"], f["seed"]) for f in report.failures] == [("l2_init(strength=0.5)", 3),
+                                                                  ("l2_init(strength=0.5)", 4)]
+    assert report.failures[0]["error"].startswith(
+        "DivergenceError: l2_init(strength=0.5) seed 3: training diverged on task 1 ")
+    assert (tmp_path / "lib" / "failures.jsonl").read_text().count("\n") == 2
+
+    config = tmp_path / "p.yaml"
+    config.write_text(yaml.safe_dump(plasticity_config_dict(_diverging([3]))))
+    assert main(["plasticity", str(config), "--out", str(tmp_path / "cli"), "-q"]) == 1
+    captured = capsys.readouterr()
+    assert "0 runs done, 0 already there" in captured.out
+    assert "1 of 1 runs failed" in captured.err
+    assert "l2_init(strength=0.5) seed 3: DivergenceError: l2_init(strength=0.5) seed 3: " \
+           "training diverged on task 1" in captured.err
+
+
+def test_run_ids_and_plan_are_those_of_the_folders_already_written():
+    """The harness's run id of the same canonical content: folders written before the port
+    keep their run ids, so a rerun skips their runs."""
+    from engram.experiments.plasticity import plasticity_plan, plasticity_run_id
+
+    cfg = tiny()
+    assert [plasticity_run_id(cfg, cfg.methods[0], seed) for seed in cfg.seeds] == \
+        ["2f03edf43b86", "216202d46da7"]
+    plan = plasticity_plan(tiny(methods=["naive", {"name": "l2_init", "strength": 0.5}]))
+    assert [(job.label, job.seed, job.size) for job in plan.jobs] == [
+        ("naive", 0, 4), ("l2_init(strength=0.5)", 0, 4), ("naive", 1, 4),
+        ("l2_init(strength=0.5)", 1, 4)]
+    assert (plan.command, plan.growable, plan.unit) == ("plasticity", ("seeds",), "task")
+    assert not {"threads", "device"} & set(plan.identity) and "seeds" in plan.identity

@@ -157,7 +157,7 @@ def plasticity_rows(runs, metric="online_loss", n_tasks=5, label="m"):
 
 
 def test_plasticity_summary_mean_se_and_interval_by_hand():
-    from engram.experiments.plasticity import format_plasticity_summary, metric_curves, plasticity_summary
+    from engram.reports.plasticity import format_plasticity_summary, metric_curves, plasticity_summary
 
     rows = plasticity_rows([("a", 0, lambda t: t), ("b", 1, lambda t: t + 2)])
     (entry,) = plasticity_summary(rows)  # 5 tasks: early = task 2, late = task 5
@@ -279,7 +279,7 @@ def test_a_sweeps_grid_points_are_rows_of_their_own_not_pooled_seeds():
 
 
 def test_plasticity_summaries_refuse_two_runs_on_one_seed():
-    from engram.experiments.plasticity import metric_curves, plasticity_summary
+    from engram.reports.plasticity import metric_curves, plasticity_summary
 
     rows = plasticity_rows([("a", 0, lambda t: t), ("b", 1, lambda t: t),
                             ("c", 0, lambda t: 2 * t)])

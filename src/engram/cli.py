@@ -506,8 +506,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_plasticity(args: argparse.Namespace) -> int:
     from engram.schema import describe_fields
     from engram.experiments.plasticity import (PLASTICITY_COLUMNS, PLASTICITY_KEY, PlasticityConfig,
-                                   format_plasticity_summary, load_plasticity_config,
-                                   plasticity_summary, run_plasticity, write_plasticity_plots)
+                                               load_plasticity_config, run_plasticity)
+    from engram.reports.plasticity import (format_plasticity_summary, plasticity_summary,
+                                           write_plasticity_plots)
     from engram.results import read_rows
 
     if args.help_config:
@@ -519,13 +520,18 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
     cfg = load_plasticity_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
     with _holding(out, "plasticity"):  # the summary and plots under the lock too
-        report = run_plasticity(cfg, out, show_progress=not args.quiet, workers=args.workers)
-        print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+        report = run_plasticity(cfg, out, workers=args.workers, show_progress=not args.quiet,
+                                raise_failures=False)
+        print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
         rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
-        print(format_plasticity_summary(plasticity_summary(rows)))
-        print(f"results: {out / 'results.csv'}\nplot: {write_plasticity_plots(rows, out / 'plots')}")
-    return 0
+        measured = any(r["task"] for r in rows)  # none when every run failed on its first task
+        if measured:
+            print(format_plasticity_summary(plasticity_summary(rows)))
+        print(f"results: {out / 'results.csv'}")
+        if measured:
+            print(f"plot: {write_plasticity_plots(rows, out / 'plots')}")
+    return _report_failures(report)
 
 
 def cmd_window(args: argparse.Namespace) -> int:

@@ -31,19 +31,17 @@ The problems (each a generator of tasks; same seed, same tasks):
 
 The training loop is the runner's own `train_task` (one epoch of batch size 1 per task); it
 makes a fresh optimizer at each task, which for plain SGD, the problems' default, is the same
-as one optimizer for the whole stream.
+as one optimizer for the whole stream. The runs go through the one experiment harness
+(engram.experiments.harness): one job per method and seed. The summary and the figure of the
+results are engram.reports.plasticity.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +51,8 @@ from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.data.streams import Stream, Task
 from engram.errors import ConfigError, DivergenceError
 from engram.data.problems import PROBLEMS, Problem, ProblemConfig
+from engram.experiments import harness
+from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_plan
 
 PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
                       "metric", "value"]
@@ -124,41 +124,13 @@ def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tens
 # ----------------------------------------------------------------------------- running
 
 def plasticity_run_id(cfg: PlasticityConfig, method: MethodSpec, seed: int) -> str:
-    canonical = {"data": dataclasses.asdict(cfg.data), "problem": dataclasses.asdict(cfg.problem),
-                 "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
-                 "method": {"name": method.name, **params_dict(method.params)}, "seed": seed}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-@dataclass
-class PlasticityReport:
-    runs_done: int
-    runs_skipped: int
-    seconds: float
-
-
-def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, show_progress: bool = True,
-                   workers: int = 1) -> PlasticityReport:
-    """Run every method x seed of `cfg` into `out/results.csv`; finished runs are skipped,
-    an unfinished one is rerun (its rows are re-measured identically and not duplicated).
-
-    With workers > 1, runs go to that many spawned processes; each returns its rows when it
-    finishes and this process writes them, so a killed parallel run loses the runs in flight
-    (a rerun redoes them), where a single process writes every task's rows as measured.
-
-    The folder is locked for the whole call and must hold this experiment, or one this
-    extends by seeds (engram.experiments.outdir); worker processes never write it."""
-    from engram.experiments.outdir import OutputFolder
-    from engram.experiments.continual import resolve_device
-
-    check_methods_usable(cfg)  # a method that cannot act is refused before any run starts
-    device = resolve_device(cfg.device)
-    dump = plasticity_config_dict(cfg)
-    with OutputFolder(out, "plasticity") as folder:
-        folder.claim({k: v for k, v in dump.items() if k not in ("threads", "device")},
-                     ("seeds",), str(device))
-        return _run_plasticity_in(cfg, dump, folder.path, device, show_progress, workers)
+    """The run id (engram.experiments.harness.run_id) of everything that determines one run's
+    numbers: data, problem, model, train, the method and its parameters, the seed (not the
+    name, threads or device)."""
+    return harness.run_id({
+        "data": dataclasses.asdict(cfg.data), "problem": dataclasses.asdict(cfg.problem),
+        "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+        "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
 
 def plasticity_config_dict(cfg: PlasticityConfig) -> dict[str, Any]:
@@ -168,82 +140,50 @@ def plasticity_config_dict(cfg: PlasticityConfig) -> dict[str, Any]:
     return dump
 
 
-def _run_plasticity_in(cfg: PlasticityConfig, dump: dict, out: Path, device: torch.device,
-                       show_progress: bool, workers: int) -> PlasticityReport:
-    import yaml
-
-    from engram.results import ResultWriter
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
-    started = time.perf_counter()
-    done = skipped = 0
-    progress = None
-    if show_progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=len(cfg.seeds) * len(cfg.methods) * cfg.problem.n_tasks,
-                        unit="task", dynamic_ncols=True, disable=None)
-    try:
-        with ResultWriter(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY) as writer:
-            todo = []
-            for seed in cfg.seeds:
-                for spec in cfg.methods:
-                    run_id = plasticity_run_id(cfg, spec, seed)
-                    if (run_id, "", "run_complete") in writer.keys:
-                        skipped += 1
-                        if progress is not None:
-                            progress.update(cfg.problem.n_tasks)
-                    else:
-                        todo.append((spec, seed, run_id))
-            if workers <= 1 or len(todo) <= 1:
-                for spec, seed, run_id in todo:
-                    _run_one(cfg, spec, seed, run_id, device, writer, progress)
-                    done += 1
-            else:
-                from engram.experiments.pool import run_in_processes
-
-                jobs = [(cfg, spec, seed, run_id, str(device)) for spec, seed, run_id in todo]
-                update = progress.update if progress is not None else None
-                for _, rows in run_in_processes(_run_in_worker, jobs, workers, update):
-                    writer.write(rows)
-                    done += 1
-    finally:
-        if progress is not None:
-            progress.close()
-    return PlasticityReport(done, skipped, time.perf_counter() - started)
+@dataclass
+class PlasticityPayload:
+    """What a worker needs to run one job: the config and the method."""
+    cfg: PlasticityConfig
+    method: MethodSpec
 
 
-class _RowCollector:
-    """A writer stand-in for worker processes: keeps the rows to hand back."""
-
-    def __init__(self) -> None:
-        self.rows: list[dict[str, Any]] = []
-
-    def write(self, rows: list[dict[str, Any]]) -> int:
-        self.rows.extend(rows)
-        return len(rows)
-
-
-class _Reporter:
-    """A progress bar stand-in for worker processes: passes each update to `report`."""
-
-    def __init__(self, report: Callable[[int], None]) -> None:
-        self.update = report
+def plasticity_plan(cfg: PlasticityConfig) -> Plan:
+    """The harness plan of `engram plasticity`: one job per method x seed, each reporting
+    its tasks to the progress bar."""
+    device = resolve_device(cfg.device)  # a bad device stops before the folder is made
+    dump = plasticity_config_dict(cfg)
+    jobs = [Job(plasticity_run_id(cfg, spec, seed), seed, spec.label(),
+                PlasticityPayload(cfg, spec), size=cfg.problem.n_tasks)
+            for seed in cfg.seeds for spec in cfg.methods]
+    return Plan(command="plasticity",
+                identity={k: v for k, v in dump.items() if k not in ("threads", "device")},
+                growable=("seeds",), config=dump, columns=PLASTICITY_COLUMNS,
+                key=PLASTICITY_KEY, jobs=jobs, execute=execute_plasticity_run,
+                device=str(device), threads=cfg.threads, unit="task")
 
 
-def _run_in_worker(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
-                   device: str, report: Callable[[int], None] | None) -> list[dict[str, Any]]:
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    collector = _RowCollector()
-    _run_one(cfg, spec, seed, run_id, torch.device(device), collector,
-             None if report is None else _Reporter(report))
-    return collector.rows
+def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, workers: int = 1,
+                   show_progress: bool = True, raise_failures: bool = True) -> Report:
+    """Run every method x seed of `cfg` into `out/results.csv` on the harness
+    (engram.experiments.harness): the folder is locked and must hold this experiment or one
+    this extends by seeds; finished runs are skipped; an unfinished one is rerun (its rows are
+    re-measured identically and not duplicated); each task's rows are written as measured,
+    with workers > 1 too. A method that cannot act on the problem is refused first."""
+    check_methods_usable(cfg)  # before any run starts or the folder is made
+    return run_plan(plasticity_plan(cfg), out, workers=workers, show_progress=show_progress,
+                    raise_failures=raise_failures)
 
 
-def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
-             device: torch.device, writer: Any, progress: Any) -> None:
+def execute_plasticity_run(job: Job, sink: JobSink) -> None:
+    """The harness's `execute` for plasticity: one method, one seed, the whole stream."""
+    cfg, spec = job.payload.cfg, job.payload.method
+    run_one(cfg, spec, job.seed, job.run_id, resolve_device(cfg.device), sink)
+
+
+def run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
+            device: torch.device, sink: JobSink) -> None:
+    """Learn the seed's problem online with one method, handing each task's rows to `sink`
+    as soon as they are measured and reporting one progress unit per task."""
     from engram.registry import METHODS
     from engram.methods.base import Context
     from engram.metrics.plasticity import plasticity_diagnostics
@@ -282,143 +222,6 @@ def _run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
         if ctx.epoch_accuracy is not None:
             rows.append({**common, "task": task.index + 1, "step": ctx.step,
                          "metric": "online_accuracy", "value": ctx.epoch_accuracy})
-        writer.write(rows)
-        if progress is not None:
-            progress.update(1)
-    writer.write([{**common, "task": "", "step": ctx.step, "metric": "run_complete", "value": 1}])
-
-
-# ----------------------------------------------------------------------------- plots
-
-PLOTTED = (("online_loss", "online loss per task (squared error; cross-entropy for classes)"),
-           ("online_accuracy", "online accuracy per task"),
-           ("dead_units", "fraction of dead units"),
-           ("effective_rank", "effective rank of hidden features (mean over layers)"),
-           ("weight_magnitude", "mean |w|"))
-
-
-def _per_seed(rows: list[dict[str, str]], metric: str) -> dict[str, dict[int, dict[int, float]]]:
-    """label -> seed -> task -> value of `metric`, labels in first-seen order. A label with
-    two runs on one seed (two configs' runs in one folder, which the label does not tell
-    apart) raises DataError (:func:`engram.summary.count_seeds`) instead of counting it twice."""
-    from engram.reports.tables import count_seeds
-
-    per_label: dict[str, dict[int, dict[int, float]]] = {}
-    runs: dict[str, dict[str, str]] = {}  # label -> run id -> seed
-    for r in rows:
-        if r["metric"] != metric or not r["task"]:
-            continue
-        per_label.setdefault(r["label"], {}).setdefault(int(r["seed"]), {})[int(r["task"])] = \
-            float(r["value"])
-        runs.setdefault(r["label"], {})[r["run_id"]] = r["seed"]
-    for label, by_run in runs.items():
-        count_seeds(by_run.items(), f"method {label!r}")
-    return per_label
-
-
-def metric_curves(rows: list[dict[str, str]], metric: str, bin_tasks: int = 1
-                  ) -> dict[str, tuple]:
-    """label -> (tasks (T,), mean over seeds (T,), standard error (T,), n seeds), for one
-    metric (:func:`engram.stats.mean_se`: SE nan with one seed); only tasks every seed of
-    the label has reached. With bin_tasks > 1 each seed's values are first averaged over
-    bins of that many tasks (x = the bin's last task), as the paper bins the online error,
-    and the mean and SE are taken over the seeds' bin values."""
-    import numpy as np
-
-    from engram.stats import mean_se
-
-    curves = {}
-    for label, by_seed in _per_seed(rows, metric).items():
-        tasks = sorted(set.intersection(*(set(v) for v in by_seed.values())))
-        values = np.array([[by_seed[s][t] for t in tasks] for s in sorted(by_seed)])  # (S, T)
-        if bin_tasks > 1 and len(tasks) >= bin_tasks:
-            n_bins = len(tasks) // bin_tasks
-            values = values[:, :n_bins * bin_tasks].reshape(len(values), n_bins, bin_tasks)
-            values = values.mean(-1)  # (S, bins)
-            tasks = tasks[bin_tasks - 1:n_bins * bin_tasks:bin_tasks]
-        mean, se = mean_se(values)
-        curves[label] = (np.array(tasks), mean, se, len(values))
-    return curves
-
-
-def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
-                           bin_tasks: int | None = None) -> Path:
-    """One figure, `out_dir/plasticity.png`: a panel per recorded metric of `PLOTTED` against
-    the task number, a line per method with a ±1 SE band over seeds; the online error and
-    accuracy in bins of `bin_tasks` tasks (default: a twentieth of the tasks)."""
-    from engram.reports.figures import new_figure, save_figure
-
-    present = [(m, title) for m, title in PLOTTED if any(r["metric"] == m for r in rows)]
-    n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=1)
-    bin_tasks = bin_tasks or max(1, n_tasks // 20)
-    fig = new_figure(7.0, 2.6 * len(present))
-    axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
-    for ax, (metric, title) in zip(axes, present):
-        binned = bin_tasks if metric.startswith("online") else 1
-        for label, (tasks, mean, se, n) in metric_curves(rows, metric, binned).items():
-            line, = ax.plot(tasks, mean, label=f"{label} ({n} seeds)", linewidth=1.2)
-            ax.fill_between(tasks, mean - se, mean + se, color=line.get_color(), alpha=0.25,
-                            linewidth=0)
-        ax.set_title(title + (f", bins of {binned} tasks" if binned > 1 else ""), fontsize=9)
-        ax.grid(True, alpha=0.3)
-    axes[0].legend(fontsize=8, frameon=False)
-    axes[-1].set_xlabel("task (diagnostics at its start; online error over it)")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    return save_figure(fig, out / "plasticity.png")
-
-
-# ----------------------------------------------------------------------------- summary
-
-SUMMARISED = ("online_loss", "online_accuracy", "dead_units", "effective_rank",
-              "weight_magnitude")
-
-
-def plasticity_summary(rows: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """Per method label and metric of `SUMMARISED`: mean ± standard error over seeds
-    (:func:`engram.stats.mean_se`) of each seed's mean over the early tasks (2 to 1 + T/5:
-    the first, from-scratch task left out) and over the late tasks (the last T/5). One
-    entry per (label, metric); n_seeds counts distinct seeds, and two runs of one label on
-    one seed raise DataError (see :func:`_per_seed`). A seed with no task in a window gives
-    that window nan."""
-    from engram.stats import mean_se
-
-    n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=0)
-    fifth = max(1, n_tasks // 5)
-    windows = {"early": (2, 1 + fifth), "late": (n_tasks - fifth + 1, n_tasks)}
-    table = []
-    for metric in SUMMARISED:
-        for label, per_seed in _per_seed(rows, metric).items():
-            entry: dict[str, Any] = {"label": label, "metric": metric}
-            for name, (lo, hi) in windows.items():
-                means = []  # one per seed: its mean over the window's tasks
-                for by_task in per_seed.values():
-                    inside = [v for t, v in by_task.items() if lo <= t <= hi]
-                    means.append(sum(inside) / len(inside) if inside else math.nan)
-                entry[name] = mean_se(means)
-                entry[f"{name}_tasks"] = (lo, hi)
-            entry["n_seeds"] = len(per_seed)
-            table.append(entry)
-    return table
-
-
-def format_plasticity_summary(table: list[dict[str, Any]]) -> str:
-    """The summary as aligned text: one block per metric, a line per method, each window
-    "mean ± SE [95% t-interval]" over the seeds (a mean alone with one seed)."""
-    from engram.reports.tables import format_stat
-
-    lines = []
-    for metric in dict.fromkeys(e["metric"] for e in table):
-        block = [e for e in table if e["metric"] == metric]
-        (lo1, hi1), (lo2, hi2) = block[0]["early_tasks"], block[0]["late_tasks"]
-        lines.append(f"{metric} (mean ± SE over seeds [95% t-interval]): "
-                     f"tasks {lo1}-{hi1} -> tasks {lo2}-{hi2}")
-        width = max(len(e["label"]) for e in block)
-        cells = [[format_stat(*e[w], n=e["n_seeds"]) for w in ("early", "late")] for e in block]
-        early = max(len(c[0]) for c in cells)
-        for e, (a, b) in zip(block, cells):
-            n = e["n_seeds"]
-            lines.append(f"  {e['label']:<{width}}  {a:<{early}}  ->  {b}"
-                         f"  ({n} seed{'s' if n != 1 else ''})")
-        lines.append("")
-    return "\n".join(lines)
+        sink.emit(rows)
+        sink.report(1)
+    sink.emit([{**common, "task": "", "step": ctx.step, "metric": "run_complete", "value": 1}])
