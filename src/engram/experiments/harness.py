@@ -228,9 +228,11 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
     report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
                     failures, time.perf_counter() - started, out)
     if failures and raise_failures:
-        first = errors[0]
-        if isinstance(first, str):
-            first = JobsFailed(f"{failures[0]['label']} seed {failures[0]['seed']}: {first}")
+        first, which = errors[0], f"{failures[0]['label']} seed {failures[0]['seed']}"
+        if isinstance(first, str):  # from a worker, as text
+            first = JobsFailed(f"{which}: {first}")
+        elif isinstance(first, EngramError):  # same type, message naming the run
+            first = type(first)(f"{which}: {first}")  # engram's errors take one message
         if len(failures) > 1:
             first.add_note(f"({len(failures)} of {len(todo)} runs failed; the others' results "
                            f"were kept; see {failures_file})")

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, params_dict
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.data.streams import Stream, Task
-from engram.errors import ConfigError, DivergenceError
+from engram.errors import ConfigError
 from engram.data.problems import PROBLEMS, Problem, ProblemConfig
 from engram.experiments import harness
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_plan
@@ -213,10 +213,8 @@ def run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
         rows = [{**common, "task": task.index + 1, "step": ctx.step, "metric": key, "value": v}
                 for key, v in plasticity_diagnostics(model, probe).items()]
         losses: list[float] = []
-        try:
-            train_task(ctx, method, lambda epoch, loss: losses.append(loss))
-        except DivergenceError as error:  # which of the runs diverged (the message has the task)
-            raise DivergenceError(f"{spec.label()} seed {seed}: {error}") from None
+        # a DivergenceError names the task; the harness adds the method and seed
+        train_task(ctx, method, lambda epoch, loss: losses.append(loss))
         rows.append({**common, "task": task.index + 1, "step": ctx.step,
                      "metric": "online_loss", "value": losses[-1]})
         if ctx.epoch_accuracy is not None:
