@@ -306,11 +306,12 @@ def _portable(error: BaseException) -> BaseException | str:
         return _error_text(error)
 
 
-def _worker(worker_id: int, execute: Callable, threads: int, out: Path, jobs: Any,
+def _worker(worker_id: int, parent: int, execute: Callable, threads: int, out: Path, jobs: Any,
             messages: Any) -> None:
     """A worker process: take (index, job, recorded) until the sentinel None; send rows,
-    progress and each job's outcome to the parent, in that order."""
-    parent = os.getppid()
+    progress and each job's outcome to the parent, in that order. `parent` is the parent's
+    pid, passed in: a parent killed while this process still imported torch has already
+    left it to init, and os.getppid() here would name init instead."""
     exit_with_parent(parent)  # also while waiting for a job or inside a long epoch
     set_threads(threads)
 
@@ -346,7 +347,7 @@ def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWri
         jobs.put(None)  # one sentinel per started worker ends it when the jobs run out
         worker_id = next(worker_ids)
         process = context.Process(target=_worker, daemon=True, args=(
-            worker_id, plan.execute, plan.threads, out, jobs, messages))
+            worker_id, os.getpid(), plan.execute, plan.threads, out, jobs, messages))
         process.start()
         processes[worker_id] = process
 

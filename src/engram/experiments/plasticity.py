@@ -346,12 +346,12 @@ def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
     """One figure, `out_dir/plasticity.png`: a panel per recorded metric of `PLOTTED` against
     the task number, a line per method with a ±1 SE band over seeds; the online error and
     accuracy in bins of `bin_tasks` tasks (default: a twentieth of the tasks)."""
-    from engram.reports.figures import _new_figure, _save
+    from engram.reports.figures import new_figure, save_figure
 
     present = [(m, title) for m, title in PLOTTED if any(r["metric"] == m for r in rows)]
     n_tasks = max((int(r["task"]) for r in rows if r["task"]), default=1)
     bin_tasks = bin_tasks or max(1, n_tasks // 20)
-    fig = _new_figure(7.0, 2.6 * len(present))
+    fig = new_figure(7.0, 2.6 * len(present))
     axes = fig.subplots(len(present), 1, sharex=True, squeeze=False)[:, 0]
     for ax, (metric, title) in zip(axes, present):
         binned = bin_tasks if metric.startswith("online") else 1
@@ -365,7 +365,7 @@ def write_plasticity_plots(rows: list[dict[str, str]], out_dir: str | Path,
     axes[-1].set_xlabel("task (diagnostics at its start; online error over it)")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return _save(fig, out / "plasticity.png")
+    return save_figure(fig, out / "plasticity.png")
 
 
 # ----------------------------------------------------------------------------- summary

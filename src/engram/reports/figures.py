@@ -440,7 +440,10 @@ def _wrap(label: str) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _new_figure(width: float, height: float) -> "Figure":
+def new_figure(width: float, height: float) -> "Figure":
+    """A matplotlib Figure of `width` x `height` inches on its own Agg canvas (no pyplot:
+    no global figure registry, no GUI backend), constrained layout; save it with
+    :func:`save_figure`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -449,7 +452,7 @@ def _new_figure(width: float, height: float) -> "Figure":
     return fig
 
 
-def _save(fig: "Figure", path: Path) -> Path:
+def save_figure(fig: "Figure", path: Path) -> Path:
     """Write a PNG atomically (a killed process leaves the old file or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
     try:
@@ -546,17 +549,17 @@ def write_plots(run_dir: str | Path) -> list[Path]:
             with np.errstate(all="ignore"):
                 mean_R = np.nanmean(np.stack(Rs), axis=0) if len(Rs) > 1 else Rs[0]
             T = shape[0]
-            fig = _new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
+            fig = new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
             plot_accuracy_matrix(mean_R, fig.add_subplot(),
                                  title=f"{shown}: {split} accuracy{where}\n"
                                        f"mean of {_seeds(n_seeds)}")
-            written.append(_save(fig, out / f"accuracy_matrix_{stem}.png"))
+            written.append(save_figure(fig, out / f"accuracy_matrix_{stem}.png"))
 
         curves = task_curves(rows, label, split, scenario=scenario,
                              name=name if several_names else None)
-        fig = _new_figure(7.5, 4.0)
+        fig = new_figure(7.5, 4.0)
         plot_task_curves(curves, fig.add_subplot())
-        written.append(_save(fig, out / f"task_accuracy_{stem}.png"))
+        written.append(save_figure(fig, out / f"task_accuracy_{stem}.png"))
 
     table = summary_table(rows, split)
     if table:
@@ -565,11 +568,11 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         longest = max(len(line) for e in table for line in _wrap(str(e["label"])).split("\n"))
         per_bar = max(0.65, 0.065 * longest + 0.1)
         n_groups = len({e["scenario"] for e in table})
-        fig = _new_figure(max(7.0, 2 * per_bar * (len(table) + 0.6 * (n_groups - 1)) + 2.2), 4.2)
+        fig = new_figure(max(7.0, 2 * per_bar * (len(table) + 0.6 * (n_groups - 1)) + 2.2), 4.2)
         left, right = fig.subplots(1, 2)
         plot_method_comparison(table, left, "average_accuracy")
         plot_method_comparison(table, right, "average_forgetting")
-        written.append(_save(fig, out / "comparison.png"))
+        written.append(save_figure(fig, out / "comparison.png"))
     return written
 
 
@@ -606,12 +609,12 @@ def write_table_png(run_dir: str | Path, split: str | None = None,
     slanted = len(table) > ROTATE_LABELS_ABOVE
     longest = max(len(n) for n in method_names(table))
     label_room = 0.06 * longest if slanted else 0.0  # inches under the bottom panel
-    fig = _new_figure(min(max(9.0, per_method * len(table) + 2.5), 18.0),
-                      3.2 * len(metrics) + label_room)
+    fig = new_figure(min(max(9.0, per_method * len(table) + 2.5), 18.0),
+                     3.2 * len(metrics) + label_room)
     axes = fig.subplots(len(metrics), 1, sharex=True)
     for ax, metric in zip(axes, metrics):
         plot_scenario_table(table, ax, metric, ci=ci)
     for ax in axes[:-1]:  # one set of method names, under the bottom panel
         ax.tick_params(labelbottom=False)
-    return _save(fig, out / ("scenario_table.png" if split in (None, "test")
-                             else f"scenario_table_{split}.png"))
+    return save_figure(fig, out / ("scenario_table.png" if split in (None, "test")
+                                   else f"scenario_table_{split}.png"))

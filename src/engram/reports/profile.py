@@ -389,7 +389,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
     (epoch, aggregation), epochs as rows and aggregations as columns (in the order
     AGGREGATIONS lists them, unknown ones after), each panel drawn by
     :func:`plot_loss_bands` with the chance level ln(n_classes) of its rows."""
-    from engram.reports.figures import _new_figure, _seeds
+    from engram.reports.figures import _seeds, new_figure
 
     _check_columns(rows, (*_NEEDED, "n_classes"))
     picked = [r for r in rows if (r["direction"], r["reducer"], r["scope"])
@@ -403,7 +403,7 @@ def profile_figure(rows: Sequence[dict[str, str]], direction: str, reducer: str,
     epochs = sorted({int(_number(r, "epoch")) for r in picked})
     colours = _measure_colours(sorted({r["measure"] for r in picked}))
     n_seeds = len({r["seed"] for r in picked})
-    fig = _new_figure(3.4 * len(aggregations) + 1.8, 2.8 * len(epochs) + 0.6)
+    fig = new_figure(3.4 * len(aggregations) + 1.8, 2.8 * len(epochs) + 0.6)
     axes = fig.subplots(len(epochs), len(aggregations), squeeze=False,
                         sharey=True)  # (epochs, aggregations) array of Axes
     for i, epoch in enumerate(epochs):
@@ -435,7 +435,7 @@ def write_profile_plots(rows: Sequence[dict[str, str]], out_dir: str | Path) -> 
     """Write ``out_dir/profile_<direction>_<reducer>_<scope>.png`` for every (direction,
     reducer, scope) in `rows` (see :func:`profile_figure`); returns the paths, least_first
     figures first. Creates `out_dir`. DataError when `rows` is empty."""
-    from engram.reports.figures import _save, safe_name
+    from engram.reports.figures import safe_name, save_figure
 
     if not rows:
         raise DataError("no profile rows to plot; run `engram profile` first")
@@ -445,5 +445,5 @@ def write_profile_plots(rows: Sequence[dict[str, str]], out_dir: str | Path) -> 
     for direction, reducer, scope in _figure_keys(rows):
         fig = profile_figure(rows, direction, reducer, scope)
         name = safe_name(f"profile_{direction}_{reducer}_{scope}")
-        written.append(_save(fig, out_dir / f"{name}.png"))
+        written.append(save_figure(fig, out_dir / f"{name}.png"))
     return written
