@@ -197,7 +197,7 @@ def test_window_may_add_seeds(tmp_path):
     run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
     report = run_window_experiment(parse_window_experiment({**raw, "seeds": [0, 1]}), tmp_path,
                                    show_progress=False)
-    assert (report.runs_done, report.runs_skipped) == (1, 1)
+    assert (report.completed, report.skipped) == (1, 1)
     with pytest.raises(EngramError, match=r"another experiment \(variants: "):
         run_window_experiment(parse_window_experiment({**raw, "variants": [
             {"name": "plain", "weight_decay": 0.1}]}), tmp_path, show_progress=False)

@@ -299,7 +299,8 @@ def window_record(seed: int, relearn: list[int]):
 
 
 def test_window_summary_by_hand_and_its_format():
-    from engram.experiments.window import format_window_summary, parse_window_experiment, window_summary
+    from engram.experiments.window import parse_window_experiment
+    from engram.reports.window import format_window_summary, window_summary
 
     experiment = parse_window_experiment({"seeds": [0, 1], "run": {"n_points": 4, "shift": 2,
                                                                    "window": 2}})

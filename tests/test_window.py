@@ -276,7 +276,7 @@ def test_a_registered_method_takes_part_in_every_step():
 
 
 def test_relearn_by_pass_means_each_complete_pass():
-    from engram.experiments.window import relearn_by_pass
+    from engram.reports.window import relearn_by_pass
 
     rec = WindowRecord(steps=np.zeros(1, np.int64), point_loss=np.zeros((1, 4), np.float32),
                        window_start=np.zeros(1, np.int64), weight_norm=np.zeros(1),
@@ -352,7 +352,7 @@ def test_experiment_writes_rows_and_npz_and_resumes_without_duplicates(tmp_path)
 
     exp = _tiny_experiment()
     report = run_window_experiment(exp, tmp_path, show_progress=False)
-    assert (report.runs_done, report.runs_skipped) == (4, 0)
+    assert (report.completed, report.skipped) == (4, 0)
     csv = tmp_path / "results.csv"
     rows = read_rows(csv, WINDOW_COLUMNS, WINDOW_KEY)
     assert set(WINDOW_COLUMNS) <= set(rows[0]) and {"variant", "seed", "step", "metric",
@@ -366,12 +366,12 @@ def test_experiment_writes_rows_and_npz_and_resumes_without_duplicates(tmp_path)
             assert len([r for r in mine if r["metric"] == "weight_norm"]) == 16
             assert record_path(tmp_path, variant, seed).is_file()
     again = run_window_experiment(exp, tmp_path, show_progress=False)
-    assert (again.runs_done, again.runs_skipped) == (0, 4)
+    assert (again.completed, again.skipped) == (0, 4)
     # a killed run: cut the table in the middle of the last run's rows
     lines = csv.read_text().splitlines(keepends=True)
     csv.write_text("".join(lines[:len(lines) - 40]))
     resumed = run_window_experiment(exp, tmp_path, show_progress=False)
-    assert (resumed.runs_done, resumed.runs_skipped) == (1, 3)
+    assert (resumed.completed, resumed.skipped) == (1, 3)
     assert csv.read_text().splitlines() == [line.rstrip("\n") for line in lines]
 
 
@@ -434,7 +434,7 @@ def test_shipped_window_configs_validate_and_run_short(tmp_path):
     for path in paths:
         exp = load_window_experiment(path, ["run.max_steps=30", "seeds=[0]"])
         report = run_window_experiment(exp, tmp_path / path.stem, show_progress=False)
-        assert report.runs_done == len(exp.variants)
+        assert report.completed == len(exp.variants)
 
 
 def test_a_diverging_variant_is_named(tmp_path):
@@ -445,9 +445,70 @@ def test_a_diverging_variant_is_named(tmp_path):
                                            "window": 5, "optimizer": "sgd", "lr": 100.0,
                                            "max_steps": 200},
                                    "variants": [{"name": "hot"}]})
-    with pytest.raises(DivergenceError, match="variant hot, seed 0: .*diverged"):
+    with pytest.raises(DivergenceError, match="hot seed 0: .*diverged"):
         run_window_experiment(exp, tmp_path, show_progress=False)
     assert not list((tmp_path / "runs").glob("hot-seed0*"))
+
+
+def _hot_and_plain_raw() -> dict:
+    """Two variants: plain learns, hot (lr 100 with sgd) diverges on every seed."""
+    return {"seeds": [0, 1], "run": {"n_points": 20, "x_dim": 4, "y_dim": 2, "width": 4,
+                                     "window": 5, "optimizer": "sgd", "lr": 0.05,
+                                     "max_steps": 100, "record_every": 10},
+            "variants": ["plain", {"name": "hot", "lr": 100.0}]}
+
+
+def test_a_diverging_variant_fails_alone(tmp_path):
+    """raise_failures=False: the diverging runs are in the report and failures.jsonl, named
+    by variant and seed; the other variant's runs finish and their records are returned."""
+    import json
+
+    from engram.experiments.window import parse_window_experiment, run_window_experiment
+
+    exp = parse_window_experiment(_hot_and_plain_raw())
+    report = run_window_experiment(exp, tmp_path, show_progress=False, raise_failures=False)
+    assert (report.total, report.completed, report.skipped) == (4, 2, 0)
+    assert sorted((f["label"], f["seed"]) for f in report.failures) == [("hot", 0), ("hot", 1)]
+    assert all(f["error"].startswith("DivergenceError: window run diverged")
+               for f in report.failures)
+    assert list(report.records) == ["plain"] and len(report.records["plain"]) == 2
+    listed = (tmp_path / "failures.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["seed"] for line in listed) == [0, 1]
+
+
+def test_cli_window_lists_a_diverging_variant_and_summarises_the_rest(tmp_path, capsys):
+    import yaml
+
+    from engram.cli import main
+
+    config = tmp_path / "hot.yaml"
+    config.write_text(yaml.safe_dump(_hot_and_plain_raw()))
+    out = tmp_path / "w"
+    assert main(["window", str(config), "--out", str(out), "--no-animation", "-q"]) == 1
+    printed = capsys.readouterr()
+    assert "2 runs done, 0 already there" in printed.out
+    assert "relearn steps per shift" in printed.out and "\nplain " in printed.out
+    assert "2 of 4 runs failed" in printed.err
+    assert "hot seed 0: DivergenceError: window run diverged" in printed.err
+    assert (out / "plots" / "summary_plain.png").is_file()
+    assert not (out / "plots" / "summary_hot.png").exists()
+
+
+def test_run_ids_are_unchanged():
+    """The run id hashes the same description as before the harness (variant name, the
+    run's settings with the seed, the method and its parameters), so folders written
+    before keep their ids and a rerun skips their runs."""
+    from engram.experiments.window import parse_window_experiment, window_run_id
+
+    exp = parse_window_experiment({"run": {"n_points": 30, "window": 5, "max_steps": 150},
+                                   "variants": ["plain", {"name": "replay", "dropout": 0.1,
+                                                          "method": {"name": "replay",
+                                                                     "memory": 20}}]})
+    plain, replay = exp.variants
+    assert [window_run_id(plain, 0), window_run_id(plain, 3)] == ["f592f61ae6e9",
+                                                                  "b4eb70855eaa"]
+    assert [window_run_id(replay, 0), window_run_id(replay, 3)] == ["4b196f1262bb",
+                                                                    "97ab33266aef"]
 
 
 def test_a_changed_config_is_refused_and_twin_variants_both_run(tmp_path):
@@ -463,7 +524,7 @@ def test_a_changed_config_is_refused_and_twin_variants_both_run(tmp_path):
         run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
     raw["run"]["max_steps"] = 150
     again = run_window_experiment(parse_window_experiment(raw), tmp_path, show_progress=False)
-    assert again.runs_skipped == 4 and again.records["plain"][0].steps[-1] == 150
+    assert again.skipped == 4 and again.records["plain"][0].steps[-1] == 150
     np.testing.assert_array_equal(again.records["plain"][0].weight_norm,
                                   first.records["plain"][0].weight_norm)
     # two variants with the same settings are two runs, each with its rows
@@ -471,27 +532,10 @@ def test_a_changed_config_is_refused_and_twin_variants_both_run(tmp_path):
                                                          "weight_decay": 0.0}]}
     report = run_window_experiment(parse_window_experiment(twins), tmp_path / "twins",
                                    show_progress=False)
-    assert report.runs_done == 2
+    assert report.completed == 2
     rows = read_rows(tmp_path / "twins" / "results.csv", WINDOW_COLUMNS, WINDOW_KEY)
     done = {r["variant"] for r in rows if r["metric"] == "run_complete"}
     assert done == {"plain", "baseline"}
-
-
-def _failing_job(index: int, report):
-    if index < 2:
-        raise ValueError(f"job {index} failed")
-    return index * 10
-
-
-def test_one_failing_worker_keeps_the_others_results():
-    from engram.experiments.pool import run_in_processes
-
-    got = []
-    with pytest.raises(ValueError, match="job [01] failed") as info:
-        for job, result in run_in_processes(_failing_job, [(i,) for i in range(4)], 2):
-            got.append(result)
-    assert sorted(got) == [20, 30]
-    assert "2 of 4 jobs failed" in "".join(info.value.__notes__)
 
 
 def test_adaptable_contribution_on_zero_rows_is_not_nan():

@@ -536,9 +536,10 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
 
 def cmd_window(args: argparse.Namespace) -> int:
     from engram.schema import describe_fields
-    from engram.experiments.window import (WindowExperiment, format_window_summary, load_window_experiment,
-                               run_window_experiment, window_summary)
-    from engram.reports.window import write_window_pictures
+    from engram.experiments.window import (WindowExperiment, load_window_experiment,
+                                           run_window_experiment)
+    from engram.reports.window import (format_window_summary, window_summary,
+                                       write_window_pictures)
 
     if args.help_config:
         print("\n".join(describe_fields(WindowExperiment)))
@@ -555,15 +556,16 @@ def cmd_window(args: argparse.Namespace) -> int:
     out = Path(args.out or Path("runs") / experiment.name)
     with _holding(out, "window"):  # the summary and plots under the lock too
         report = run_window_experiment(experiment, out, workers=args.workers,
-                                       show_progress=not args.quiet)
-        print(f"{report.runs_done} runs done, {report.runs_skipped} already there, "
+                                       show_progress=not args.quiet, raise_failures=False)
+        print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
-        print(format_window_summary(window_summary(experiment, report.records)))
-        print(f"results: {out / 'results.csv'}")
-        for path in write_window_pictures(experiment, report.records, out,
-                                          animate=not args.no_animation):
-            print(f"wrote: {path}")
-    return 0
+        if report.records:  # the finished runs, also when others failed
+            print(format_window_summary(window_summary(experiment, report.records)))
+            print(f"results: {out / 'results.csv'}")
+            for path in write_window_pictures(experiment, report.records, out,
+                                              animate=not args.no_animation):
+                print(f"wrote: {path}")
+    return _report_failures(report)
 
 
 def cmd_profile_report(args: argparse.Namespace) -> int:

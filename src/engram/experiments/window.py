@@ -37,15 +37,13 @@ the losses the step-t check sees and `window_start[t]` the window it checks.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Collection, Literal
 
 import numpy as np
 import torch
@@ -54,7 +52,9 @@ from engram.config import SEED_MAX, MethodSpec, TrainConfig, check_name, check_s
 from engram.schema import check_range, opt, short_repr
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DataError, DivergenceError
+from engram.experiments.harness import Job, JobSink, Plan, Report, run_id, run_plan
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
+from engram.results import ResultWriter
 
 if TYPE_CHECKING:
     from engram.methods.base import ProblemInfo
@@ -451,11 +451,9 @@ def window_run_id(variant: WindowVariant, seed: int) -> str:
     method, seed. Two variants with the same settings are two runs."""
     from engram.config import params_dict
 
-    canonical = {"variant": variant.name,
-                 "run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
-                 "method": {"name": variant.method.name, **params_dict(variant.method.params)}}
-    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
+    return run_id({"variant": variant.name,
+                   "run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
+                   "method": {"name": variant.method.name, **params_dict(variant.method.params)}})
 
 
 def record_path(out: Path, variant: WindowVariant, seed: int) -> Path:
@@ -463,169 +461,93 @@ def record_path(out: Path, variant: WindowVariant, seed: int) -> Path:
     return out / "runs" / f"{variant.name}-seed{seed}-{window_run_id(variant, seed)}.npz"
 
 
-def _run_job(variant: WindowVariant, seed: int, threads: int,
-             report: Callable[[int], None] | None) -> WindowRecord:
-    """One (variant, seed) run; module level, so worker processes can call it."""
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        return run_window(dataclasses.replace(variant.config, seed=seed), variant.method,
-                          report)
-    except DivergenceError as error:
-        raise DivergenceError(f"variant {variant.name}, seed {seed}: {error}") from None
+def execute_window(job: Job, sink: JobSink) -> None:
+    """The harness's `execute` for one (variant, seed) run: train, save the NPZ record, then
+    hand over the tidy rows with the `run_complete` row last (a run counts as finished only
+    when both are there, see `window_finished`)."""
+    variant: WindowVariant = job.payload
+    # a DivergenceError names the step; the harness adds the variant (the job's label) and seed
+    record = run_window(dataclasses.replace(variant.config, seed=job.seed), variant.method,
+                        sink.report)
+    path = record_path(sink.folder, variant, job.seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record.save_npz(path)
+    sink.emit([{"run_id": job.run_id, **row} for row in record.tidy_rows(variant.name)]
+              + [{"run_id": job.run_id, "variant": variant.name, "seed": job.seed, "step": "",
+                  "metric": "run_complete", "value": 1}])
 
 
-@dataclass
-class WindowReport:
-    runs_done: int
-    runs_skipped: int
-    seconds: float
-    records: dict[str, list[WindowRecord]]  # variant -> one record per seed, in seed order
-
-
-def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
-                          workers: int = 1, show_progress: bool = True) -> WindowReport:
-    """Run every variant x seed into `out`: `runs/<variant>-seed<seed>.npz` and the tidy rows
-    of `results.csv`, written when each run finishes (its NPZ first, its `run_complete` row
-    last). A rerun skips finished runs and redoes unfinished ones, whose rows are measured
-    identically and not duplicated.
-
-    The folder is locked for the whole call and must hold this experiment, or one this
-    extends by seeds (engram.experiments.outdir); worker processes never write it."""
-    from engram.config import params_dict
-    from engram.methods.base import refuse_unusable
-    from engram.experiments.outdir import OutputFolder
-
-    for variant in experiment.variants:  # a method that cannot act: refused before any run
-        refuse_unusable(variant.method, window_problem(variant.config))
-    dump = dataclasses.asdict(experiment)
-    dump["variants"] = [{"name": v.name, **_changed(v.config, experiment.run),
-                         "method": {"name": v.method.name, **params_dict(v.method.params)}}
-                        for v in experiment.variants]
-    with OutputFolder(out, "window") as folder:
-        folder.claim({k: v for k, v in dump.items() if k not in NOT_RESULT_KEYS}, ("seeds",),
-                     "cpu")
-        return _run_window_experiment_in(experiment, dump, folder.path, workers, show_progress)
+def window_finished(job: Job, writer: ResultWriter, out: Path) -> bool:
+    """A run is finished when its run_complete row and its NPZ record are both there: a
+    deleted record is measured again."""
+    return job.run_id in writer.completed_runs and \
+        record_path(out, job.payload, job.seed).is_file()
 
 
 # Keys of a window experiment that change what is drawn or how fast, not its numbers.
 NOT_RESULT_KEYS = ("threads", "animation", "animate", "frames", "fps")
 
 
-def _run_window_experiment_in(experiment: WindowExperiment, dump: dict, out: Path,
-                              workers: int, show_progress: bool) -> WindowReport:
-    import yaml
+def window_plan(experiment: WindowExperiment) -> Plan:
+    """The harness plan of `engram window`: one job per variant x seed, sized in steps."""
+    from engram.config import params_dict
 
-    from engram.results import ResultWriter
+    dump = dataclasses.asdict(experiment)
+    dump["variants"] = [{"name": v.name, **_changed(v.config, experiment.run),
+                         "method": {"name": v.method.name, **params_dict(v.method.params)}}
+                        for v in experiment.variants]
+    jobs = [Job(window_run_id(variant, seed), seed, variant.name, variant,
+                size=variant.config.max_steps)
+            for variant in experiment.variants for seed in experiment.seeds]
+    return Plan(command="window",
+                identity={k: v for k, v in dump.items() if k not in NOT_RESULT_KEYS},
+                growable=("seeds",), config=dump, columns=WINDOW_COLUMNS, key=WINDOW_KEY,
+                jobs=jobs, execute=execute_window, device="cpu", threads=experiment.threads,
+                unit="step", finished=window_finished)
 
-    (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(dump, sort_keys=False))
-    started = time.perf_counter()
-    if experiment.threads:
-        torch.set_num_threads(experiment.threads)
-    jobs = [(v, seed) for v in experiment.variants for seed in experiment.seeds]
-    progress = None
-    if show_progress:
-        from tqdm.auto import tqdm
-        progress = tqdm(total=sum(v.config.max_steps for v, _ in jobs), unit="step",
-                        unit_scale=True, dynamic_ncols=True, disable=None)
-    done = skipped = 0
-    try:
-        with ResultWriter(out / "results.csv", WINDOW_COLUMNS, WINDOW_KEY) as writer:
-            def finish(variant: WindowVariant, seed: int, record: WindowRecord) -> None:
-                record.save_npz(record_path(out, variant, seed))
-                run_id = window_run_id(variant, seed)
-                writer.write([{"run_id": run_id, **row} for row in record.tidy_rows(variant.name)]
-                             + [{"run_id": run_id, "variant": variant.name, "seed": seed,
-                                 "step": "", "metric": "run_complete", "value": 1}])
 
-            todo = []
-            for variant, seed in jobs:
-                finished = (window_run_id(variant, seed), "", "run_complete") in writer.keys
-                if finished and record_path(out, variant, seed).is_file():
-                    skipped += 1
-                    if progress is not None:
-                        progress.update(variant.config.max_steps)
-                else:
-                    todo.append((variant, seed))
-            update = progress.update if progress is not None else None
-            if workers <= 1 or len(todo) <= 1:
-                for variant, seed in todo:
-                    finish(variant, seed, _run_job(variant, seed, experiment.threads, update))
-                    done += 1
-            else:
-                from engram.experiments.pool import run_in_processes
+@dataclass
+class WindowReport(Report):
+    """The harness's report and the records of the runs finished so far."""
+    records: dict[str, list[WindowRecord]] = field(default_factory=dict)
 
-                jobs_args = [(v, s, experiment.threads) for v, s in todo]
-                for (variant, seed, _), record in run_in_processes(_run_job, jobs_args,
-                                                                   workers, update):
-                    finish(variant, seed, record)
-                    done += 1
-    finally:
-        if progress is not None:
-            progress.close()
-    records = {v.name: [WindowRecord.load_npz(record_path(out, v, s))
-                        for s in experiment.seeds] for v in experiment.variants}
-    return WindowReport(done, skipped, time.perf_counter() - started, records)
+
+def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
+                          workers: int = 1, show_progress: bool = True,
+                          raise_failures: bool = True) -> WindowReport:
+    """Run every variant x seed into `out` on the harness (engram.experiments.harness):
+    `runs/<variant>-seed<seed>-<run id>.npz` and the tidy rows of `results.csv`, written
+    when each run finishes (its NPZ first, its `run_complete` row last). A rerun skips
+    finished runs and redoes unfinished ones, whose rows are measured identically and not
+    duplicated. A method that cannot act on the window is refused before any run.
+
+    With raise_failures=False a failed run (a diverging variant) is in the report's
+    failures and missing from its records."""
+    from engram.methods.base import refuse_unusable
+
+    for variant in experiment.variants:  # a method that cannot act: refused before any run
+        refuse_unusable(variant.method, window_problem(variant.config))
+    report = run_plan(window_plan(experiment), out, workers=workers,
+                      show_progress=show_progress, raise_failures=raise_failures)
+    failed = {failure["run_id"] for failure in report.failures}
+    return WindowReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)},
+                        records=load_records(experiment, report.folder, skip=failed))
+
+
+def load_records(experiment: WindowExperiment, out: str | Path,
+                 skip: Collection[str] = ()) -> dict[str, list[WindowRecord]]:
+    """variant -> its records, one per seed in seed order, read from `out`'s NPZ files;
+    runs whose id is in `skip` (failed ones) are left out, and so is a variant left with
+    none. DataError naming the file when a record is unreadable."""
+    records = {}
+    for variant in experiment.variants:
+        runs = [WindowRecord.load_npz(record_path(Path(out), variant, seed))
+                for seed in experiment.seeds if window_run_id(variant, seed) not in skip]
+        if runs:
+            records[variant.name] = runs
+    return records
 
 
 def _changed(cfg: WindowConfig, base: WindowConfig) -> dict:
     return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
             if getattr(cfg, f.name) != getattr(base, f.name)}
-
-
-# ----------------------------------------------------------------------------- summaries
-
-def relearn_by_pass(record: WindowRecord, n_points: int, shift: int) -> np.ndarray:
-    """Mean relearn steps per shift in each complete pass over the points, shape (passes,).
-    A pass is ceil(n_points / shift) shifts: the window has moved once around. The first
-    shift is left out: its count is the first window learned from scratch (153 steps in the
-    default run), not a relearning; pass 1 is the shifts after it."""
-    per_pass = -(-n_points // shift)
-    relearn = np.asarray(record.relearn_steps[1:], np.float64)
-    n = len(relearn) // per_pass
-    return relearn[:n * per_pass].reshape(n, per_pass).mean(1)
-
-
-def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowRecord]]
-                   ) -> list[dict]:
-    """Per variant: mean relearn steps per shift in the first, second and last complete
-    pass (mean over seeds, and the seeds' standard error, :func:`engram.stats.mean_se`),
-    shifts, final weight norm, seconds. ``seeds`` counts distinct seeds; two records of one
-    variant on one seed raise DataError (:func:`engram.summary.count_seeds`)."""
-    from engram.stats import mean_se
-    from engram.reports.tables import count_seeds
-
-    table = []
-    for variant in experiment.variants:
-        runs = records[variant.name]
-        seeds = count_seeds([(str(i), r.seed) for i, r in enumerate(runs)],
-                            f"variant {variant.name!r}")
-        passes = [relearn_by_pass(r, variant.config.n_points, variant.config.shift)
-                  for r in runs]
-        n = min(len(p) for p in passes)
-        row = {"variant": variant.name, "seeds": seeds, "passes": n,
-               "shifts": float(np.mean([len(r.shift_steps) for r in runs])),
-               "weight_norm": float(np.mean([r.weight_norm[-1] for r in runs])),
-               "seconds": float(np.mean([r.seconds for r in runs]))}
-        for key, index in (("pass_1", 0), ("pass_2", 1), ("last_pass", n - 1)):
-            values = [p[index] for p in passes] if 0 <= index < n else []
-            row[key], row[key + "_se"] = mean_se(values)
-        table.append(row)
-    return table
-
-
-def format_window_summary(table: list[dict]) -> str:
-    """The summary as a text table: relearn steps per shift, "mean ± SE [95% t-interval]"
-    over seeds (a mean alone with one seed; n/a: no such pass)."""
-    from engram.reports.tables import _text_table, format_stat, spread_note
-
-    headers = ["variant", "seeds", "passes", "pass 1", "pass 2", "last pass", "|w| end",
-               "s/run"]
-    lines = [[row["variant"], str(row["seeds"]), str(row["passes"]),
-              *(format_stat(row[key], row[key + "_se"], decimals=2, n=row["seeds"])
-                for key in ("pass_1", "pass_2", "last_pass")),
-              f"{row['weight_norm']:.1f}", f"{row['seconds']:.1f}"] for row in table]
-    return "\n".join(["relearn steps per shift, mean over each complete pass of the window"]
-                     + _text_table(headers, lines)
-                     + [spread_note([row["seeds"] for row in table], ci=True)])

@@ -183,10 +183,10 @@ def format_table(table: list[dict[str, object]], ci: bool = False) -> str:
     legend = ("accuracy on all tasks after the last one; forgetting > 0 and BWT < 0 mean old "
               "tasks got worse; FWT vs the untrained model")
     note = spread_note([int(e["n_seeds"]) for e in table], ci, "`engram summary RUN_DIR --ci`")
-    return "\n".join(_text_table(headers, lines) + [note, legend])
+    return "\n".join(text_table(headers, lines) + [note, legend])
 
 
-def _text_table(headers: list[str], lines: list[list[str]]) -> list[str]:
+def text_table(headers: list[str], lines: list[list[str]]) -> list[str]:
     """Left-aligned columns two spaces apart, a dashed rule under the header."""
     widths = [max(len(headers[i]), *(len(line[i]) for line in lines)) for i in range(len(headers))]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
@@ -375,4 +375,4 @@ def render_block(title: str, headers: list[str], lines: list[list[str]], markdow
 
         return "\n".join([f"**{title}**", "", row(headers), row(["---"] * len(headers))]
                          + [row(line) for line in lines])
-    return "\n".join([title] + _text_table(headers, lines))
+    return "\n".join([title] + text_table(headers, lines))

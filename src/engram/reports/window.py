@@ -1,7 +1,8 @@
-"""Pictures of the sliding-window experiment: the movie, the still summary, the comparison.
+"""Reports of the sliding-window experiment: the summary table, the movie, the still
+summary, the comparison.
 
-All three read `WindowRecord`s (engram.experiments.window), never the network, so they can be redrawn
-from the NPZ files of a finished run.
+All of them read `WindowRecord`s (engram.experiments.window), never the network, so they can
+be redrawn from the NPZ files of a finished run.
 """
 
 from __future__ import annotations
@@ -12,12 +13,70 @@ from pathlib import Path
 import numpy as np
 
 from engram.errors import ConfigError
+from engram.experiments.window import WindowExperiment, WindowRecord
 from engram.reports.figures import new_figure, save_figure
+from engram.reports.tables import count_seeds, format_stat, spread_note, text_table
 from engram.stats import mean_se
-from engram.experiments.window import WindowRecord, relearn_by_pass
 
 IN_WINDOW, OUTSIDE = "#1f77b4", "#d62728"  # blue: trained on now; red: not
 
+
+# ----------------------------------------------------------------------------- summaries
+
+def relearn_by_pass(record: WindowRecord, n_points: int, shift: int) -> np.ndarray:
+    """Mean relearn steps per shift in each complete pass over the points, shape (passes,).
+    A pass is ceil(n_points / shift) shifts: the window has moved once around. The first
+    shift is left out: its count is the first window learned from scratch (153 steps in the
+    default run), not a relearning; pass 1 is the shifts after it."""
+    per_pass = -(-n_points // shift)
+    relearn = np.asarray(record.relearn_steps[1:], np.float64)
+    n = len(relearn) // per_pass
+    return relearn[:n * per_pass].reshape(n, per_pass).mean(1)
+
+
+def window_summary(experiment: WindowExperiment, records: dict[str, list[WindowRecord]]
+                   ) -> list[dict]:
+    """Per variant with records: mean relearn steps per shift in the first, second and last
+    complete pass (mean over seeds, and the seeds' standard error,
+    :func:`engram.stats.mean_se`), shifts, final weight norm, seconds. ``seeds`` counts
+    distinct seeds; two records of one variant on one seed raise DataError
+    (:func:`engram.reports.tables.count_seeds`)."""
+    table = []
+    for variant in experiment.variants:
+        runs = records.get(variant.name)
+        if not runs:  # every seed of it failed: nothing to summarise
+            continue
+        seeds = count_seeds([(str(i), r.seed) for i, r in enumerate(runs)],
+                            f"variant {variant.name!r}")
+        passes = [relearn_by_pass(r, variant.config.n_points, variant.config.shift)
+                  for r in runs]
+        n = min(len(p) for p in passes)
+        row = {"variant": variant.name, "seeds": seeds, "passes": n,
+               "shifts": float(np.mean([len(r.shift_steps) for r in runs])),
+               "weight_norm": float(np.mean([r.weight_norm[-1] for r in runs])),
+               "seconds": float(np.mean([r.seconds for r in runs]))}
+        for key, index in (("pass_1", 0), ("pass_2", 1), ("last_pass", n - 1)):
+            values = [p[index] for p in passes] if 0 <= index < n else []
+            row[key], row[key + "_se"] = mean_se(values)
+        table.append(row)
+    return table
+
+
+def format_window_summary(table: list[dict]) -> str:
+    """The summary as a text table: relearn steps per shift, "mean ± SE [95% t-interval]"
+    over seeds (a mean alone with one seed; n/a: no such pass)."""
+    headers = ["variant", "seeds", "passes", "pass 1", "pass 2", "last pass", "|w| end",
+               "s/run"]
+    lines = [[row["variant"], str(row["seeds"]), str(row["passes"]),
+              *(format_stat(row[key], row[key + "_se"], decimals=2, n=row["seeds"])
+                for key in ("pass_1", "pass_2", "last_pass")),
+              f"{row['weight_norm']:.1f}", f"{row['seconds']:.1f}"] for row in table]
+    return "\n".join(["relearn steps per shift, mean over each complete pass of the window"]
+                     + text_table(headers, lines)
+                     + [spread_note([row["seeds"] for row in table], ci=True)])
+
+
+# ----------------------------------------------------------------------------- pictures
 
 def _in_window(record: WindowRecord, row: int) -> np.ndarray:
     """(n_points,) bool: the points of the window that recorded row `row` checks."""
@@ -184,11 +243,12 @@ def write_animation(record: WindowRecord, title: str, path: str | Path, *, frame
     return path
 
 
-def write_window_pictures(experiment, records: dict[str, list[WindowRecord]], out: str | Path,
-                          *, animate: bool = True) -> list[Path]:
+def write_window_pictures(experiment: WindowExperiment, records: dict[str, list[WindowRecord]],
+                          out: str | Path, *, animate: bool = True) -> list[Path]:
     """Everything `engram window` draws into `out`: plots/summary_<variant>.png (first seed),
     plots/relearn_comparison.png and, unless animation is none, <variant>.gif (or .mp4) for
-    the variants in `animate` (default: the first)."""
+    the variants in `animate` (default: the first). Variants without records (every run of
+    them failed) are left out."""
     out = Path(out)
     (out / "plots").mkdir(parents=True, exist_ok=True)
     by_name = {v.name: v for v in experiment.variants}
@@ -203,6 +263,8 @@ def write_window_pictures(experiment, records: dict[str, list[WindowRecord]], ou
         {n: by_name[n].config.shift for n in records}, out / "plots" / "relearn_comparison.png"))
     if animate and experiment.animation != "none":
         for name in experiment.animate or [experiment.variants[0].name]:
+            if name not in records:
+                continue
             written.append(write_animation(records[name][0], name,
                                            out / f"{name}.{experiment.animation}",
                                            frames=experiment.frames, fps=experiment.fps,
