@@ -27,15 +27,15 @@ for every experiment:
 from __future__ import annotations
 
 import hashlib
-import itertools
+import collections
 import json
 import multiprocessing
 import os
-import queue as queue_module
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -227,6 +227,10 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
         checkpoints.rmdir()
     report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
                     failures, time.perf_counter() - started, out)
+    # in the plan's order, whichever worker finished first: the same report on every rerun
+    order = {job.run_id: i for i, job in enumerate(plan.jobs)}
+    ranked = sorted(range(len(failures)), key=lambda i: order[failures[i]["run_id"]])
+    failures[:], errors[:] = [failures[i] for i in ranked], [errors[i] for i in ranked]
     if failures and raise_failures:
         first, which = errors[0], f"{failures[0]['label']} seed {failures[0]['seed']}"
         if isinstance(first, str):  # from a worker, as text
@@ -313,90 +317,97 @@ def _portable(error: BaseException) -> BaseException | str:
         return _error_text(error)
 
 
-def _worker(worker_id: int, parent: int, execute: Callable, threads: int, out: Path, jobs: Any,
-            messages: Any) -> None:
-    """A worker process: take (index, job, recorded) until the sentinel None; send rows,
-    progress and each job's outcome to the parent, in that order. `parent` is the parent's
-    pid, passed in: a parent killed while this process still imported torch has already
-    left it to init, and os.getppid() here would name init instead."""
+def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out: Path) -> None:
+    """A worker process: receive (job, recorded) on its own pipe until None; send back rows,
+    progress and each job's outcome, in that order. `parent` is the parent's pid, passed in:
+    a parent killed while this process still imported torch has already left it to init, and
+    os.getppid() here would name init instead."""
     exit_with_parent(parent)  # also while waiting for a job or inside a long epoch
     set_threads(threads)
 
     def emit(rows: Iterable[dict[str, Any]]) -> None:
-        messages.put(("rows", list(rows)))
+        conn.send(("rows", list(rows)))
 
     def report(n: int) -> None:
-        messages.put(("progress", n))
+        conn.send(("progress", n))
 
     try:
-        while (item := jobs.get()) is not None:
-            index, job, recorded = item
-            messages.put(("start", worker_id, index))
+        while (item := conn.recv()) is not None:
+            job, recorded = item
             error = _execute_here(execute, job, JobSink(emit, report, recorded, out))
-            messages.put(("done", worker_id, index, None if error is None else _portable(error)))
-    except KeyboardInterrupt:
-        pass  # the parent reports the interruption
+            conn.send(("done", None if error is None else _portable(error)))
+    except (KeyboardInterrupt, EOFError):
+        pass  # the parent reports the interruption, or has gone
 
 
 def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWriter, out: Path,
                     record: Callable[[Job, Any], None], progress: Any) -> None:
-    """Hand `todo` to `workers` spawned processes; write their rows here, one batch at a
-    time. A worker that dies (killed, out of memory) fails its job and is replaced."""
+    """Hand `todo` to `workers` spawned processes, one job at a time each, over a pipe of its
+    own; write their rows here, one batch at a time. Nothing is shared between workers, so a
+    worker that dies (killed, out of memory) cannot block the others (a queue shared by all
+    would stay locked if one died inside a write): its job fails, and a new worker takes over."""
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
-    jobs, messages = context.Queue(), context.Queue()
-    for index, job in enumerate(todo):
-        jobs.put((index, job, _recorded(writer, job)))
-    processes: dict[int, Any] = {}
-    running: dict[int, int] = {}  # worker id -> index of the job it holds
-    worker_ids = itertools.count()
+    pending = collections.deque(range(len(todo)))  # indices of jobs not yet handed out
+    busy: dict[Connection, tuple[Any, int]] = {}   # a working worker's pipe -> (process, job)
+    processes: list[Any] = []
+
+    def hand_out(conn: Connection, process: Any) -> None:
+        """The next job to an idle worker, or None (it exits) when there are no more."""
+        if not pending:
+            conn.send(None)
+            conn.close()
+            return
+        index = pending.popleft()
+        conn.send((todo[index], _recorded(writer, todo[index])))
+        busy[conn] = (process, index)
+        progress.set_postfix_str(todo[index].describe(), refresh=False)
 
     def start() -> None:
-        jobs.put(None)  # one sentinel per started worker ends it when the jobs run out
-        worker_id = next(worker_ids)
+        ours, theirs = context.Pipe(duplex=True)
         process = context.Process(target=_worker, daemon=True, args=(
-            worker_id, os.getpid(), plan.execute, plan.threads, out, jobs, messages))
+            theirs, os.getpid(), plan.execute, plan.threads, out))
         process.start()
-        processes[worker_id] = process
+        theirs.close()  # only the worker holds its end now: its death is an EOF here
+        processes.append(process)
+        hand_out(ours, process)
 
     for _ in range(min(workers, len(todo))):
         start()
     remaining = len(todo)
     try:
         while remaining:
-            try:
-                message = messages.get(timeout=1.0)
-            except queue_module.Empty:
-                for worker_id, process in list(processes.items()):
-                    if process.is_alive() or worker_id not in running:
-                        continue
-                    index = running.pop(worker_id)
+            if not busy:
+                raise EngramError(f"every worker process exited with {remaining} runs left; "
+                                  "rerun the command to resume them")
+            for conn in wait(list(busy), timeout=1.0):
+                process, index = busy[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    del busy[conn]
+                    conn.close()
+                    process.join(timeout=5)
                     record(todo[index], f"the worker process died (exit code {process.exitcode}) "
                                         "while running this job")
                     remaining -= 1
-                    del processes[worker_id]
-                    if remaining:
+                    if pending:
                         start()
-                if remaining and not any(process.is_alive() for process in processes.values()):
-                    raise EngramError(f"every worker process exited with {remaining} runs "
-                                      "left; rerun the command to resume them")
-                continue
-            kind = message[0]
-            if kind == "rows":
-                writer.write(message[1])
-            elif kind == "progress":
-                progress.update(message[1])
-            elif kind == "start":
-                running[message[1]] = message[2]
-                progress.set_postfix_str(todo[message[2]].describe(), refresh=False)
-            elif kind == "done":
-                _, worker_id, index, error = message
-                running.pop(worker_id, None)
-                record(todo[index], error)
-                remaining -= 1
+                    continue
+                kind = message[0]
+                if kind == "rows":
+                    writer.write(message[1])
+                elif kind == "progress":
+                    progress.update(message[1])
+                elif kind == "done":
+                    del busy[conn]
+                    record(todo[index], message[1])
+                    remaining -= 1
+                    hand_out(conn, process)
     finally:
-        jobs.cancel_join_thread()  # unstarted jobs left in the queue must not block our exit
-        for process in processes.values():
+        for conn in busy:
+            conn.close()
+        for process in processes:
             if process.is_alive():
                 process.terminate()
-        for process in processes.values():
+        for process in processes:
             process.join(timeout=5)
