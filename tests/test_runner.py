@@ -256,3 +256,15 @@ def test_resume_with_dropout_matches_an_uninterrupted_run(tmp_path, monkeypatch,
     run_experiment(cfg, tmp_path / "cut", show_progress=False)
     assert _comparable(read_rows(tmp_path / "cut" / "results.csv")) == \
         _comparable(read_rows(tmp_path / "full" / "results.csv"))
+
+
+def test_run_ids_are_those_earlier_engrams_wrote():
+    """The harness's one run-id function hashes the same description as before, so folders
+    written before the harness resume under it (values computed with the code before it)."""
+    from engram.cli import DEMO_CONFIG
+    from engram.config import load_config
+    from engram.experiments.continual import continual_run_id
+
+    cfg = load_config(DEMO_CONFIG)
+    assert [continual_run_id(cfg, m, 0) for m in cfg.methods] == \
+        ["b8e49b8e7a5f", "cecfb60d43ba", "2a45c97954b6", "96e348da404f"]
