@@ -64,3 +64,15 @@ def test_raise_failures_raises_the_first_error_after_the_others_ran(tmp_path):
     assert "2 of 4 runs failed" in "".join(info.value.__notes__)
     assert completed_seeds(tmp_path) == {2, 3}
     assert len((tmp_path / "failures.jsonl").read_text().splitlines()) == 2
+
+
+def test_a_log_gets_a_line_per_finished_run(tmp_path, capsys):
+    """stderr that is not a terminal (here: captured) gets no bar but a line per job."""
+    from engram.experiments.continual import run_experiment
+    from tests.conftest import tiny_config
+
+    run_experiment(tiny_config(seeds=[0, 1]), tmp_path, show_progress=True)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("engram")]
+    assert lines == ["engram run: [1/2] naive seed 0 done", "engram run: [2/2] naive seed 1 done"]
+    run_experiment(tiny_config(seeds=[0, 1]), tmp_path, show_progress=False)
+    assert "engram run:" not in capsys.readouterr().err  # -q: nothing

@@ -21,16 +21,18 @@ for every experiment:
   here, so only this process writes the table, one batch at a time;
 - failure isolation: a job that fails (a diverging run, a bug) is recorded in
   `failures.jsonl` with its point and seed, and the others go on;
-- one progress bar (tqdm; none when stderr is not a terminal).
+- progress: a tqdm bar on a terminal; in a log (stderr not a terminal: SLURM, CI, a pipe)
+  one line per finished job instead.
 """
 
 from __future__ import annotations
 
-import hashlib
 import collections
+import hashlib
 import json
 import multiprocessing
 import os
+import sys
 import threading
 import time
 import traceback
@@ -104,7 +106,7 @@ class Job:
 @dataclass
 class JobSink:
     """What a running job talks to: `emit(rows)` hands rows to the one writer (directly, or
-    through the worker queue), `report(n)` advances the progress bar by n units, `recorded`
+    through the worker's pipe), `report(n)` advances the progress bar by n units, `recorded`
     holds the keys of this job's rows already in the table (a resumed run reads them to
     decide whether its checkpoint may be used), and `folder` is the output folder (for the
     job's own files: checkpoints, records)."""
@@ -202,7 +204,15 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
             progress.update(sum(job.size for job in plan.jobs) - sum(job.size for job in todo))
             failures_file.unlink(missing_ok=True)  # this call's failures; earlier ones rerun now
 
+            finished_now = [0]
+            log_lines = show_progress and not _stderr_is_terminal()
+
             def record(job: Job, error: BaseException | str | None) -> None:
+                finished_now[0] += 1
+                if log_lines:  # no bar in a log (SLURM, CI): a line per finished job instead
+                    outcome = "done" if error is None else "FAILED (see failures.jsonl)"
+                    print(f"engram {plan.command}: [{finished_now[0]}/{len(todo)}] "
+                          f"{job.describe()} {outcome}", file=sys.stderr, flush=True)
                 if error is None:
                     return
                 text = error if isinstance(error, str) else _error_text(error)
@@ -242,6 +252,10 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
                            f"were kept; see {failures_file})")
         raise first
     return report
+
+
+def _stderr_is_terminal() -> bool:
+    return sys.stderr.isatty()
 
 
 def _run_complete(job: Job, writer: ResultWriter, out: Path) -> bool:
