@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from engram.data import problems, sources, streams  # noqa: F401 - problems registers PROBLEMS
 from engram.data.problems import Problem, ProblemConfig
+from engram.data.sources import SourceData, load_source
 from engram.data.streams import Stream, Task, TensorSet, build_stream
 from engram.registry import DATASETS, PROBLEMS, STREAMS
 
@@ -22,4 +23,4 @@ STREAMS.add("ab", streams.ab_tasks, "two tasks: A = the first half of the classe
 STREAMS.add("permuted", streams.permuted_tasks, "all classes each task, pixels shuffled by a fixed per-task permutation (task 1 unpermuted)")
 STREAMS.add("rotated", streams.rotated_tasks, "all classes each task, images rotated by stream.rotation_step degrees more per task")
 
-__all__ = ["DATASETS", "PROBLEMS", "STREAMS", "Problem", "ProblemConfig", "Stream", "Task", "TensorSet", "build_stream"]
+__all__ = ["DATASETS", "PROBLEMS", "STREAMS", "Problem", "ProblemConfig", "SourceData", "load_source", "Stream", "Task", "TensorSet", "build_stream"]

@@ -14,7 +14,8 @@ import torch
 
 from engram.config import DataConfig
 from engram.data.streams import Task, TensorSet
-from engram.registry import DATASETS, PROBLEMS
+from engram.data.sources import load_source
+from engram.registry import PROBLEMS
 from engram.schema import opt
 
 
@@ -123,7 +124,7 @@ def bit_flipping_problem(cfg: ProblemConfig, data: DataConfig, seed: int) -> Pro
 
 
 def _images(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    source = DATASETS.get(data.source)(data.path)
+    source = load_source(data.source, data.path)
     return source.x_train.reshape(len(source.x_train), -1), source.y_train  # (N, D), (N,)
 
 

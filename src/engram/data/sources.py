@@ -11,6 +11,7 @@ whose labels are int64 (N,).
 
 from __future__ import annotations
 
+import functools
 import gzip
 import importlib.util
 import pickle
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 
 from engram.errors import DataError
+from engram.registry import DATASETS
 
 __all__ = [
     "SourceData",
@@ -493,3 +495,11 @@ def load_cifar10(path: str | None) -> SourceData:
         y_test=torch.from_numpy(test_y),
         class_names=_cifar_class_names(folder),
     )
+
+
+@functools.lru_cache(maxsize=4)
+def load_source(name: str, path: str | None) -> SourceData:
+    """The registered dataset `name` read from `path`, once per process: an experiment that
+    runs several seeds or methods in one process (or one worker) reads its files once. The
+    tensors are shared: streams and problems index them (copies), never write into them."""
+    return DATASETS.get(name)(path)

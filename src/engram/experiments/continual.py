@@ -10,7 +10,6 @@ draws dropout masks, so the same numbers).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import time
@@ -25,7 +24,6 @@ from engram.data.streams import Stream
 from engram.errors import EngramError
 from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
-from engram.registry import DATASETS
 from engram.results import COLUMNS, KEY, row_key
 from engram.training import evaluate, train_task
 
@@ -254,18 +252,13 @@ def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
     return jobs
 
 
-@functools.lru_cache(maxsize=4)
-def _source(name: str, path: str | None) -> Any:
-    return DATASETS.get(name)(path)
-
-
 def execute_run(job: Job, sink: JobSink) -> None:
     """The harness's `execute` for continual runs: build the seed's stream, run the method."""
-    from engram.data import build_stream
+    from engram.data import build_stream, load_source
 
     cfg, spec = job.payload.cfg, job.payload.method
     device = resolve_device(cfg.device)
-    stream = build_stream(_source(cfg.data.source, cfg.data.path), cfg.data, cfg.stream,
+    stream = build_stream(load_source(cfg.data.source, cfg.data.path), cfg.data, cfg.stream,
                           job.seed, device)
     run_one(cfg, spec, job.seed, stream, sink, device)
 

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -142,6 +142,12 @@ class Report:
     failures: list[dict[str, Any]]
     seconds: float
     folder: Path
+    rows_written: int = 0  # rows this call added to the table (duplicates of rows there skipped)
+
+    @classmethod
+    def extending(cls, report: "Report", **extra: Any) -> "Report":
+        """`report` as `cls`, a subclass with fields of an experiment's own (records, counts)."""
+        return cls(**{f.name: getattr(report, f.name) for f in fields(report)}, **extra)
 
     @property
     def ok(self) -> bool:
@@ -223,20 +229,26 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
                 with open(failures_file, "a") as f:
                     f.write(json.dumps(failure) + "\n")
 
+            rows_written = [0]
+            recorded = _recorded_by_prefix(writer.keys, todo)  # before any job adds rows
+
+            def write(rows: list[dict[str, Any]]) -> None:  # the one place rows are written
+                rows_written[0] += writer.write(rows)
+
             if workers == 1 or len(todo) <= 1:
                 for job in todo:
                     progress.set_postfix_str(job.describe(), refresh=False)
-                    sink = JobSink(writer.write, progress.update, _recorded(writer, job), out)
+                    sink = JobSink(write, progress.update, recorded[job.prefix()], out)
                     record(job, _execute_here(plan.execute, job, sink))
             else:
-                _run_in_workers(plan, todo, workers, writer, out, record, progress)
+                _run_in_workers(plan, todo, workers, recorded, write, out, record, progress)
     finally:
         progress.close()
     checkpoints = out / "checkpoints"  # jobs keep resume checkpoints there (continual runs)
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
     report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
-                    failures, time.perf_counter() - started, out)
+                    failures, time.perf_counter() - started, out, rows_written[0])
     # in the plan's order, whichever worker finished first: the same report on every rerun
     order = {job.run_id: i for i, job in enumerate(plan.jobs)}
     ranked = sorted(range(len(failures)), key=lambda i: order[failures[i]["run_id"]])
@@ -262,9 +274,17 @@ def _run_complete(job: Job, writer: ResultWriter, out: Path) -> bool:
     return job.run_id in writer.completed_runs
 
 
-def _recorded(writer: ResultWriter, job: Job) -> set[tuple[str, ...]]:
-    prefix = job.prefix()
-    return {key for key in writer.keys if key[:len(prefix)] == prefix}
+def _recorded_by_prefix(keys: set[tuple[str, ...]], todo: list[Job]
+                        ) -> dict[tuple[str, ...], set[tuple[str, ...]]]:
+    """Each job's rows already in the table (JobSink.recorded), by its key prefix, in one pass
+    over the keys: scanning every key once per job would cost runs x rows on a large sweep."""
+    found: dict[tuple[str, ...], set[tuple[str, ...]]] = {job.prefix(): set() for job in todo}
+    lengths = {len(prefix) for prefix in found}
+    for key in keys:
+        for n in lengths:
+            if (bucket := found.get(key[:n])) is not None:
+                bucket.add(key)
+    return found
 
 
 def _error_text(error: BaseException) -> str:
@@ -354,7 +374,9 @@ def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out:
         pass  # the parent reports the interruption, or has gone
 
 
-def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWriter, out: Path,
+def _run_in_workers(plan: Plan, todo: list[Job], workers: int,
+                    recorded: dict[tuple[str, ...], set[tuple[str, ...]]],
+                    write: Callable[[list[dict[str, Any]]], None], out: Path,
                     record: Callable[[Job, Any], None], progress: Any) -> None:
     """Hand `todo` to `workers` spawned processes, one job at a time each, over a pipe of its
     own; write their rows here, one batch at a time. Nothing is shared between workers, so a
@@ -372,7 +394,7 @@ def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWri
             conn.close()
             return
         index = pending.popleft()
-        conn.send((todo[index], _recorded(writer, todo[index])))
+        conn.send((todo[index], recorded[todo[index].prefix()]))
         busy[conn] = (process, index)
         progress.set_postfix_str(todo[index].describe(), refresh=False)
 
@@ -409,7 +431,7 @@ def _run_in_workers(plan: Plan, todo: list[Job], workers: int, writer: ResultWri
                     continue
                 kind = message[0]
                 if kind == "rows":
-                    writer.write(message[1])
+                    write(message[1])
                 elif kind == "progress":
                     progress.update(message[1])
                 elif kind == "done":

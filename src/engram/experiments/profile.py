@@ -26,7 +26,6 @@ others go on.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, ch
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
-from engram.registry import DATASETS, MEASURES, STREAMS
+from engram.registry import MEASURES, STREAMS
 from engram.results import ResultWriter
 from engram.importance.measures import Trajectory
 from engram.methods.base import Batch, Context, Method
@@ -154,9 +153,8 @@ def derived_generator(*parts: Any) -> torch.Generator:
 
 @dataclass
 class ProfileReport(Report):
-    """The harness's report (jobs: one per seed) and the rows this call measured and found
-    already there."""
-    rows_written: int = 0
+    """The harness's report (jobs: one per seed, rows_written: the curve points measured now)
+    and the rows of this grid that were already there."""
     rows_skipped: int = 0
 
 
@@ -225,41 +223,24 @@ def run_profile(cfg: ProfileConfig, out: str | Path, *, workers: int = 1,
                 show_progress: bool = True, raise_failures: bool = True) -> ProfileReport:
     """Run (or resume) the whole grid of `cfg` into `out/results.csv` on the harness (one job
     per seed; `workers` > 1 runs seeds in parallel processes). The folder must hold this
-    profile, or one this extends by seeds or grid values (GROWABLE). rows_written: this
-    grid's rows in the table after the call less those before (workers send rows, not
-    counts); rows_skipped: those before."""
-    from engram.experiments.outdir import OutputFolder
-    from engram.results import read_rows, row_key
-
+    profile, or one this extends by seeds or grid values (GROWABLE). rows_written: the rows
+    this call measured; rows_skipped: this grid's rows that were already there."""
     plan = profile_plan(cfg)
-    wanted = set().union(*(_seed_keys(cfg, job.run_id, job.seed) for job in plan.jobs))
-    with OutputFolder(out, plan.command) as folder:  # held until the rows are counted
-        report = run_plan(plan, folder.path, workers=workers, show_progress=show_progress,
-                          raise_failures=raise_failures)
-        after = {row_key(row, PROFILE_KEY)
-                 for row in read_rows(folder.path / "results.csv", PROFILE_COLUMNS, PROFILE_KEY)}
-    before = plan.finished.present
-    return ProfileReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)},
-                         rows_written=len(after & wanted) - len(before),
-                         rows_skipped=len(before))
-
-
-@functools.lru_cache(maxsize=2)
-def _source(name: str, path: str | None) -> Any:
-    """The dataset, loaded once per process (a worker runs several seeds)."""
-    return DATASETS.get(name)(path)
+    report = run_plan(plan, out, workers=workers, show_progress=show_progress,
+                      raise_failures=raise_failures)
+    return ProfileReport.extending(report, rows_skipped=len(plan.finished.present))
 
 
 def execute_profile(job: Job, sink: JobSink) -> None:
     """The harness's `execute` for the profile: one seed's stream, training and profiles."""
-    from engram.data import build_stream
+    from engram.data import build_stream, load_source
 
     cfg: ProfileConfig = job.payload
     device = resolve_device(cfg.device)
     stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
                               classes_per_task=cfg.task.classes_per_task,
                               rotation_step=cfg.task.rotation_step)
-    stream = build_stream(_source(cfg.data.source, cfg.data.path), cfg.data, stream_cfg,
+    stream = build_stream(load_source(cfg.data.source, cfg.data.path), cfg.data, stream_cfg,
                           job.seed, device)
     _profile_seed(cfg, job.run_id, job.seed, stream.tasks[cfg.task.task - 1], stream, device,
                   sink)

@@ -530,8 +530,8 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
     report = run_plan(window_plan(experiment), out, workers=workers,
                       show_progress=show_progress, raise_failures=raise_failures)
     failed = {failure["run_id"] for failure in report.failures}
-    return WindowReport(**{f.name: getattr(report, f.name) for f in dataclasses.fields(report)},
-                        records=load_records(experiment, report.folder, skip=failed))
+    return WindowReport.extending(report, records=load_records(experiment, report.folder,
+                                                               skip=failed))
 
 
 def load_records(experiment: WindowExperiment, out: str | Path,
