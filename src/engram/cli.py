@@ -139,12 +139,28 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
-    """--workers and -q: every experiment command runs its jobs on the one harness."""
+    """--workers, --backend, --address and -q: every experiment command runs its jobs on the
+    one harness (engram.experiments.harness); `_run_options` reads them back."""
     parser.add_argument("--workers", type=at_least_one, default=1, metavar="N",
-                        help="jobs in parallel local processes (default: 1); each uses the "
-                             "config's `threads` torch threads, so N x threads should not "
-                             "exceed your cores; only this process writes the results")
+                        help="jobs at once (default: 1): parallel local processes, or Ray "
+                             "tasks in flight; each uses the config's `threads` torch "
+                             "threads, so N x threads should not exceed your cores; only "
+                             "this process writes the results")
+    parser.add_argument("--backend", choices=["local", "ray"], default="local",
+                        help="where jobs run: local processes (default) or Ray tasks (a "
+                             "local Ray instance, or the cluster at --address; needs "
+                             "pip install -e \".[ray]\")")
+    parser.add_argument("--address", default=None, metavar="HOST:PORT",
+                        help="join this running Ray cluster (with --backend ray), e.g. "
+                             "auto or ray://head:10001; default: start a local Ray instance")
     _add_quiet(parser)
+
+
+def _run_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The harness's keyword arguments from an experiment command's flags (`_add_workers`);
+    failures are listed by the CLI (`_report_failures`), not raised."""
+    return {"workers": args.workers, "show_progress": not args.quiet, "raise_failures": False,
+            "backend": args.backend, "address": args.address}
 
 
 def _add_experiment_args(parser: argparse.ArgumentParser, kind: str, config_help: str,
@@ -377,8 +393,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from engram.experiments.continual import run_experiment
 
     with _holding(out, "run"):  # the summary and plots too are written under the lock
-        report = run_experiment(cfg, out, workers=args.workers, show_progress=not args.quiet,
-                                raise_failures=False)
+        report = run_experiment(cfg, out, **_run_options(args))
         _finish(out, cfg.plots)
     return _report_failures(report)
 
@@ -405,8 +420,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
           f"{cfg.stream.n_tasks} class-incremental tasks -> {out}/")
     with _holding(out, "run"):
-        report = run_experiment(cfg, out, workers=args.workers, show_progress=not args.quiet,
-                                raise_failures=False)
+        report = run_experiment(cfg, out, **_run_options(args))
         _finish(out, cfg.plots)
     if _report_failures(report):
         return 1
@@ -432,8 +446,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
         return 0
     with _holding(out, "sweep"):  # the summary and plots under the lock too
-        report = run_sweep(args.sweep_file, out, overrides=args.overrides, workers=args.workers,
-                           show_progress=not args.quiet)
+        report = run_sweep(args.sweep_file, out, overrides=args.overrides,
+                           **_run_options(args))
         print(f"sweep: {report.total} runs: {report.skipped} were already done, "
               f"{report.completed} finished now, {len(report.failures)} failed")
         _print_scenario_table(out, png=True)
@@ -495,8 +509,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise SystemExit("engram profile: give a profile config, e.g. configs/profile/digits.yaml")
     cfg = load_profile_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    report = run_profile(cfg, out, workers=args.workers, show_progress=not args.quiet,
-                         raise_failures=False)
+    report = run_profile(cfg, out, **_run_options(args))
     print(f"{report.rows_written} rows measured, {report.rows_skipped} already there, "
           f"in {report.seconds:.1f} s")
     print(f"results: {out / 'results.csv'}\nnext: engram profile-report {out}")
@@ -520,8 +533,7 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
     cfg = load_plasticity_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
     with _holding(out, "plasticity"):  # the summary and plots under the lock too
-        report = run_plasticity(cfg, out, workers=args.workers, show_progress=not args.quiet,
-                                raise_failures=False)
+        report = run_plasticity(cfg, out, **_run_options(args))
         print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
         rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
@@ -555,8 +567,7 @@ def cmd_window(args: argparse.Namespace) -> int:
         animation_writer(experiment.animation, experiment.fps)  # no ffmpeg: say so now
     out = Path(args.out or Path("runs") / experiment.name)
     with _holding(out, "window"):  # the summary and plots under the lock too
-        report = run_window_experiment(experiment, out, workers=args.workers,
-                                       show_progress=not args.quiet, raise_failures=False)
+        report = run_window_experiment(experiment, out, **_run_options(args))
         print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
         if report.records:  # the finished runs, also when others failed

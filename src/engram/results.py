@@ -102,16 +102,16 @@ class ResultWriter:
             self._file.flush()
 
     @_naming_the_file
-    def write(self, rows: Iterable[dict[str, Any]]) -> int:
-        """Append the rows not already present; flush; return how many were written."""
-        written = 0
+    def write(self, rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Append the rows not already present; flush; return the rows written."""
+        written = []
         for row in rows:
             key = row_key(row, self.key)
             if key in self.keys:
                 continue
             self.keys.add(key)
             self._writer.writerow(row)
-            written += 1
+            written.append(row)
         self._file.flush()
         return written
 

@@ -273,10 +273,9 @@ def run_plan_of(cfg: RunConfig) -> Plan:
                 threads=cfg.threads, unit="epoch")
 
 
-def run_experiment(cfg: RunConfig, out: str | Path, *, workers: int = 1,
-                   show_progress: bool = True, raise_failures: bool = True) -> Report:
+def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Report:
     """Run (or resume) every method x seed of `cfg` into `out/results.csv`, on the harness:
     the folder is locked, finished runs are skipped, an interrupted one resumes from its
-    last checkpoint (engram.experiments.harness)."""
-    return run_plan(run_plan_of(cfg), out, workers=workers, show_progress=show_progress,
-                    raise_failures=raise_failures)
+    last checkpoint. run_options: run_plan's (workers, backend, address, trackers,
+    show_progress, raise_failures; engram.experiments.harness)."""
+    return run_plan(run_plan_of(cfg), out, **run_options)

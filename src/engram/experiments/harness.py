@@ -22,12 +22,18 @@ for every experiment:
 - failure isolation: a job that fails (a diverging run, a bug) is recorded in
   `failures.jsonl` with its point and seed, and the others go on;
 - progress: a tqdm bar on a terminal; in a log (stderr not a terminal: SLURM, CI, a pipe)
-  one line per finished job instead.
+  one line per finished job instead;
+- backends: `backend="local"` (the default) runs jobs here or in the local worker pool;
+  `backend="ray"` hands them to Ray tasks (a local Ray instance, or the cluster at
+  `address`); either way only this process writes the table;
+- trackers (engram.reports.tracking: TensorBoard, MLflow) are told of the plan, of every
+  batch of rows as it is written and of every finished job, in this process.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import json
 import multiprocessing
@@ -39,7 +45,7 @@ import traceback
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Protocol, Sequence
 
 import torch
 
@@ -159,6 +165,23 @@ class Report:
         return self.folder / "results.csv"
 
 
+class Tracker(Protocol):
+    """Something that watches a plan run, in the process that writes the table (an
+    experiment tracker: engram.reports.tracking). `rows` gets each job's rows as they are
+    written (not the duplicates a resumed job re-measures); `finished` each job's outcome
+    (None, or the error's text); `close` the report, after the last job."""
+    def start(self, plan: Plan, folder: Path) -> None: ...
+
+    def rows(self, job: Job, rows: list[dict[str, Any]]) -> None: ...
+
+    def finished(self, job: Job, error: str | None) -> None: ...
+
+    def close(self, report: "Report") -> None: ...
+
+
+BACKENDS = ("local", "ray")
+
+
 class JobsFailed(EngramError):
     """Some jobs failed; the others' rows were kept. The first failure's error is the cause."""
 
@@ -180,22 +203,34 @@ def keep_config(out: Path, dump: dict[str, Any], name: str = "config.yaml") -> N
 
 
 def run_plan(plan: Plan, out: str | Path, *, workers: int = 1, show_progress: bool = True,
-             raise_failures: bool = True) -> Report:
+             raise_failures: bool = True, backend: str = "local", address: str | None = None,
+             trackers: Sequence[Tracker] = ()) -> Report:
     """Run (or resume) every job of `plan` into `out`; see the module docstring.
 
+    workers: jobs at once (local processes, or Ray tasks in flight); backend: "local" or
+    "ray"; address: the Ray cluster to join (default: start a local Ray instance);
+    trackers: told of rows and jobs as they finish (engram.reports.tracking).
     With raise_failures (the library default) a failed job's exception is raised at the end,
     after every other job ran (its note says how many failed); otherwise the failures are in
     the report and `failures.jsonl`, for the CLI to list."""
     if workers < 1:
         raise ConfigError(f"--workers must be at least 1, got {workers}")
+    if backend not in BACKENDS:
+        raise ConfigError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if address is not None and backend != "ray":
+        raise ConfigError("--address names a Ray cluster: it needs --backend ray")
     with OutputFolder(out, plan.command) as folder:
         folder.claim(plan.identity, plan.growable, plan.device)
-        return _run_plan_in(plan, folder.path, workers, show_progress, raise_failures)
+        return _run_plan_in(plan, folder.path, workers, show_progress, raise_failures,
+                            backend, address, trackers)
 
 
 def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
-                 raise_failures: bool) -> Report:
+                 raise_failures: bool, backend: str, address: str | None,
+                 trackers: Sequence[Tracker]) -> Report:
     started = time.perf_counter()
+    for tracker in trackers:
+        tracker.start(plan, out)
     keep_config(out, plan.config, plan.config_name)
     set_threads(plan.threads)
     failures_file = out / "failures.jsonl"
@@ -215,13 +250,16 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
 
             def record(job: Job, error: BaseException | str | None) -> None:
                 finished_now[0] += 1
+                text = None if error is None else (
+                    error if isinstance(error, str) else _error_text(error))
+                for tracker in trackers:
+                    tracker.finished(job, text)
                 if log_lines:  # no bar in a log (SLURM, CI): a line per finished job instead
                     outcome = "done" if error is None else "FAILED (see failures.jsonl)"
                     print(f"engram {plan.command}: [{finished_now[0]}/{len(todo)}] "
                           f"{job.describe()} {outcome}", file=sys.stderr, flush=True)
                 if error is None:
                     return
-                text = error if isinstance(error, str) else _error_text(error)
                 failure = {"run_id": job.run_id, "point": job.point, "label": job.label,
                            "seed": job.seed, "error": text}
                 failures.append(failure)
@@ -232,14 +270,22 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
             rows_written = [0]
             recorded = _recorded_by_prefix(writer.keys, todo)  # before any job adds rows
 
-            def write(rows: list[dict[str, Any]]) -> None:  # the one place rows are written
-                rows_written[0] += writer.write(rows)
+            def write(job: Job, rows: list[dict[str, Any]]) -> None:  # the one place rows are written
+                written = writer.write(rows)
+                rows_written[0] += len(written)
+                for tracker in trackers:
+                    tracker.rows(job, written)
 
-            if workers == 1 or len(todo) <= 1:
+            if backend == "ray":
+                from engram.experiments.ray_backend import run_in_ray
+
+                run_in_ray(plan, todo, workers, address, recorded, write, out, record, progress)
+            elif workers == 1 or len(todo) <= 1:
                 for job in todo:
                     progress.set_postfix_str(job.describe(), refresh=False)
-                    sink = JobSink(write, progress.update, recorded[job.prefix()], out)
-                    record(job, _execute_here(plan.execute, job, sink))
+                    sink = JobSink(functools.partial(write, job), progress.update,
+                                   recorded[job.prefix()], out)
+                    record(job, execute_job(plan.execute, job, sink))
             else:
                 _run_in_workers(plan, todo, workers, recorded, write, out, record, progress)
     finally:
@@ -249,6 +295,8 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
         checkpoints.rmdir()
     report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
                     failures, time.perf_counter() - started, out, rows_written[0])
+    for tracker in trackers:
+        tracker.close(report)
     # in the plan's order, whichever worker finished first: the same report on every rerun
     order = {job.run_id: i for i, job in enumerate(plan.jobs)}
     ranked = sorted(range(len(failures)), key=lambda i: order[failures[i]["run_id"]])
@@ -294,9 +342,10 @@ def _error_text(error: BaseException) -> str:
     return "".join(traceback.format_exception(error)).rstrip()
 
 
-def _execute_here(execute: Callable[[Job, JobSink], None], job: Job,
-                  sink: JobSink) -> BaseException | None:
-    """Run one job; its exception (not KeyboardInterrupt) is returned, not raised."""
+def execute_job(execute: Callable[[Job, JobSink], None], job: Job,
+                sink: JobSink) -> BaseException | None:
+    """Run one job (here, in a worker process or a Ray task); its exception (not
+    KeyboardInterrupt) is returned, not raised."""
     try:
         execute(job, sink)
         return None
@@ -340,8 +389,9 @@ def exit_with_parent(parent: int, every: float = 0.5) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _portable(error: BaseException) -> BaseException | str:
-    """The exception itself if it survives pickling (engram's errors do), else its text."""
+def portable_error(error: BaseException) -> BaseException | str:
+    """The exception itself if it survives pickling (engram's errors do), else its text: what
+    a worker process or a Ray task sends back."""
     import pickle
 
     try:
@@ -368,15 +418,15 @@ def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out:
     try:
         while (item := conn.recv()) is not None:
             job, recorded = item
-            error = _execute_here(execute, job, JobSink(emit, report, recorded, out))
-            conn.send(("done", None if error is None else _portable(error)))
+            error = execute_job(execute, job, JobSink(emit, report, recorded, out))
+            conn.send(("done", None if error is None else portable_error(error)))
     except (KeyboardInterrupt, EOFError):
         pass  # the parent reports the interruption, or has gone
 
 
 def _run_in_workers(plan: Plan, todo: list[Job], workers: int,
                     recorded: dict[tuple[str, ...], set[tuple[str, ...]]],
-                    write: Callable[[list[dict[str, Any]]], None], out: Path,
+                    write: Callable[[Job, list[dict[str, Any]]], None], out: Path,
                     record: Callable[[Job, Any], None], progress: Any) -> None:
     """Hand `todo` to `workers` spawned processes, one job at a time each, over a pipe of its
     own; write their rows here, one batch at a time. Nothing is shared between workers, so a
@@ -431,7 +481,7 @@ def _run_in_workers(plan: Plan, todo: list[Job], workers: int,
                     continue
                 kind = message[0]
                 if kind == "rows":
-                    write(message[1])
+                    write(todo[index], message[1])
                 elif kind == "progress":
                     progress.update(message[1])
                 elif kind == "done":

@@ -162,16 +162,16 @@ def plasticity_plan(cfg: PlasticityConfig) -> Plan:
                 device=str(device), threads=cfg.threads, unit="task")
 
 
-def run_plasticity(cfg: PlasticityConfig, out: str | Path, *, workers: int = 1,
-                   show_progress: bool = True, raise_failures: bool = True) -> Report:
+def run_plasticity(cfg: PlasticityConfig, out: str | Path, **run_options: Any) -> Report:
     """Run every method x seed of `cfg` into `out/results.csv` on the harness
     (engram.experiments.harness): the folder is locked and must hold this experiment or one
     this extends by seeds; finished runs are skipped; an unfinished one is rerun (its rows are
     re-measured identically and not duplicated); each task's rows are written as measured,
-    with workers > 1 too. A method that cannot act on the problem is refused first."""
+    with workers > 1 too. A method that cannot act on the problem is refused first.
+    run_options: run_plan's (workers, backend, address, trackers, show_progress,
+    raise_failures)."""
     check_methods_usable(cfg)  # before any run starts or the folder is made
-    return run_plan(plasticity_plan(cfg), out, workers=workers, show_progress=show_progress,
-                    raise_failures=raise_failures)
+    return run_plan(plasticity_plan(cfg), out, **run_options)
 
 
 def execute_plasticity_run(job: Job, sink: JobSink) -> None:

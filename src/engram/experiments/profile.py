@@ -219,15 +219,15 @@ def profile_plan(cfg: ProfileConfig) -> Plan:
                 unit="point", finished=_SeedFinished(cfg))
 
 
-def run_profile(cfg: ProfileConfig, out: str | Path, *, workers: int = 1,
-                show_progress: bool = True, raise_failures: bool = True) -> ProfileReport:
+def run_profile(cfg: ProfileConfig, out: str | Path, **run_options: Any) -> ProfileReport:
     """Run (or resume) the whole grid of `cfg` into `out/results.csv` on the harness (one job
     per seed; `workers` > 1 runs seeds in parallel processes). The folder must hold this
     profile, or one this extends by seeds or grid values (GROWABLE). rows_written: the rows
-    this call measured; rows_skipped: this grid's rows that were already there."""
+    this call measured; rows_skipped: this grid's rows that were already there.
+    run_options: run_plan's (workers, backend, address, trackers, show_progress,
+    raise_failures)."""
     plan = profile_plan(cfg)
-    report = run_plan(plan, out, workers=workers, show_progress=show_progress,
-                      raise_failures=raise_failures)
+    report = run_plan(plan, out, **run_options)
     return ProfileReport.extending(report, rows_skipped=len(plan.finished.present))
 
 

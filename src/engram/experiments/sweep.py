@@ -149,12 +149,13 @@ def load_sweep(path: str | Path, overrides: list[str] = ()) -> tuple[dict, list[
 
 # ----------------------------------------------------------------------------- the sweep
 
-def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (), workers: int = 1,
-              show_progress: bool = True, raise_failures: bool = False) -> Report:
+def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (),
+              raise_failures: bool = False, **run_options: Any) -> Report:
     """Run (or resume) every run of the sweep file `path` into `out/results.csv`, on the
     harness. The folder must hold this sweep (or one it extends: more seeds, alternatives or
     methods); the sweep as run is kept as sweep.yaml (an earlier, different one as
-    sweep.N.yaml). Failures are reported, not raised, unless raise_failures."""
+    sweep.N.yaml). Failures are reported, not raised, unless raise_failures. run_options:
+    run_plan's (workers, backend, address, trackers, show_progress)."""
     raw, jobs = load_sweep(path, overrides)
     identity, extensible = sweep_identity(raw, str(path))
     first = jobs[0].payload.cfg if jobs else RunConfig()
@@ -162,8 +163,7 @@ def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (), w
                 columns=COLUMNS, key=KEY, jobs=jobs, execute=execute_run,
                 device=str(resolve_device(first.device)), threads=first.threads, unit="epoch",
                 config_name="sweep.yaml")
-    return run_plan(plan, out, workers=workers, show_progress=show_progress,
-                    raise_failures=raise_failures)
+    return run_plan(plan, out, raise_failures=raise_failures, **run_options)
 
 
 def sweep_identity(raw: dict, source: str = "sweep") -> tuple[dict[str, Any], list[str]]:

@@ -43,7 +43,7 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Collection, Literal
+from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
 
 import numpy as np
 import torch
@@ -512,23 +512,22 @@ class WindowReport(Report):
     records: dict[str, list[WindowRecord]] = field(default_factory=dict)
 
 
-def run_window_experiment(experiment: WindowExperiment, out: str | Path, *,
-                          workers: int = 1, show_progress: bool = True,
-                          raise_failures: bool = True) -> WindowReport:
+def run_window_experiment(experiment: WindowExperiment, out: str | Path,
+                          **run_options: Any) -> WindowReport:
     """Run every variant x seed into `out` on the harness (engram.experiments.harness):
     `runs/<variant>-seed<seed>-<run id>.npz` and the tidy rows of `results.csv`, written
     when each run finishes (its NPZ first, its `run_complete` row last). A rerun skips
     finished runs and redoes unfinished ones, whose rows are measured identically and not
     duplicated. A method that cannot act on the window is refused before any run.
 
-    With raise_failures=False a failed run (a diverging variant) is in the report's
-    failures and missing from its records."""
+    run_options: run_plan's (workers, backend, address, trackers, show_progress,
+    raise_failures). With raise_failures=False a failed run (a diverging variant) is in the
+    report's failures and missing from its records."""
     from engram.methods.base import refuse_unusable
 
     for variant in experiment.variants:  # a method that cannot act: refused before any run
         refuse_unusable(variant.method, window_problem(variant.config))
-    report = run_plan(window_plan(experiment), out, workers=workers,
-                      show_progress=show_progress, raise_failures=raise_failures)
+    report = run_plan(window_plan(experiment), out, **run_options)
     failed = {failure["run_id"] for failure in report.failures}
     return WindowReport.extending(report, records=load_records(experiment, report.folder,
                                                                skip=failed))
