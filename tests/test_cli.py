@@ -18,7 +18,7 @@ from engram.results import read_rows
 from tests.conftest import tiny_config
 
 SUBCOMMANDS = ["demo", "run", "sweep", "table", "plot", "summary", "list", "profile", "profile-report", "plasticity",
-               "window"]
+               "window", "export"]
 
 
 def test_every_subcommand_has_help(capsys):

@@ -23,6 +23,9 @@ Start here:
                                    parallel (--workers N); see `engram sweep -h`
   engram table runs/X              methods x scenarios table (+ PNG) of a run or sweep folder
   engram plot runs/demo            redraw the plots of a run folder from its results.csv
+  engram export runs/demo --parquet
+                                   typed runs/demo/results.parquet for pandas (or
+                                   engram.load_results("runs/demo") in Python)
   engram profile configs/profile/digits.yaml
                                    which importance measure knows which weights matter:
                                    replace the least important weights, watch the loss
@@ -293,15 +296,43 @@ def build_parser() -> argparse.ArgumentParser:
         "plot", help="redraw a run folder's plots from its results.csv",
         description="Read RUN_DIR/results.csv and (re)write RUN_DIR/plots/*.png: the accuracy "
                     "matrix of each method, each task's accuracy over training, and the method "
-                    "comparison with standard-error bars over seeds. Needs only the CSV.")
+                    "comparison with standard-error bars over seeds. Needs only the CSV. More "
+                    "folders join the same plots, as in `engram table` (methods of other "
+                    "experiments read 'experiment / method'); the plots still go to "
+                    "RUN_DIR/plots/, or to --out.")
     plot.add_argument("run_dir", help="a folder holding results.csv")
+    plot.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
+                      help="further folders whose runs join the plots")
+    plot.add_argument("--out", metavar="FOLDER",
+                      help="write the PNG files into FOLDER (default: RUN_DIR/plots)")
 
     table = commands.add_parser(
         "summary", help="print the comparison table of a run folder",
         description="Read RUN_DIR/results.csv and print average accuracy, forgetting, backward "
-                    "and forward transfer per method: mean ± standard error over seeds.")
+                    "and forward transfer per method: mean ± standard error over seeds. More "
+                    "folders join the same table, as in `engram table` (rows of other "
+                    "experiments read 'experiment / method').")
     table.add_argument("run_dir", help="a folder holding results.csv")
+    table.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
+                       help="further folders whose runs join the table")
     table.add_argument("--ci", action="store_true", help=ci_help)
+
+    export = commands.add_parser(
+        "export", help="write a folder's results as a typed Parquet file (pandas, pyarrow)",
+        description="Write RUN_DIR/results.csv as RUN_DIR/results.parquet with its column "
+                    "types (integers, floats, strings), for pandas, polars, DuckDB or R; "
+                    "`engram.load_results(RUN_DIR)` reads either. Works for every table engram "
+                    "writes (run, demo, sweep, profile, plasticity, window). Each further "
+                    "folder gets its own results.parquet; with --out, all the folders' rows "
+                    "(tables of one kind) go into that one file. Needs the `results` extra: "
+                    "pip install -e \".[results]\".")
+    export.add_argument("run_dir", help="a folder holding results.csv (or a results.csv)")
+    export.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
+                        help="further folders to export")
+    export.add_argument("--parquet", action="store_true", required=True,
+                        help="the format: Apache Parquet (the only one so far)")
+    export.add_argument("--out", metavar="PATH",
+                        help="one file for all the rows (default: FOLDER/results.parquet each)")
 
     listing = commands.add_parser(
         "list", help="list registered datasets, streams, models and methods",
@@ -457,18 +488,10 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def _print_scenario_table(run_dir: Path, png: bool, markdown: bool = False,
                           split: str | None = None, more_dirs: list[str] = (),
                           ci: bool = False) -> None:
-    from engram.errors import DataError
-    from engram.results import read_rows
+    from engram.results import read_folders
     from engram.reports.tables import format_scenario_table, scenario_table
 
-    rows = []
-    for folder in [run_dir, *more_dirs]:
-        path = Path(folder) / "results.csv"
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
-                            "or `engram sweep`")
-        rows += read_rows(path)
-    table = scenario_table(rows, split)
+    table = scenario_table(read_folders([run_dir, *more_dirs]), split)
     print(format_scenario_table(table, markdown=markdown, ci=ci))
     if png and table:
         from engram.reports.figures import write_table_png
@@ -483,19 +506,23 @@ def cmd_table(args: argparse.Namespace) -> None:
 def cmd_plot(args: argparse.Namespace) -> None:
     from engram.reports.figures import write_plots
 
-    for path in write_plots(args.run_dir):
+    for path in write_plots(args.run_dir, args.more_dirs, out=args.out):
         print(path)
 
 
 def cmd_summary(args: argparse.Namespace) -> None:
-    from engram.errors import DataError
-    from engram.results import read_rows
+    from engram.results import read_folders
     from engram.reports.tables import format_table, summary_table
 
-    path = Path(args.run_dir) / "results.csv"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
-    print(format_table(summary_table(read_rows(path)), ci=args.ci))
+    rows = read_folders([args.run_dir, *args.more_dirs])
+    print(format_table(summary_table(rows), ci=args.ci))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from engram.frames import export_parquet
+
+    for path in export_parquet([args.run_dir, *args.more_dirs], args.out):
+        print(path)
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
@@ -606,7 +633,7 @@ def _os_problem(err: OSError) -> str:
 
 
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
-            "plot": cmd_plot, "summary": cmd_summary, "list": cmd_list,
+            "plot": cmd_plot, "summary": cmd_summary, "export": cmd_export, "list": cmd_list,
             "profile": cmd_profile, "profile-report": cmd_profile_report,
             "plasticity": cmd_plasticity, "window": cmd_window}
 

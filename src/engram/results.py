@@ -24,6 +24,11 @@ Columns (`COLUMNS`):
                   extra_bytes (bytes the method keeps beyond the live model after the task:
                   anchors, importances, buffers, stored gradients), run_complete
     value         the number
+
+The profile, plasticity and window experiments write tables of their own (`TABLES`, each
+with its columns and key); `read_table` reads any of them, telling which by the header.
+`accuracy_matrices` builds each continual run's accuracy matrix from the rows: the one
+builder behind the summary tables, the plots and engram.frames.
 """
 
 from __future__ import annotations
@@ -31,13 +36,59 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import math
 import os
+from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
+
+if TYPE_CHECKING:  # numpy is imported where the matrices are built
+    import numpy as np
 
 COLUMNS = ["run_id", "name", "seed", "method", "label", "params", "dataset", "stream", "scenario",
            "task_trained", "epoch", "step", "task_eval", "split", "metric", "value"]
 KEY = ("run_id", "task_trained", "epoch", "task_eval", "split", "metric")
+# The tables of the other experiments (engram.experiments.profile, plasticity, window), here so
+# that a reader (engram.frames) knows every table engram writes without importing them.
+PROFILE_COLUMNS = ["profile_id", "name", "seed", "epoch", "measure", "aggregation", "reducer",
+                   "scope", "direction", "threshold", "fraction_replaced", "train_loss",
+                   "val_loss", "val_accuracy", "n_classes"]
+PROFILE_KEY = ("profile_id", "seed", "epoch", "measure", "aggregation", "reducer", "scope",
+               "direction", "threshold")
+PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
+                      "metric", "value"]
+PLASTICITY_KEY = ("run_id", "task", "metric")
+WINDOW_COLUMNS = ["run_id", "variant", "seed", "step", "metric", "value"]
+WINDOW_KEY = ("run_id", "step", "metric")
+
+
+@dataclass(frozen=True)
+class Table:
+    """One kind of results table: its columns in file order, the key that identifies a row,
+    and its integer columns that some rows leave empty (see NUMERIC_COLUMNS below)."""
+    kind: str
+    columns: list[str]
+    key: tuple[str, ...]
+    nullable: frozenset[str] = frozenset()
+
+
+# Every table engram writes; `engram run`, `demo` and `sweep` write the continual one.
+TABLES = {table.kind: table for table in (
+    Table("continual", COLUMNS, KEY, frozenset({"task_eval"})),
+    Table("profile", PROFILE_COLUMNS, PROFILE_KEY),
+    Table("plasticity", PLASTICITY_COLUMNS, PLASTICITY_KEY, frozenset({"task"})),
+    Table("window", WINDOW_COLUMNS, WINDOW_KEY, frozenset({"step"})),
+)}
+
+
+def table_of(header: list[str] | None) -> Table:
+    """The table whose columns are `header` (a results file's first line); the continual one
+    when none is, so that read_rows judges the header (and names it when it is no table)."""
+    for table in TABLES.values():
+        if header == table.columns:
+            return table
+    return TABLES["continual"]
 
 
 def row_key(row: dict[str, Any], key: tuple[str, ...] = KEY) -> tuple[str, ...]:
@@ -173,6 +224,105 @@ def read_rows(path: str | Path, columns: list[str] = COLUMNS,
                                 f"{'an integer' if kind is int else 'a number'}") from None
         rows.append(row)
     return rows
+
+
+def read_table(path: str | Path) -> tuple[Table, list[dict[str, str]]]:
+    """The kind of table `path` holds (by its header, :func:`table_of`) and its rows
+    (:func:`read_rows` against that table: the same DataError for a damaged file)."""
+    with open(path, "rb") as f:
+        first_line = f.readline().decode("utf-8", "replace").rstrip("\r\n")
+    table = table_of(next(csv.reader([first_line]), None) if first_line else None)
+    return table, read_rows(path, table.columns, table.key)
+
+
+def read_folders(folders: Sequence[str | Path]) -> list[dict[str, str]]:
+    """The rows of each folder's results.csv, in order, as one list: how `engram table`,
+    `summary` and `plot` join several folders (their tables then name the rows of any
+    experiment but the main one 'experiment / method', engram.reports.tables.method_names).
+    DataError naming a folder that holds no results.csv."""
+    from engram.errors import DataError
+
+    rows: list[dict[str, str]] = []
+    for folder in folders:
+        path = Path(folder) / "results.csv"
+        if not path.is_file():
+            raise DataError(f"{path} does not exist; point at a folder written by `engram run` "
+                            "or `engram sweep`")
+        rows += read_rows(path)
+    return rows
+
+
+# --------------------------------------------------------------------------- accuracy matrices
+
+
+@dataclass
+class RunMatrix:
+    """One run's accuracy matrix, plus what its training cost.
+
+    R[i][j] (0-based) is the accuracy on task j+1 at the end of training task i+1: the last
+    evaluation row with task_trained = i+1 (nan until measured). The baseline b[j] is the
+    evaluation of the same-seed model before any training (task_trained = 0).
+    ``wall_seconds`` is the sum of the run's ``train_seconds`` rows over tasks 1..T (nan
+    unless every task has one: a file written before they existed, or an unfinished run);
+    ``extra_bytes`` is the ``extra_bytes`` row of the last task that has one (nan if none).
+    """
+    label: str
+    seed: int
+    scenario: str
+    R: "np.ndarray"          # (T, T)
+    baseline: "np.ndarray"   # (T,)
+    complete: bool
+    name: str = ""
+    wall_seconds: float = math.nan
+    extra_bytes: float = math.nan
+    run_id: str = ""
+
+
+def accuracy_matrices(rows: Sequence[dict[str, Any]], split: str = "test") -> list[RunMatrix]:
+    """One RunMatrix per run id that has at least the untrained evaluation, in the order the
+    runs first appear in `rows` (continual rows: read_rows' strings, or typed values such as
+    a DataFrame's records, engram.frames.accuracy_matrices)."""
+    import numpy as np
+
+    by_run: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in rows:
+        by_run[row["run_id"]].append(row)
+    out = []
+    for run_rows in by_run.values():
+        accuracy = [r for r in run_rows if r["metric"] == "accuracy" and r["split"] == split]
+        if not accuracy:
+            continue
+        n_tasks = max(int(r["task_eval"]) for r in accuracy)
+        R = np.full((n_tasks, n_tasks), np.nan)
+        baseline = np.full(n_tasks, np.nan)
+        last_step: dict[tuple[int, int], int] = {}
+        for r in accuracy:
+            trained, evaluated, step = int(r["task_trained"]), int(r["task_eval"]) - 1, int(r["step"])
+            if trained == 0:
+                baseline[evaluated] = float(r["value"])
+            elif step >= last_step.get((trained, evaluated), -1):
+                last_step[(trained, evaluated)] = step
+                R[trained - 1, evaluated] = float(r["value"])
+        # task_trained -> value; a task's row is written once, when its training ends.
+        seconds = {int(r["task_trained"]): float(r["value"])
+                   for r in run_rows if r["metric"] == "train_seconds"}
+        memory = {int(r["task_trained"]): float(r["value"])
+                  for r in run_rows if r["metric"] == "extra_bytes"}
+        tasks = range(1, n_tasks + 1)
+        first = run_rows[0]
+        complete = any(r["metric"] == "run_complete" for r in run_rows)
+        out.append(RunMatrix(
+            first["label"], int(first["seed"]), first["scenario"], R, baseline, complete,
+            name=first["name"],
+            wall_seconds=sum(seconds[t] for t in tasks) if all(t in seconds for t in tasks)
+            else math.nan,
+            extra_bytes=memory[max(memory)] if memory else math.nan, run_id=first["run_id"]))
+    return out
+
+
+def default_split(rows: Iterable[dict[str, Any]]) -> str:
+    """`test` when the run measured it, else `val` (a run with train.eval_splits: [val])."""
+    return "test" if any(r["split"] == "test" for r in rows) else "val"
 
 
 def _decode(path: str | Path, data: bytes) -> str:

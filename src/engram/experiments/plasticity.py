@@ -53,10 +53,7 @@ from engram.errors import ConfigError
 from engram.data.problems import PROBLEMS, Problem, ProblemConfig
 from engram.experiments import harness
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_plan
-
-PLASTICITY_COLUMNS = ["run_id", "name", "seed", "method", "label", "problem", "task", "step",
-                      "metric", "value"]
-PLASTICITY_KEY = ("run_id", "task", "metric")
+from engram.results import PLASTICITY_COLUMNS, PLASTICITY_KEY  # the table's columns
 
 
 @dataclass

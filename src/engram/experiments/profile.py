@@ -39,7 +39,7 @@ from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
 from engram.registry import MEASURES, STREAMS
-from engram.results import ResultWriter
+from engram.results import PROFILE_COLUMNS, PROFILE_KEY, ResultWriter  # the table's columns
 from engram.importance.measures import Trajectory
 from engram.methods.base import Batch, Context, Method
 from torch import nn
@@ -47,12 +47,6 @@ from torch import nn
 DEFAULT_MEASURES = ["random", "magnitude", "inverse_magnitude", "fisher_exact",
                     "fisher_empirical", "mas", "si", "taylor", "snip", "weight_change"]
 DEFAULT_THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]  # 0, 0.05, ..., 1
-
-PROFILE_COLUMNS = ["profile_id", "name", "seed", "epoch", "measure", "aggregation", "reducer",
-                   "scope", "direction", "threshold", "fraction_replaced", "train_loss",
-                   "val_loss", "val_accuracy", "n_classes"]
-PROFILE_KEY = ("profile_id", "seed", "epoch", "measure", "aggregation", "reducer", "scope",
-               "direction", "threshold")
 
 
 @dataclass

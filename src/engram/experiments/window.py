@@ -54,7 +54,7 @@ from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DataError, DivergenceError
 from engram.experiments.harness import Job, JobSink, Plan, Report, run_id, run_plan
 from engram.models.residual import ACTIVATION_MODULES, ResidualNet
-from engram.results import ResultWriter
+from engram.results import WINDOW_COLUMNS, WINDOW_KEY, ResultWriter  # the table's columns
 
 if TYPE_CHECKING:
     from engram.methods.base import ProblemInfo
@@ -335,8 +335,6 @@ def points_at(points: TensorSet, start: int, cfg: WindowConfig) -> TensorSet:
 
 # ----------------------------------------------------------------------------- experiments
 
-WINDOW_COLUMNS = ["run_id", "variant", "seed", "step", "metric", "value"]
-WINDOW_KEY = ("run_id", "step", "metric")
 _NAME = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 

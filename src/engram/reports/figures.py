@@ -480,18 +480,11 @@ def _pick_split(rows: Sequence[dict[str, str]]) -> str | None:
     return min(splits) if splits else None
 
 
-def _read_results(run_dir: Path) -> tuple[Path, list[dict[str, str]]]:
-    """``run_dir/results.csv`` and its rows; DataError naming the file when it is missing."""
-    from engram.results import read_rows
-
-    path = run_dir / "results.csv"
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; point at a folder written by `engram run`")
-    return path, read_rows(path)
-
-
-def write_plots(run_dir: str | Path) -> list[Path]:
-    """Draw a run folder's figures into ``run_dir/plots/`` from its ``results.csv`` alone.
+def write_plots(run_dir: str | Path, more_dirs: Sequence[str | Path] = (),
+                out: str | Path | None = None) -> list[Path]:
+    """Draw a run folder's figures into ``run_dir/plots/`` (or `out`) from its ``results.csv``
+    alone; the rows of each folder in `more_dirs` join them, as in `engram table`
+    (engram.results.read_folders), and their figures go to the same place.
 
     Writes, for every method label (and scenario, when one label ran in several, and
     experiment name, when several experiments, e.g. a sweep's grid points, share it):
@@ -500,18 +493,21 @@ def write_plots(run_dir: str | Path) -> list[Path]:
     task over training, every run). Then ``comparison.png``: average accuracy and average
     forgetting per label, mean ± SE over complete runs (left out when none is complete).
     Uses the test split, or val when the runs evaluated no test split. Returns the paths
-    written. Raises DataError when results.csv is missing or holds no accuracy rows.
+    written. Raises DataError when a results.csv is missing or none holds accuracy rows.
     """
-    from engram.reports.tables import accuracy_matrices, count_seeds, summary_table
+    from engram.results import accuracy_matrices, read_folders
+    from engram.reports.tables import count_seeds, summary_table
 
     run_dir = Path(run_dir)
-    path, rows = _read_results(run_dir)
+    rows = read_folders([run_dir, *more_dirs])
     split = _pick_split(rows)
     if split is None:
-        raise DataError(f"{path} has no accuracy rows to plot; a run writes its first ones "
-                        "when it starts, so let `engram run` get past its start")
-    out = run_dir / "plots"
-    out.mkdir(exist_ok=True)
+        where = " and ".join(str(Path(d) / "results.csv") for d in [run_dir, *more_dirs])
+        raise DataError(f"{where} {'has' if not more_dirs else 'have'} no accuracy rows to "
+                        "plot; a run writes its first ones when it starts, so let `engram "
+                        "run` get past its start")
+    out = Path(out) if out is not None else run_dir / "plots"
+    out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
     # Groups in first-appearance order (the config's method order).
@@ -587,15 +583,14 @@ def write_table_png(run_dir: str | Path, split: str | None = None,
     test when measured, else val), error bars ±1 SE or with `ci` the 95% t-interval. Returns
     the path. Raises DataError when a results.csv is missing or there is no complete run.
     """
+    from engram.results import read_folders
     from engram.reports.tables import method_names, scenario_columns, scenario_table
 
     run_dir = Path(run_dir)
-    path, rows = _read_results(run_dir)
-    for extra in more_dirs:
-        rows = rows + _read_results(Path(extra))[1]
+    rows = read_folders([run_dir, *more_dirs])
     table = scenario_table(rows, split)
     if not table:
-        raise DataError(f"{path} has no complete runs yet; the scenario table averages "
+        raise DataError(f"{run_dir / 'results.csv'} has no complete runs yet; the scenario table averages "
                         "finished runs only, so let `engram run` finish at least one")
     out = run_dir / "plots"
     out.mkdir(exist_ok=True)

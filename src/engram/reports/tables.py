@@ -1,7 +1,8 @@
-"""From tidy rows to accuracy matrices and the comparison table.
+"""From tidy rows to the comparison tables, via each run's accuracy matrix.
 
 Derived numbers are computed from `results.csv` after the fact, never stored, so a new
-metric needs no rerun. R[i][j] (0-based) is the test accuracy on task j+1 at the end of
+metric needs no rerun. The matrices are built by engram.results.accuracy_matrices (one
+builder for these tables, the figures and engram.frames): R[i][j] (0-based) is the test accuracy on task j+1 at the end of
 training task i+1: the last evaluation row with task_trained = i+1. The baseline b[j] is the
 evaluation of the same-seed model before any training (task_trained = 0).
 
@@ -16,73 +17,16 @@ import math
 import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
-from dataclasses import dataclass
 
 import numpy as np
 
 from engram.errors import DataError
+# The matrices are built where the rows are read (engram.frames uses them too); named here
+# as well, where the tables that use them always found them.
+from engram.results import RunMatrix, accuracy_matrices, default_split  # noqa: F401
 from engram.metrics import (average_accuracy, average_forgetting, backward_transfer,
                             forward_transfer)
 from engram.stats import mean_se, t_quantile
-
-
-@dataclass
-class RunMatrix:
-    """One run's accuracy matrix, plus what its training cost.
-
-    ``wall_seconds`` is the sum of the run's ``train_seconds`` rows over tasks 1..T (nan
-    unless every task has one: a file written before they existed, or an unfinished run);
-    ``extra_bytes`` is the ``extra_bytes`` row of the last task that has one (nan if none).
-    """
-    label: str
-    seed: int
-    scenario: str
-    R: np.ndarray          # (T, T)
-    baseline: np.ndarray   # (T,)
-    complete: bool
-    name: str = ""
-    wall_seconds: float = math.nan
-    extra_bytes: float = math.nan
-    run_id: str = ""
-
-
-def accuracy_matrices(rows: list[dict[str, str]], split: str = "test") -> list[RunMatrix]:
-    """One RunMatrix per run id that has at least the untrained evaluation, in the order the
-    runs first appear in `rows`."""
-    by_run: dict[str, list[dict[str, str]]] = defaultdict(list)
-    for row in rows:
-        by_run[row["run_id"]].append(row)
-    out = []
-    for run_rows in by_run.values():
-        accuracy = [r for r in run_rows if r["metric"] == "accuracy" and r["split"] == split]
-        if not accuracy:
-            continue
-        n_tasks = max(int(r["task_eval"]) for r in accuracy)
-        R = np.full((n_tasks, n_tasks), np.nan)
-        baseline = np.full(n_tasks, np.nan)
-        last_step: dict[tuple[int, int], int] = {}
-        for r in accuracy:
-            trained, evaluated, step = int(r["task_trained"]), int(r["task_eval"]) - 1, int(r["step"])
-            if trained == 0:
-                baseline[evaluated] = float(r["value"])
-            elif step >= last_step.get((trained, evaluated), -1):
-                last_step[(trained, evaluated)] = step
-                R[trained - 1, evaluated] = float(r["value"])
-        # task_trained -> value; a task's row is written once, when its training ends.
-        seconds = {int(r["task_trained"]): float(r["value"])
-                   for r in run_rows if r["metric"] == "train_seconds"}
-        memory = {int(r["task_trained"]): float(r["value"])
-                  for r in run_rows if r["metric"] == "extra_bytes"}
-        tasks = range(1, n_tasks + 1)
-        first = run_rows[0]
-        complete = any(r["metric"] == "run_complete" for r in run_rows)
-        out.append(RunMatrix(
-            first["label"], int(first["seed"]), first["scenario"], R, baseline, complete,
-            name=first["name"],
-            wall_seconds=sum(seconds[t] for t in tasks) if all(t in seconds for t in tasks)
-            else math.nan,
-            extra_bytes=memory[max(memory)] if memory else math.nan, run_id=first["run_id"]))
-    return out
 
 
 SUMMARY_METRICS = {
@@ -112,11 +56,6 @@ def count_seeds(runs: Iterable[tuple[str, int | str]], what: str) -> int:
                 "different configs under one label (e.g. two learning rates); a summary pools "
                 "one config's seeds, so write each config to its own folder")
     return len(by_seed)
-
-
-def default_split(rows: list[dict[str, str]]) -> str:
-    """`test` when the run measured it, else `val` (a run with train.eval_splits: [val])."""
-    return "test" if any(r["split"] == "test" for r in rows) else "val"
 
 
 def _group_seeds(runs: list[RunMatrix], name: str, label: str, scenario: str) -> int:
