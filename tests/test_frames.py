@@ -112,6 +112,47 @@ def test_every_table_loads_with_its_types_and_read_rows_values(folders, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_the_fast_reader_takes_clean_files_and_gives_the_careful_readers_frame(folders, kind,
+                                                                              tmp_path):
+    from engram.frames import cells_read_fast, frame_of_cells
+
+    table, path = TABLES[kind], folders[kind] / "results.csv"
+    cells = cells_read_fast(path, table)
+    assert cells is not None  # a clean file does not fall back: the fast path is tested here
+    rows = read_rows(path, table.columns, table.key)
+    careful = frame_of_cells({c: np.array([r[c] for r in rows], dtype=object)
+                              for c in table.columns}, table)
+    pd.testing.assert_frame_equal(frame_of_cells(cells, table), careful)
+    # a torn last line (a killed writer) is cut by both readers alike
+    torn = tmp_path / "results.csv"
+    torn.write_bytes(path.read_bytes() + b"deadbeef,0,1")
+    assert cells_read_fast(torn, table) is not None
+    pd.testing.assert_frame_equal(engram.load_results(torn), careful)
+
+
+@pytest.mark.parametrize("damage", ["short row", "not a number", "empty seed", "bad utf-8"])
+def test_the_fast_reader_leaves_every_damaged_file_to_read_rows(folders, tmp_path, damage):
+    from engram.frames import cells_read_fast
+
+    lines = (folders["continual"] / "results.csv").read_bytes().splitlines(keepends=True)
+    fields = lines[2].split(b",")
+    seed = TABLES["continual"].columns.index("seed")
+    if damage == "short row":
+        fields = fields[:-1]
+        fields[-1] += b"\n"
+    else:
+        fields[seed] = {"not a number": b"zero", "empty seed": b"",
+                        "bad utf-8": b"\xff"}[damage]
+    (tmp_path / "results.csv").write_bytes(b"".join(lines[:2] + [b",".join(fields)] + lines[3:]))
+    assert cells_read_fast(tmp_path / "results.csv", TABLES["continual"]) is None
+    with pytest.raises(DataError) as from_rows:
+        read_rows(tmp_path / "results.csv")
+    with pytest.raises(DataError) as from_frames:
+        engram.load_results(tmp_path)
+    assert str(from_frames.value) == str(from_rows.value)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_parquet_export_gives_the_same_frame(folders, kind, tmp_path):
     out = tmp_path / "copy.parquet"
     assert main(["export", str(folders[kind]), "--parquet", "--out", str(out)]) == 0
