@@ -4,10 +4,11 @@ so `engram --help` answers at once and start-up costs only what a command needs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 DEMO_CONFIG = Path(__file__).parent / "configs" / "demo.yaml"
 
@@ -142,8 +143,8 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_workers(parser: argparse.ArgumentParser) -> None:
-    """--workers, --backend, --address and -q: every experiment command runs its jobs on the
-    one harness (engram.experiments.harness); `_run_options` reads them back."""
+    """--workers, --backend, --address, --log and -q: every experiment command runs its jobs
+    on the one harness (engram.experiments.harness); `_run_options` reads them back."""
     parser.add_argument("--workers", type=at_least_one, default=1, metavar="N",
                         help="jobs at once (default: 1): parallel local processes, or Ray "
                              "tasks in flight; each uses the config's `threads` torch "
@@ -156,14 +157,43 @@ def _add_workers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None, metavar="HOST:PORT",
                         help="join this running Ray cluster (with --backend ray), e.g. "
                              "auto or ray://head:10001; default: start a local Ray instance")
+    parser.add_argument("--log", action="append", choices=["tensorboard", "mlflow"],
+                        default=[], metavar="{tensorboard,mlflow}",
+                        help="also log every run's metrics as they are measured (repeat for "
+                             "both): tensorboard writes OUT/tensorboard/ (needs pip install "
+                             "-e \".[tensorboard]\"); mlflow logs to MLFLOW_TRACKING_URI, or "
+                             "else OUT/mlruns (needs pip install -e \".[mlflow]\")")
     _add_quiet(parser)
 
 
 def _run_options(args: argparse.Namespace) -> dict[str, Any]:
     """The harness's keyword arguments from an experiment command's flags (`_add_workers`);
-    failures are listed by the CLI (`_report_failures`), not raised."""
+    failures are listed by the CLI (`_report_failures`), not raised. The trackers of --log
+    (engram.reports.tracking, imported only then) are made here: a missing package stops
+    the command before anything runs."""
+    trackers = []
+    if args.log:
+        from engram.reports.tracking import make_trackers
+        trackers = make_trackers(args.log)
     return {"workers": args.workers, "show_progress": not args.quiet, "raise_failures": False,
-            "backend": args.backend, "address": args.address}
+            "backend": args.backend, "address": args.address, "trackers": trackers}
+
+
+@contextlib.contextmanager
+def _tracked(args: argparse.Namespace, out: Path) -> Iterator[dict[str, Any]]:
+    """`_run_options(args)` for the body, which runs the experiment and draws its plots;
+    then each --log tracker logs the folder's files (plots included), and is shut also when
+    the body fails or is interrupted (an open run is marked killed, queued events written).
+    Entered before the folder's lock (`_holding`): a missing package stops the command
+    before the folder is made; the files are logged (read) just after the lock is let go."""
+    options = _run_options(args)
+    try:
+        yield options
+        for tracker in options["trackers"]:
+            tracker.log_artifacts(out)
+    finally:
+        for tracker in options["trackers"]:
+            tracker.shutdown()
 
 
 def _add_experiment_args(parser: argparse.ArgumentParser, kind: str, config_help: str,
@@ -423,8 +453,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
     from engram.experiments.continual import run_experiment
 
-    with _holding(out, "run"):  # the summary and plots too are written under the lock
-        report = run_experiment(cfg, out, **_run_options(args))
+    with _tracked(args, out) as options, _holding(out, "run"):  # summary, plots under the lock
+        report = run_experiment(cfg, out, **options)
         _finish(out, cfg.plots)
     return _report_failures(report)
 
@@ -450,8 +480,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out = Path(args.out)
     print(f"engram demo: {len(cfg.methods)} methods x {len(cfg.seeds)} seeds on split digits, "
           f"{cfg.stream.n_tasks} class-incremental tasks -> {out}/")
-    with _holding(out, "run"):
-        report = run_experiment(cfg, out, **_run_options(args))
+    with _tracked(args, out) as options, _holding(out, "run"):
+        report = run_experiment(cfg, out, **options)
         _finish(out, cfg.plots)
     if _report_failures(report):
         return 1
@@ -476,9 +506,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
         print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
         return 0
-    with _holding(out, "sweep"):  # the summary and plots under the lock too
-        report = run_sweep(args.sweep_file, out, overrides=args.overrides,
-                           **_run_options(args))
+    with _tracked(args, out) as options, _holding(out, "sweep"):  # summary, plots: locked too
+        report = run_sweep(args.sweep_file, out, overrides=args.overrides, **options)
         print(f"sweep: {report.total} runs: {report.skipped} were already done, "
               f"{report.completed} finished now, {len(report.failures)} failed")
         _print_scenario_table(out, png=True)
@@ -536,7 +565,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
         raise SystemExit("engram profile: give a profile config, e.g. configs/profile/digits.yaml")
     cfg = load_profile_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    report = run_profile(cfg, out, **_run_options(args))
+    with _tracked(args, out) as options:
+        report = run_profile(cfg, out, **options)
     print(f"{report.rows_written} rows measured, {report.rows_skipped} already there, "
           f"in {report.seconds:.1f} s")
     print(f"results: {out / 'results.csv'}\nnext: engram profile-report {out}")
@@ -559,8 +589,8 @@ def cmd_plasticity(args: argparse.Namespace) -> int:
                          "configs/plasticity/bit_flipping.yaml")
     cfg = load_plasticity_config(args.config, args.overrides)
     out = Path(args.out or Path("runs") / cfg.name)
-    with _holding(out, "plasticity"):  # the summary and plots under the lock too
-        report = run_plasticity(cfg, out, **_run_options(args))
+    with _tracked(args, out) as options, _holding(out, "plasticity"):  # plots locked too
+        report = run_plasticity(cfg, out, **options)
         print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
         rows = read_rows(out / "results.csv", PLASTICITY_COLUMNS, PLASTICITY_KEY)
@@ -593,8 +623,8 @@ def cmd_window(args: argparse.Namespace) -> int:
         from engram.reports.window import animation_writer
         animation_writer(experiment.animation, experiment.fps)  # no ffmpeg: say so now
     out = Path(args.out or Path("runs") / experiment.name)
-    with _holding(out, "window"):  # the summary and plots under the lock too
-        report = run_window_experiment(experiment, out, **_run_options(args))
+    with _tracked(args, out) as options, _holding(out, "window"):  # pictures locked too
+        report = run_window_experiment(experiment, out, **options)
         print(f"{report.completed} runs done, {report.skipped} already there, "
               f"in {report.seconds:.1f} s")
         if report.records:  # the finished runs, also when others failed

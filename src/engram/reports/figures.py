@@ -6,6 +6,8 @@ Two layers:
   :func:`plot_accuracy_matrix`, :func:`plot_task_curves` (fed by :func:`task_curves`) and
   :func:`plot_method_comparison` (fed by :func:`engram.reports.tables.summary_table`) and
   :func:`plot_scenario_table` (fed by :func:`engram.reports.tables.scenario_table`);
+  :func:`accuracy_matrix_figure` puts one matrix on a figure of its own size (the plots here,
+  and the trackers' images: engram.reports.tracking);
 * :func:`write_plots` and :func:`write_table_png`, which read ``RUN_DIR/results.csv`` and
   write ``RUN_DIR/plots/*.png``.
 
@@ -453,6 +455,24 @@ def new_figure(width: float, height: float) -> "Figure":
     return fig
 
 
+def accuracy_matrix_figure(R: np.ndarray, title: str) -> "Figure":
+    """A figure of one accuracy matrix (:func:`plot_accuracy_matrix`), sized to its tasks: the
+    run folder's ``accuracy_matrix_<label>.png`` and a tracker's image of one run."""
+    T = np.asarray(R).shape[0]
+    fig = new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
+    plot_accuracy_matrix(R, fig.add_subplot(), title=title)
+    return fig
+
+
+def figure_pixels(fig: "Figure") -> np.ndarray:
+    """The figure drawn on its Agg canvas, as an (height, width, 3) uint8 RGB array (what an
+    image logger such as TensorBoard's takes); the figure is cleared afterwards."""
+    fig.canvas.draw()
+    pixels = np.array(fig.canvas.buffer_rgba())[..., :3]
+    fig.clear()
+    return pixels
+
+
 def save_figure(fig: "Figure", path: Path) -> Path:
     """Write a PNG atomically (a killed process leaves the old file or the new one)."""
     tmp = path.with_name(path.name + ".tmp")
@@ -545,11 +565,8 @@ def write_plots(run_dir: str | Path, more_dirs: Sequence[str | Path] = (),
             Rs = [m.R for m in runs]
             with np.errstate(all="ignore"):
                 mean_R = np.nanmean(np.stack(Rs), axis=0) if len(Rs) > 1 else Rs[0]
-            T = shape[0]
-            fig = new_figure(max(4.2, 0.55 * T + 2.4), max(3.6, 0.55 * T + 1.6))
-            plot_accuracy_matrix(mean_R, fig.add_subplot(),
-                                 title=f"{shown}: {split} accuracy{where}\n"
-                                       f"mean of {seeds_label(n_seeds)}")
+            fig = accuracy_matrix_figure(mean_R, f"{shown}: {split} accuracy{where}\n"
+                                                 f"mean of {seeds_label(n_seeds)}")
             written.append(save_figure(fig, out / f"accuracy_matrix_{stem}.png"))
 
         curves = task_curves(rows, label, split, scenario=scenario,
