@@ -239,3 +239,34 @@ def test_a_failing_seed_is_listed_and_the_others_rows_are_kept(tmp_path, monkeyp
                       " measures: [random], aggregations: [weight]}\n")
     assert main(["profile", str(config), "--out", str(tmp_path / "cli"), "-q"]) == 1
     assert "1 of 2 runs failed" in capsys.readouterr().err
+
+
+def test_profile_optimizer_any_torch_class_with_a_schedule(tmp_path):
+    """The profiler trains with any torch.optim class and scheduler (the runner's one
+    construction); adam keeps ignoring the (default sgd) momentum as before; optimizer
+    settings at their defaults leave the profile id alone."""
+    import dataclasses
+
+    from engram.errors import ConfigError
+    from engram.experiments.profile import ProfileTrain, profile_id
+
+    assert ProfileTrain(optimizer="adam").train_config(2).momentum == 0.0
+    assert ProfileTrain(optimizer="sgd").train_config(2).momentum == 0.9
+    with pytest.raises(ConfigError, match="train.optimizer: unknown optimizer 'adamx'"):
+        ProfileTrain(optimizer="adamx")
+    plain = load_profile_config(DIGITS_PROFILE)
+    spelled = load_profile_config(DIGITS_PROFILE, ["train.optimizer_args={}",
+                                                   "train.scheduler=null"])
+    assert profile_id(spelled) == profile_id(plain) == "fc4301e334fc"
+
+    adamw = ProfileTrain(optimizer="AdamW", lr=0.01, weight_decay=0.1, scheduler="StepLR",
+                         scheduler_args={"step_size": 2, "gamma": 0.5}, scheduler_step="step")
+    run_profile(dataclasses.replace(tiny(seeds=[0]), train=adamw), tmp_path / "adamw",
+                show_progress=False)
+    run_profile(dataclasses.replace(tiny(seeds=[0]), train=ProfileTrain(optimizer="adam",
+                                                                       lr=0.01)),
+                tmp_path / "adam", show_progress=False)
+    adamw = values(read_rows(tmp_path / "adamw" / "results.csv", PROFILE_COLUMNS, PROFILE_KEY))
+    adam = values(read_rows(tmp_path / "adam" / "results.csv", PROFILE_COLUMNS, PROFILE_KEY))
+    adamw, adam = ({key[1:]: v for key, v in rows.items()} for rows in (adamw, adam))  # no id
+    assert adamw.keys() == adam.keys() and adamw != adam  # the same grid, other training

@@ -81,14 +81,22 @@ def test_residual_block_by_hand():
                                                                 rel=1e-6)
 
 
-def test_adam_run_equals_a_plain_tensor_loop():
-    """The default optimizer: the run's shifts and weight norms equal a hand-written loop on
-    plain tensors with torch.optim.Adam (one update per step, on the checked window)."""
-    cfg = small(max_steps=300, threshold=2.0, optimizer="adam", lr=0.01)
+@pytest.mark.parametrize("settings,make", [
+    ({"optimizer": "adam"}, lambda params: (torch.optim.Adam(params, lr=0.01), None)),
+    ({"optimizer": "AdamW", "weight_decay": 0.01, "optimizer_args": {"betas": [0.8, 0.95]},
+      "scheduler": "CosineAnnealingLR", "scheduler_args": {"T_max": 300}},
+     lambda params: (lambda opt: (opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, 300)))(
+         torch.optim.AdamW(params, lr=0.01, weight_decay=0.01, betas=(0.8, 0.95)))),
+], ids=["adam", "adamw-cosine"])
+def test_an_optimizer_run_equals_a_plain_tensor_loop(settings, make):
+    """The default optimizer, and any torch.optim class with a scheduler stepped after every
+    update: the run's shifts and weight norms equal a hand-written loop on plain tensors with
+    the torch classes (one update per step, on the checked window)."""
+    cfg = small(max_steps=300, threshold=2.0, lr=0.01, **settings)
     rec = run_window(cfg)
     x, y = window_data(cfg)
     net = PlainResidualNet(cfg)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    opt, scheduler = make(net.parameters())
     start, shifts, norms = 0, [], [0.0]
     for s in range(cfg.max_steps):
         idx = window_indices(start, cfg.window, cfg.n_points)
@@ -100,6 +108,8 @@ def test_adam_run_equals_a_plain_tensor_loop():
         opt.zero_grad()
         net.point_loss(x[idx], y[idx]).mean().backward()
         opt.step()
+        if scheduler is not None:
+            scheduler.step()
         norms.append(net.weight_norm())
     assert len(shifts) > 5
     assert rec.shift_steps == shifts
@@ -575,3 +585,26 @@ def test_replay_memory_holds_distinct_points(monkeypatch, memory, steps):
     assert len(torch.unique(stored, dim=0)) == len(stored) == min(memory, len(seen))
     x, _ = window_data(cfg)
     assert all(any(torch.equal(row, p) for p in x[seen]) for row in stored)
+
+
+@pytest.mark.parametrize("settings,needle", [
+    ({"optimizer": "adamx"}, "optimizer: unknown optimizer 'adamx'"),
+    ({"optimizer": "adam", "optimizer_args": {"nesterov": True}},
+     "optimizer_args.nesterov: Adam takes no argument 'nesterov'"),
+    ({"scheduler": "steplr"}, "scheduler_args: StepLR needs step_size"),
+])
+def test_a_bad_window_optimizer_setting_names_the_key(settings, needle):
+    with pytest.raises(ConfigError, match=needle):
+        small(**settings)
+
+
+def test_window_optimizer_settings_at_their_defaults_keep_the_run_id():
+    from engram.config import MethodSpec
+    from engram.experiments.window import WindowVariant, window_run_id
+
+    plain = WindowVariant("plain", small(), MethodSpec("naive", None))
+    spelled = WindowVariant("plain", small(optimizer_args={}, scheduler=None, scheduler_args={}),
+                            MethodSpec("naive", None))
+    changed = WindowVariant("plain", small(optimizer_args={"nesterov": True, "momentum": 0.9}),
+                            MethodSpec("naive", None))
+    assert window_run_id(spelled, 0) == window_run_id(plain, 0) != window_run_id(changed, 0)

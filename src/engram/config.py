@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engram.errors import ConfigError
+from engram.optimizers import check_optimization, lower_name
 from engram.registry import DATASETS, METHODS, MODELS, STREAMS
 from engram.schema import opt, parse_dataclass, read_yaml_file, apply_override, short_repr
 
@@ -94,13 +95,46 @@ class ModelConfig:
 class TrainConfig:
     epochs: int = opt(20, "passes over each task's training data", low=1)
     batch_size: int = opt(32, "examples per optimizer step", low=1)
-    optimizer: Literal["sgd", "adam"] = opt("sgd", "optimizer, re-created at the start of each task")
+    optimizer: str = opt("sgd", "any optimizer class of torch.optim, any case (sgd, adam, adamw, "
+                         "rmsprop, ...)")
     lr: float = opt(0.05, "learning rate", low=0.0)
-    momentum: float = opt(0.0, "sgd momentum", low=0.0, high=0.999)
-    weight_decay: float = opt(0.0, "L2 weight decay of the optimizer", low=0.0)
+    momentum: float = opt(0.0, "momentum, for optimizers that take one (sgd, rmsprop)", low=0.0,
+                          high=0.999)
+    weight_decay: float = opt(0.0, "weight decay of the optimizer (adamw too: not torch's 0.01)",
+                              low=0.0)
     eval_every: int = opt(0, "also evaluate every N epochs inside a task (0: only after each task)",
                           low=0)
     eval_splits: list[Literal["val", "test"]] = opt(["test"], "splits evaluated at each evaluation")
+    optimizer_args: dict[str, Any] = opt({}, "more keyword arguments of the optimizer class, e.g. "
+                                         "{betas: [0.9, 0.99], amsgrad: true}")
+    scheduler: str | None = opt(None, "an LR scheduler class of torch.optim.lr_scheduler, any "
+                                "case (cosineannealinglr, steplr, onecyclelr, ...; null: none)")
+    scheduler_args: dict[str, Any] = opt({}, "keyword arguments of the scheduler, e.g. {T_max: 20}")
+    scheduler_step: Literal["epoch", "step"] = opt(
+        "epoch", "call scheduler.step() after every epoch or after every optimizer step")
+    optimizer_policy: Literal["fresh", "carry"] = opt(
+        "fresh", "fresh: a new optimizer (and scheduler: the schedule restarts) at the start of "
+        "each task; carry: one for the whole run, its state (e.g. Adam's moments) kept")
+
+    def __post_init__(self) -> None:
+        self.optimizer, self.scheduler = lower_name(self.optimizer), lower_name(self.scheduler)
+        check_optimization(self, "train")
+
+
+# TrainConfig settings added after run ids and result folders were first written: left out of
+# every identity while at their defaults, so the ids and folders of earlier configs stay valid.
+LATER_TRAIN_DEFAULTS: dict[str, Any] = {
+    "optimizer_args": {}, "scheduler": None, "scheduler_args": {}, "scheduler_step": "epoch",
+    "optimizer_policy": "fresh"}
+
+
+def train_identity(train: Any) -> dict[str, Any]:
+    """Optimizer settings (a TrainConfig, the profiler's or the window's, or a dict of one) as
+    run ids and folder identities hash them: every field, except LATER_TRAIN_DEFAULTS left at
+    their defaults."""
+    fields = train if isinstance(train, dict) else dataclasses.asdict(train)
+    return {k: v for k, v in fields.items()
+            if k not in LATER_TRAIN_DEFAULTS or v != LATER_TRAIN_DEFAULTS[k]}
 
 
 @dataclass

@@ -62,6 +62,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    if origin is dict:
+        return "a mapping"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -93,6 +95,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected {_type_name(tp)}, got {short_repr(value)}")
         (inner,) = typing.get_args(tp)
         return [_convert(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:  # free-form keyword arguments (e.g. an optimizer's), checked elsewhere
+        if value is None:  # an empty YAML section, as parse_dataclass reads it
+            return {}
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise ConfigError(f"{key}: expected a mapping of names to values, got "
+                              f"{short_repr(value)}")
+        return dict(value)
     if dataclasses.is_dataclass(tp):
         return parse_dataclass(tp, value, key)
     if tp is bool:

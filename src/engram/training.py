@@ -8,7 +8,7 @@ method's hooks run in the same order everywhere.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -16,20 +16,43 @@ import torch.nn.functional as F
 from engram.data.streams import TensorSet
 from engram.errors import DivergenceError
 from engram.methods.base import Context, Method
+from engram.optimizers import build_optimizer, build_scheduler, is_plateau
 
 EVAL_CHUNK = 4096  # examples per forward pass when evaluating
 
 
 def make_optimizer(model: torch.nn.Module, cfg, foreach: bool | None = None
                    ) -> torch.optim.Optimizer:
-    """The optimizer of `cfg` (a TrainConfig) over the model's parameters. foreach=True
-    batches the update over all tensors, which on the CPU is faster for many small tensors
-    (torch's default there is one tensor at a time)."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay, foreach=foreach)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            foreach=foreach)
+    """The optimizer of `cfg` (a TrainConfig: any torch.optim class, engram.optimizers) over
+    the model's parameters. foreach=True batches the update over all tensors, which on the
+    CPU is faster for many small tensors (torch's default there is one tensor at a time)."""
+    return build_optimizer(model.parameters(), cfg, foreach)
+
+
+def task_optimizer(ctx: Context) -> tuple[torch.optim.Optimizer, Any]:
+    """The optimizer and LR scheduler (or None) to train the current task with, kept in
+    ctx.optimizer / ctx.scheduler. train.optimizer_policy fresh: new ones, so no momentum or
+    moments cross tasks and the schedule restarts; carry: the run's one pair, made for its
+    first task (or restored from a checkpoint) and kept with its state."""
+    cfg = ctx.train_cfg
+    if ctx.optimizer is None or cfg.optimizer_policy == "fresh":
+        ctx.optimizer = make_optimizer(ctx.model, cfg)
+        ctx.scheduler = build_scheduler(ctx.optimizer, cfg)
+    return ctx.optimizer, ctx.scheduler
+
+
+def restore_optimizer(ctx: Context, optimizer_state: dict, scheduler_state: dict | None
+                      ) -> None:
+    """Rebuild the run's optimizer (and scheduler) with the state a checkpoint saved, for
+    optimizer_policy carry: the resumed tasks then train on with the same moments and
+    schedule as an uninterrupted run."""
+    ctx.optimizer = make_optimizer(ctx.model, ctx.train_cfg)
+    # The scheduler first: making one may rescale the optimizer's lr (LinearLR, OneCycleLR);
+    # the saved param groups (lr, initial_lr) then overwrite that.
+    ctx.scheduler = build_scheduler(ctx.optimizer, ctx.train_cfg)
+    ctx.optimizer.load_state_dict(optimizer_state)
+    if ctx.scheduler is not None and scheduler_state is not None:
+        ctx.scheduler.load_state_dict(scheduler_state)
 
 
 def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
@@ -62,9 +85,10 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     cfg, model = ctx.train_cfg, ctx.model
     model.train()
     method.before_task(ctx)
-    # Fresh each task, so no momentum is carried across tasks; made after before_task, which
-    # may change which parameters train (progressive nets, PackNet).
-    optimizer = make_optimizer(model, cfg)
+    # Made (under the fresh policy) after before_task, which may change which parameters
+    # train (progressive nets, PackNet).
+    optimizer, scheduler = task_optimizer(ctx)
+    per_step = scheduler is not None and cfg.scheduler_step == "step"
     data = method.training_data(ctx.task.train, ctx)  # joint training widens this
     n = len(data)
     for epoch in range(1, cfg.epochs + 1):
@@ -85,6 +109,8 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
             apply_update(ctx, method, optimizer, loss, batch, task_batch)
+            if per_step:
+                scheduler.step()
             loss_sum += loss.detach()
         n_batches = -(-n // cfg.batch_size)
         mean_loss = float(loss_sum) / n_batches  # one sync per epoch
@@ -93,6 +119,11 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             raise DivergenceError(
                 f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
                 f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
+        if scheduler is not None and not per_step:
+            if is_plateau(scheduler):  # it watches the epoch's trained loss
+                scheduler.step(mean_loss)
+            else:
+                scheduler.step()
         on_epoch(epoch, float(own_loss_sum) / n_batches)
     method.after_task(ctx)
 

@@ -19,13 +19,13 @@ from typing import Any
 
 import torch
 
-from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict
+from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, train_identity
 from engram.data.streams import Stream
 from engram.errors import EngramError
 from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
 from engram.results import COLUMNS, KEY, row_key
-from engram.training import evaluate, train_task
+from engram.training import evaluate, restore_optimizer, train_task
 
 # Config keys that change how a run is carried out but not its numbers: --resume may differ.
 NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
@@ -130,10 +130,11 @@ def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
 def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
     """The run id (engram.experiments.harness.run_id) of everything that determines one run's
     numbers: data, stream, model, train, the method and its parameters, the seed (not the
-    name, plots, threads or device)."""
+    name, plots, threads or device). Train settings added later are hashed only when set
+    (config.train_identity), so configs written before them keep their run ids."""
     return run_id({
         "data": dataclasses.asdict(cfg.data), "stream": dataclasses.asdict(cfg.stream),
-        "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+        "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
 
@@ -160,11 +161,13 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     state = None
     if checkpoint.exists():
         state = _load_checkpoint(checkpoint, device, len(stream))
-        if "global_rng" not in state or not task_end_recorded(
+        lacks_optimizer = cfg.train.optimizer_policy == "carry" and "optimizer" not in state
+        if "global_rng" not in state or lacks_optimizer or not task_end_recorded(
                 sink.recorded, ident.run_id, state["tasks_done"], cfg.train.epochs):
             # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
             # a results file cut short): resuming would leave tasks without rows. Or it is
-            # from an engram that did not save the global RNG, so dropout masks would differ.
+            # from an engram that did not save the global RNG, so dropout masks would differ (or,
+            # under optimizer_policy carry, the optimizer, whose moments would be lost).
             # Start over; the rows already there are re-measured identically and skipped.
             checkpoint.unlink()
             state = None
@@ -174,6 +177,8 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
             method.load_state_dict(state["method"])
             ctx.generator.set_state(state["generator"].cpu())  # map_location moved it
             set_global_random_state(state["global_rng"], device)  # dropout masks
+            if "optimizer" in state:  # optimizer_policy carry: its state goes on
+                restore_optimizer(ctx, state["optimizer"], state.get("scheduler"))
         except (KeyError, ValueError, TypeError, RuntimeError) as err:  # wrong shapes or keys
             raise _unusable(checkpoint, f"it does not fit this run: "
                                         f"{' '.join(str(err).split())[:200]}") from None
@@ -213,10 +218,15 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
         due = time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
         if due and number < len(stream):
             checkpoint.parent.mkdir(exist_ok=True)  # the harness removes it when empty
-            _save_checkpoint(checkpoint, {
-                "model": model.state_dict(), "method": method.state_dict(),
-                "generator": ctx.generator.get_state(), "global_rng": global_random_state(device),
-                "step": ctx.step, "tasks_done": number})
+            saved = {"model": model.state_dict(), "method": method.state_dict(),
+                     "generator": ctx.generator.get_state(),
+                     "global_rng": global_random_state(device), "step": ctx.step,
+                     "tasks_done": number}
+            if cfg.train.optimizer_policy == "carry":  # the next task trains on with it
+                saved["optimizer"] = ctx.optimizer.state_dict()
+                if ctx.scheduler is not None:
+                    saved["scheduler"] = ctx.scheduler.state_dict()
+            _save_checkpoint(checkpoint, saved)
             last_checkpoint = time.perf_counter()
     sink.emit([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
                          metric="run_complete", value=1)])
@@ -267,7 +277,9 @@ def run_plan_of(cfg: RunConfig) -> Plan:
     """The harness plan of `engram run`: every method x seed of one config."""
     device = resolve_device(cfg.device)  # a bad device stops before the folder is made
     wanted = config_to_dict(cfg)
-    return Plan(command="run", identity={k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS},
+    identity = {k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}
+    identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    return Plan(command="run", identity=identity,
                 growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
                 jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),
                 threads=cfg.threads, unit="epoch")

@@ -29,9 +29,10 @@ The problems (each a generator of tasks; same seed, same tasks):
   cut into groups of `classes_per_task`, each task the examples of one group (one shared
   10-way head, labels are the classes), the groups cycling for `n_tasks` tasks.
 
-The training loop is the runner's own `train_task` (one epoch of batch size 1 per task); it
-makes a fresh optimizer at each task, which for plain SGD, the problems' default, is the same
-as one optimizer for the whole stream. The runs go through the one experiment harness
+The training loop is the runner's own `train_task` (one epoch of batch size 1 per task); by
+default (train.optimizer_policy: fresh) it makes a fresh optimizer at each task, which for
+plain SGD, the problems' default, is the same as one optimizer for the whole stream; with
+Adam or momentum, `optimizer_policy: carry` keeps one optimizer's state across the tasks. The runs go through the one experiment harness
 (engram.experiments.harness): one job per method and seed. The summary and the figure of the
 results are engram.reports.plasticity.
 """
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, params_dict
+from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, params_dict, train_identity
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.data.streams import Stream, Task
 from engram.errors import ConfigError
@@ -126,7 +127,7 @@ def plasticity_run_id(cfg: PlasticityConfig, method: MethodSpec, seed: int) -> s
     name, threads or device)."""
     return harness.run_id({
         "data": dataclasses.asdict(cfg.data), "problem": dataclasses.asdict(cfg.problem),
-        "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+        "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
 
@@ -152,8 +153,9 @@ def plasticity_plan(cfg: PlasticityConfig) -> Plan:
     jobs = [Job(plasticity_run_id(cfg, spec, seed), seed, spec.label(),
                 PlasticityPayload(cfg, spec), size=cfg.problem.n_tasks)
             for seed in cfg.seeds for spec in cfg.methods]
-    return Plan(command="plasticity",
-                identity={k: v for k, v in dump.items() if k not in ("threads", "device")},
+    identity = {k: v for k, v in dump.items() if k not in ("threads", "device")}
+    identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    return Plan(command="plasticity", identity=identity,
                 growable=("seeds",), config=dump, columns=PLASTICITY_COLUMNS,
                 key=PLASTICITY_KEY, jobs=jobs, execute=execute_plasticity_run,
                 device=str(device), threads=cfg.threads, unit="task")

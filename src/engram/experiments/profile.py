@@ -34,7 +34,8 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds
+from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds, train_identity
+from engram.optimizers import check_optimization, lower_name, optimizer_takes
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
@@ -63,10 +64,30 @@ class ProfileTask:
 @dataclass
 class ProfileTrain:
     batch_size: int = opt(32, "examples per optimizer step", low=1)
-    optimizer: Literal["sgd", "adam"] = opt("sgd", "optimizer")
+    optimizer: str = opt("sgd", "any optimizer class of torch.optim, any case (sgd, adam, "
+                         "adamw, rmsprop, ...)")
     lr: float = opt(0.1, "learning rate", low=0.0)
-    momentum: float = opt(0.9, "sgd momentum", low=0.0, high=0.999)
-    weight_decay: float = opt(0.0, "L2 weight decay of the optimizer", low=0.0)
+    momentum: float = opt(0.9, "momentum of optimizers that take one (sgd, rmsprop); the "
+                          "others ignore it", low=0.0, high=0.999)
+    weight_decay: float = opt(0.0, "weight decay of the optimizer", low=0.0)
+    optimizer_args: dict[str, Any] = opt({}, "more keyword arguments of the optimizer class")
+    scheduler: str | None = opt(None, "an LR scheduler class of torch.optim.lr_scheduler "
+                                "(null: none)")
+    scheduler_args: dict[str, Any] = opt({}, "keyword arguments of the scheduler")
+    scheduler_step: Literal["epoch", "step"] = opt(
+        "epoch", "call scheduler.step() after every epoch or after every optimizer step")
+
+    def __post_init__(self) -> None:
+        self.optimizer, self.scheduler = lower_name(self.optimizer), lower_name(self.scheduler)
+        # the default momentum 0.9 is sgd's: an optimizer without one ignores it, as before
+        check_optimization(self, "train", strict_momentum=False)
+
+    def train_config(self, epochs: int) -> TrainConfig:
+        """The runner's TrainConfig of this training (`epochs` epochs)."""
+        fields = dataclasses.asdict(self)
+        if not optimizer_takes(self.optimizer, "momentum"):
+            fields["momentum"] = 0.0
+        return TrainConfig(epochs=epochs, **fields)
 
 
 @dataclass
@@ -134,7 +155,7 @@ def profile_id(cfg: ProfileConfig) -> str:
     from the grid axes and seeds; unchanged content, so folders made earlier keep their ids."""
     grid = cfg.profile
     return run_id({"data": dataclasses.asdict(cfg.data), "task": dataclasses.asdict(cfg.task),
-                   "model": dataclasses.asdict(cfg.model), "train": dataclasses.asdict(cfg.train),
+                   "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
                    "replacement": [grid.replacement, grid.replacement_scale],
                    "importance_examples": grid.importance_examples})
 
@@ -206,8 +227,9 @@ def profile_plan(cfg: ProfileConfig) -> Plan:
                 * len(grid.thresholds))
     jobs = [Job(pid, seed, cfg.name, cfg, size=per_seed, key_prefix=(pid, str(seed)))
             for seed in cfg.seeds]
-    return Plan(command="profile",
-                identity={k: v for k, v in dump.items() if k not in ("device", "threads")},
+    identity = {k: v for k, v in dump.items() if k not in ("device", "threads")}
+    identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    return Plan(command="profile", identity=identity,
                 growable=GROWABLE, config=dump, columns=PROFILE_COLUMNS, key=PROFILE_KEY,
                 jobs=jobs, execute=execute_profile, device=str(device), threads=cfg.threads,
                 unit="point", finished=_SeedFinished(cfg))
@@ -249,7 +271,7 @@ def _profile_seed(cfg: ProfileConfig, pid: str, seed: int, task: Any, stream: An
 
     torch.manual_seed(seed)  # initialisation; training draws come from ctx.generator
     model = build_model(cfg.model, stream.input_shape, 1, stream.head_dim).to(device)
-    train_cfg = TrainConfig(epochs=max(cfg.profile.epochs), **dataclasses.asdict(cfg.train))
+    train_cfg = cfg.train.train_config(max(cfg.profile.epochs))
     ctx = Context(model=model, stream=stream, train_cfg=train_cfg, device=device,
                   generator=torch.Generator().manual_seed(seed), task=task, seen_tasks=[task])
     recorder = TrajectoryRecorder()

@@ -82,6 +82,12 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
     tree[last] = value
 
 
+def _get_dotted(tree: dict, dotted: str) -> Any:
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
 def _expand_methods(entries: Any) -> Any:
     """Method entries whose parameters list alternatives become one entry per combination."""
     from engram.registry import METHODS
@@ -172,15 +178,18 @@ def sweep_identity(raw: dict, source: str = "sweep") -> tuple[dict[str, Any], li
     replaced by its list of alternatives, and the sweep's own name. Returns (identity, the
     keys that may grow): the axes, the method list and the seeds, so adding an alternative
     or a seed extends a folder while changing a single-valued setting is refused."""
-    from engram.config import config_to_dict
+    from engram.config import config_to_dict, train_identity
     from engram.experiments.outdir import flatten
 
     points = expand_sweep(raw, source)
     axes = list(points[0][0])
-    identity = flatten({k: v for k, v in config_to_dict(points[0][1]).items()
-                        if k not in NOT_AXES})
-    flat_points = [flatten(config_to_dict(cfg)) for _, cfg in points]
+    resolved = [config_to_dict(cfg) for _, cfg in points]
+    first = {**resolved[0], "train": train_identity(resolved[0]["train"])}  # as run ids hash it
+    identity = flatten({k: v for k, v in first.items() if k not in NOT_AXES})
     for key in axes:
-        identity[key] = list({json.dumps(p[key]): p[key] for p in flat_points}.values())
+        # a mapping-valued axis (train.optimizer_args) is one key, not its flattened entries
+        identity = {k: v for k, v in identity.items() if not k.startswith(key + ".")}
+        values = [json.loads(json.dumps(_get_dotted(tree, key))) for tree in resolved]
+        identity[key] = list({json.dumps(v, sort_keys=True): v for v in values}.values())
     identity["name"] = raw.get("name", source)
     return identity, ["seeds", "methods", *axes]

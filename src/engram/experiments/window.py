@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any, Callable, Collection, Literal
 import numpy as np
 import torch
 
-from engram.config import SEED_MAX, MethodSpec, TrainConfig, check_name, check_seeds
+from engram.config import SEED_MAX, MethodSpec, TrainConfig, check_name, check_seeds, train_identity
+from engram.optimizers import check_optimization, lower_name
 from engram.schema import check_range, opt, short_repr
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError, DataError, DivergenceError
@@ -76,11 +77,17 @@ class WindowConfig:
     threshold: float = opt(1.0, "the window shifts when its mean loss is below this "
                                  "(a point's loss starts near y_dim)", low=0.0)
     shift: int = opt(1, "points the window moves per shift (wrapping around)", low=1)
-    optimizer: Literal["sgd", "adam"] = opt(
-        "adam", "optimizer (with sgd the net ends up memorising all points and relearning "
-        "gets faster; with adam relearning gets slower)")
+    optimizer: str = opt(
+        "adam", "any optimizer class of torch.optim, any case (with sgd the net ends up "
+        "memorising all points and relearning gets faster; with adam relearning gets slower)")
     lr: float = opt(0.001, "learning rate", low=0.0)
     weight_decay: float = opt(0.0, "L2 penalty: the optimizer's weight decay", low=0.0)
+    optimizer_args: dict[str, Any] = opt({}, "more keyword arguments of the optimizer class, "
+                                         "e.g. {betas: [0.9, 0.99]}, or for sgd {momentum: 0.9}")
+    scheduler: str | None = opt(None, "an LR scheduler class of torch.optim.lr_scheduler, "
+                                "stepped after every optimizer step (null: none)")
+    scheduler_args: dict[str, Any] = opt({}, "keyword arguments of the scheduler, e.g. "
+                                         "{T_max: 60000}")
     max_steps: int = opt(60000, "optimizer steps", low=0)
     record_every: int = opt(20, "record every point's loss every this many steps", low=1)
     seed: int = opt(0, "seed of the data, the init and dropout (in an experiment: set by "
@@ -99,8 +106,8 @@ class WindowConfig:
                               + ", ".join(ACTIVATION_MODULES))
         if self.init not in ("zeros", "default"):
             raise ConfigError(f"init: unknown {self.init!r}; choose zeros or default")
-        if self.optimizer not in ("sgd", "adam"):
-            raise ConfigError(f"optimizer: unknown {self.optimizer!r}; choose sgd or adam")
+        self.optimizer, self.scheduler = lower_name(self.optimizer), lower_name(self.scheduler)
+        check_optimization(self, "")
 
     def network(self) -> ResidualNet:
         """The network, initialised from torch's global generator (seeded by run_window)."""
@@ -229,6 +236,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     from engram.data.streams import Stream, Task
     from engram.registry import METHODS
     from engram.methods.base import Context, refuse_unusable
+    from engram.optimizers import build_scheduler
     from engram.training import apply_update, make_optimizer
 
     t0 = time.perf_counter()
@@ -239,7 +247,9 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     # The optimizer settings as the runner's TrainConfig: a method that draws extra examples
     # (replay's replay_batch_size: null) draws a window's worth.
     train_cfg = TrainConfig(epochs=1, batch_size=cfg.window, optimizer=cfg.optimizer,
-                            lr=cfg.lr, weight_decay=cfg.weight_decay)
+                            lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            optimizer_args=cfg.optimizer_args, scheduler=cfg.scheduler,
+                            scheduler_args=cfg.scheduler_args, scheduler_step="step")
     spec = method or MethodSpec("naive", None)
     refuse_unusable(spec, window_problem(cfg))
     learner = METHODS.get(spec.name)(spec.params)
@@ -252,6 +262,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     model.train()
     learner.before_task(ctx)
     optimizer = make_optimizer(model, train_cfg, foreach=True)  # 12 small tensors
+    scheduler = build_scheduler(optimizer, train_cfg)  # None without cfg.scheduler
 
     # rows at 0, k, 2k, ... and always the final step
     n_rows = cfg.max_steps // cfg.record_every + 1 + (cfg.max_steps % cfg.record_every > 0)
@@ -315,6 +326,8 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
         batch = learner.make_batch(window_batch, ctx)  # replay adds remembered points
         loss = squared_norm_loss(model(batch.x, batch.task), batch.y)
         apply_update(ctx, learner, optimizer, loss, batch, new_points)
+        if scheduler is not None:
+            scheduler.step()
         if (s + 1) % cfg.record_every == 0 or s + 1 == cfg.max_steps:
             record(s + 1)
         if on_steps is not None and (s + 1) % 1000 == 0:
@@ -450,7 +463,7 @@ def window_run_id(variant: WindowVariant, seed: int) -> str:
     from engram.config import params_dict
 
     return run_id({"variant": variant.name,
-                   "run": dataclasses.asdict(dataclasses.replace(variant.config, seed=seed)),
+                   "run": train_identity(dataclasses.replace(variant.config, seed=seed)),
                    "method": {"name": variant.method.name, **params_dict(variant.method.params)}})
 
 
@@ -497,8 +510,9 @@ def window_plan(experiment: WindowExperiment) -> Plan:
     jobs = [Job(window_run_id(variant, seed), seed, variant.name, variant,
                 size=variant.config.max_steps)
             for variant in experiment.variants for seed in experiment.seeds]
-    return Plan(command="window",
-                identity={k: v for k, v in dump.items() if k not in NOT_RESULT_KEYS},
+    identity = {k: v for k, v in dump.items() if k not in NOT_RESULT_KEYS}
+    identity["run"] = train_identity(identity["run"])  # folders of earlier configs resume
+    return Plan(command="window", identity=identity,
                 growable=("seeds",), config=dump, columns=WINDOW_COLUMNS, key=WINDOW_KEY,
                 jobs=jobs, execute=execute_window, device="cpu", threads=experiment.threads,
                 unit="step", finished=window_finished)

@@ -63,6 +63,10 @@ class Context:
     # correctly *before* its update and leaves the epoch's fraction in epoch_accuracy.
     count_correct: bool = False
     epoch_accuracy: float | None = None
+    # The runner's optimizer and LR scheduler (None: none) of the current task, made by
+    # engram.training.task_optimizer; one pair for the whole run under optimizer_policy carry.
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ What is frozen, and why it is exact: gradients are zeroed from the first step of
 task and the runner makes a fresh optimizer each task, so Adam's / SGD-momentum's state of a
 frozen weight stays exactly zero and its update is exactly 0 (pitfall 1 of the reference
 sheet). Weight decay would still move frozen weights, so train.weight_decay > 0 is a
-ConfigError, and so is composing PackNet with a method that recomputes the gradient after
+ConfigError, as is train.optimizer_policy: carry (moments carried into the next task), and so is composing PackNet with a method that recomputes the gradient after
 the mask (SAM, A-GEM, OGD: see Compose). Biases of the body (and any body parameter that is not a masked weight) are
 trained with task 1 and frozen afterwards: the reference's default `nobias`, which freezes
 the pretrained network's biases; engram starts from random weights, so task 1 sets them.
@@ -157,6 +157,11 @@ class PackNet(Method):
                 f"packnet: train.weight_decay={ctx.train_cfg.weight_decay} would shrink the "
                 "weights frozen for earlier tasks (their gradient is zero, the decay is not); "
                 "set train.weight_decay: 0")
+        if ctx.train_cfg.optimizer_policy == "carry":
+            raise ConfigError(
+                "packnet: train.optimizer_policy=carry would keep the optimizer's momentum or "
+                "moments of the weights frozen for earlier tasks, which then still move; "
+                "set train.optimizer_policy: fresh")
         if len(ctx.stream) > 255:
             raise ConfigError(f"packnet: the owner maps are uint8, so at most 255 tasks; the "
                               f"stream has {len(ctx.stream)}")
