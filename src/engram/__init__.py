@@ -3,17 +3,21 @@
 Importing engram is cheap and has no side effects; the pieces live in submodules
 (`engram.data`, `engram.models`, `engram.methods`, `engram.metrics`, `engram.experiments.continual`).
 `engram.load_results(folder)` and `engram.accuracy_matrices(frame)` (engram.frames, needs
-pandas) are imported on first use.
+pandas) and `engram.stream_from(train, test, ...)` (engram.data.user: a Stream from your own
+data) are imported on first use.
 """
 
 __version__ = "0.1.0"
 
-LAZY = ("load_results", "accuracy_matrices")  # engram.frames' functions, named here
+LAZY = ("load_results", "accuracy_matrices", "stream_from")  # imported on first use
 
 
 def __getattr__(name: str) -> object:  # no `typing` import: it costs more than engram
-    """`engram.load_results` and `engram.accuracy_matrices`, importing engram.frames only
-    when first asked for (pandas only when they are called)."""
+    """The names in LAZY, importing their module only when first asked for: torch with
+    stream_from, pandas only when load_results or accuracy_matrices are called."""
+    if name == "stream_from":
+        from engram.data.user import stream_from  # a lazy re-export (tests/test_layers.py)
+        return stream_from
     if name in LAZY:
         from engram import frames
         return getattr(frames, name)

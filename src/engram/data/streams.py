@@ -66,7 +66,7 @@ class Stream:
         return len(self.tasks)
 
 
-class _Pools(NamedTuple):
+class Pools(NamedTuple):
     """The source split once into train/val/test pools (x, source labels).
 
     `classes` holds every label of the source, taken before `data.limit` drops examples, so
@@ -79,7 +79,9 @@ class _Pools(NamedTuple):
     classes: list[int]
 
 
-def _split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator) -> _Pools:
+def split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator) -> Pools:
+    """The source shuffled by `generator` and split into test (unless the source has one), val
+    and train pools, train capped at data.limit."""
     x, y = source.x_train, source.y_train
     labels = y if source.y_test is None else torch.cat([y, source.y_test])
     classes = sorted(torch.unique(labels).tolist())
@@ -95,14 +97,14 @@ def _split_pools(source: SourceData, cfg: DataConfig, generator: torch.Generator
         x, y = x[: cfg.limit], y[: cfg.limit]
     n_val = round(len(y) * cfg.val_fraction)
     val = (x[:n_val], y[:n_val]) if n_val > 0 else None
-    return _Pools((x[n_val:], y[n_val:]), val, test, classes)
+    return Pools((x[n_val:], y[n_val:]), val, test, classes)
 
 
 # A task builder turns the pools into per-task (x, source label) triples plus the task's
 # classes; build_stream then attaches scenario targets. Signature:
 #   builder(pools, cfg, generator) -> list[(name, classes, train, val, test)]
 
-def split_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
+def split_tasks(pools: Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
     classes = pools.classes
     needed = cfg.n_tasks * cfg.classes_per_task
     if needed > len(classes):
@@ -111,16 +113,17 @@ def split_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) ->
             f"needs {needed} classes but the dataset has {len(classes)}")
     groups = [classes[i * cfg.classes_per_task:(i + 1) * cfg.classes_per_task]
               for i in range(cfg.n_tasks)]
-    return [_class_subset(pools, group) for group in groups]
+    return [class_subset(pools, group) for group in groups]
 
 
-def ab_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
+def ab_tasks(pools: Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
     classes = pools.classes
     half = len(classes) // 2
-    return [_class_subset(pools, classes[:half]), _class_subset(pools, classes[half:])]
+    return [class_subset(pools, classes[:half]), class_subset(pools, classes[half:])]
 
 
-def _class_subset(pools: _Pools, group: list[int]) -> tuple:
+def class_subset(pools: Pools, group: list[int]) -> tuple:
+    """(name, classes, train, val, test) of the pools' examples whose label is in `group`."""
     def keep(pair):
         if pair is None:
             return None
@@ -131,7 +134,7 @@ def _class_subset(pools: _Pools, group: list[int]) -> tuple:
     return name, group, keep(pools.train), keep(pools.val), keep(pools.test)
 
 
-def permuted_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
+def permuted_tasks(pools: Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
     classes = pools.classes
     n_pixels = math.prod(pools.train[0].shape[2:])  # H * W, even for an empty pool
     tasks = []
@@ -161,7 +164,7 @@ def rotate_images(x: torch.Tensor, degrees: float) -> torch.Tensor:
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def rotated_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
+def rotated_tasks(pools: Pools, cfg: StreamConfig, generator: torch.Generator) -> list:
     classes = pools.classes
     tasks = []
     for t in range(cfg.n_tasks):
@@ -174,21 +177,22 @@ def rotated_tasks(pools: _Pools, cfg: StreamConfig, generator: torch.Generator) 
     return tasks
 
 
-def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, seed: int,
-                 device: torch.device | str = "cpu") -> Stream:
-    """The task sequence for one seed: same arguments, same tensors."""
-    from engram.registry import STREAMS
+def label_tasks(raw_tasks: list, scenario: str, device: torch.device | str = "cpu",
+                empty_hint: str = "raise data.limit or lower stream.n_tasks"
+                ) -> tuple[list[Task], int, int]:
+    """Attach scenario targets to per-task (x, source label) pairs: (tasks, n_heads, head_dim).
 
-    generator = torch.Generator().manual_seed(seed)
-    pools = _split_pools(source, data_cfg, generator)
-    raw_tasks = STREAMS.get(cfg.kind)(pools, cfg, generator)
+    `raw_tasks` is a list of (name, classes, train, val, test) with each split an (x, y) pair of
+    source labels (val may be None) and `classes` the task's labels in target order. Targets are
+    each label's position in its task's `classes` (task/domain), shifted by the classes of the
+    tasks before it (class). Used by build_stream and engram.stream_from alike.
+    """
     head_dim = max(len(classes) for _, classes, *_ in raw_tasks)
     tasks, offset = [], 0
     for index, (name, classes, train, val, test) in enumerate(raw_tasks):
         # Checked first: a task with no classes would break the label lookup table below.
         if len(train[1]) == 0:
-            raise ConfigError(f"task {index + 1} ({name}) has no training examples; "
-                              "raise data.limit or lower stream.n_tasks")
+            raise ConfigError(f"task {index + 1} ({name}) has no training examples; {empty_hint}")
         # source label -> within-task label 0..K-1 via a lookup table
         local = torch.full((int(max(classes)) + 1,), -1, dtype=torch.long)
         local[torch.tensor(classes)] = torch.arange(len(classes))
@@ -198,12 +202,24 @@ def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, se
                 return None
             x, y = pair
             label = local[y]
-            if cfg.scenario == "class":
+            if scenario == "class":
                 label = label + offset
             return TensorSet(x, label, torch.full_like(label, index)).to(device)
         tasks.append(Task(index, name, list(classes), targets(train), targets(val), targets(test)))
         offset += len(classes)
-    n_heads = len(tasks) if cfg.scenario == "task" else 1
-    out_dim = offset if cfg.scenario == "class" else head_dim
-    return Stream(tasks, cfg.scenario, n_heads, out_dim, tuple(source.x_train.shape[1:]),
+    n_heads = len(tasks) if scenario == "task" else 1
+    out_dim = offset if scenario == "class" else head_dim
+    return tasks, n_heads, out_dim
+
+
+def build_stream(source: SourceData, data_cfg: DataConfig, cfg: StreamConfig, seed: int,
+                 device: torch.device | str = "cpu") -> Stream:
+    """The task sequence for one seed: same arguments, same tensors."""
+    from engram.registry import STREAMS
+
+    generator = torch.Generator().manual_seed(seed)
+    pools = split_pools(source, data_cfg, generator)
+    raw_tasks = STREAMS.get(cfg.kind)(pools, cfg, generator)
+    tasks, n_heads, head_dim = label_tasks(raw_tasks, cfg.scenario, device)
+    return Stream(tasks, cfg.scenario, n_heads, head_dim, tuple(source.x_train.shape[1:]),
                   source.class_names)
