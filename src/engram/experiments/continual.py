@@ -22,7 +22,8 @@ import torch
 from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, train_identity
 from engram.data.streams import Stream
 from engram.errors import EngramError
-from engram.methods.base import Context, Method, ProblemInfo, refuse_unusable
+from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
+                                 refuse_unusable_model)
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
 from engram.results import COLUMNS, KEY, row_key
 from engram.training import evaluate, restore_optimizer, train_task
@@ -152,6 +153,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
                                       stream.head_dim, classification=True))
     torch.manual_seed(seed)  # model init and dropout masks; every other draw uses ctx.generator
     model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim).to(device)
+    refuse_unusable_model(spec, model)  # e.g. sleep on a cnn: refused before any training
     method: Method = METHODS.get(spec.name)(spec.params)
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
                   generator=torch.Generator().manual_seed(seed), device=device)

@@ -106,13 +106,18 @@ def problem_tasks(cfg: PlasticityConfig, seed: int) -> Problem:
 
 def check_methods_usable(cfg: PlasticityConfig) -> None:
     """ConfigError for the first configured method that cannot act on the problem (e.g. LwF's
-    softmax over bit flipping's single output), before anything is trained or written."""
-    from engram.methods.base import ProblemInfo, refuse_unusable
+    softmax over bit flipping's single output, or sleep on a cnn), before anything is
+    trained or written."""
+    from engram.methods.base import ProblemInfo, refuse_unusable, refuse_unusable_model
+    from engram.models import build_model
 
     problem = problem_tasks(cfg, 0)  # its tasks are generated lazily: nothing is drawn yet
     info = ProblemInfo(cfg.problem.kind, problem.outputs, classification=not problem.regression)
+    with torch.random.fork_rng(devices=[]):  # the probe network's init draws nothing of a run's
+        model = build_model(cfg.model, problem.input_shape, 1, problem.outputs)
     for spec in cfg.methods:
         refuse_unusable(spec, info)
+        refuse_unusable_model(spec, model)
 
 
 def _regression_loss(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -184,7 +189,7 @@ def run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
     """Learn the seed's problem online with one method, handing each task's rows to `sink`
     as soon as they are measured and reporting one progress unit per task."""
     from engram.registry import METHODS
-    from engram.methods.base import Context
+    from engram.methods.base import Context, refuse_unusable_model
     from engram.metrics.plasticity import plasticity_diagnostics
     from engram.models import build_model
     from engram.training import train_task
@@ -192,6 +197,7 @@ def run_one(cfg: PlasticityConfig, spec: MethodSpec, seed: int, run_id: str,
     tasks, input_shape, outputs, regression = problem_tasks(cfg, seed)
     torch.manual_seed(seed)
     model = build_model(cfg.model, input_shape, 1, outputs).to(device)
+    refuse_unusable_model(spec, model)
     method = METHODS.get(spec.name)(spec.params)
     stream = Stream([], "domain", 1, outputs, input_shape, [])
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train, device=device,

@@ -235,7 +235,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     registered `method` (default: none). `on_steps(n)` is told every 1,000 steps done."""
     from engram.data.streams import Stream, Task
     from engram.registry import METHODS
-    from engram.methods.base import Context, refuse_unusable
+    from engram.methods.base import Context, refuse_unusable, refuse_unusable_model
     from engram.optimizers import build_scheduler
     from engram.training import apply_update, make_optimizer
 
@@ -254,6 +254,7 @@ def run_window(cfg: WindowConfig, method: MethodSpec | None = None,
     refuse_unusable(spec, window_problem(cfg))
     learner = METHODS.get(spec.name)(spec.params)
     model = cfg.network()
+    refuse_unusable_model(spec, model)  # e.g. multihead: the residual net has no body
     ctx = Context(model=model, stream=Stream([task], "domain", 1, cfg.y_dim, (cfg.x_dim,), []),
                   train_cfg=train_cfg, generator=torch.Generator().manual_seed(cfg.seed + 1),
                   device=torch.device("cpu"), task=task, loss_fn=squared_norm_loss)
@@ -535,10 +536,12 @@ def run_window_experiment(experiment: WindowExperiment, out: str | Path,
     run_options: run_plan's (workers, backend, address, trackers, show_progress,
     raise_failures). With raise_failures=False a failed run (a diverging variant) is in the
     report's failures and missing from its records."""
-    from engram.methods.base import refuse_unusable
+    from engram.methods.base import refuse_unusable, refuse_unusable_model
 
     for variant in experiment.variants:  # a method that cannot act: refused before any run
         refuse_unusable(variant.method, window_problem(variant.config))
+        with torch.random.fork_rng(devices=[]):  # the probe network's init draws nothing
+            refuse_unusable_model(variant.method, variant.config.network())
     report = run_plan(window_plan(experiment), out, **run_options)
     failed = {failure["run_id"] for failure in report.failures}
     return WindowReport.extending(report, records=load_records(experiment, report.folder,

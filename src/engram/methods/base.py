@@ -24,6 +24,12 @@ Before any training, every entry point (`engram run`, `plasticity`, `window`) as
 method `unusable_reason(problem)` and refuses the run with that reason when the method could
 not act on the problem (e.g. LwF's softmax over a single regression output is constant, so
 its loss and gradient would be exactly 0): see `refuse_unusable`.
+
+Likewise for the network: a method that needs more of it than `net(x, task)` and its
+parameters names what in `Method.model_needs` (names of engram.models.protocol.NEEDS:
+"features", "head", "sequential_body", "linear_conv_body", "hidden_units", "relu_mlp"), and
+never pokes at attributes beyond those; the runner refuses it, before training, on a network
+that lacks one (e.g. a black box made by engram.models.adapt): see `refuse_unusable_model`.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from torch import nn
 from engram.config import MethodSpec, TrainConfig
 from engram.data.streams import Stream, Task, TensorSet
 from engram.errors import ConfigError
+from engram.models.protocol import unmet_need
 
 Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B,), task (B,)
 
@@ -105,6 +112,23 @@ def refuse_unusable(spec: MethodSpec, problem: ProblemInfo) -> None:
         raise ConfigError(f"method {spec.label()} cannot act on problem {problem.name}: it {reason}")
 
 
+def model_unusable_reason(method: Method, model: nn.Module) -> str | None:
+    """Why `method` cannot act on `model` (a phrase following "it": "needs WHAT, and WHY
+    not"), from the method's declared `model_needs`; None when the network has all of them."""
+    return unmet_need(model, method.model_needs)
+
+
+def refuse_unusable_model(spec: MethodSpec, model: nn.Module) -> None:
+    """ConfigError "method LABEL cannot act on this network: it needs ..." when the method
+    needs a structure the network lacks (`Method.model_needs`). Called by the runner right
+    after the network is built, before `prepare_model` and any training."""
+    from engram.registry import METHODS
+
+    reason = model_unusable_reason(METHODS.get(spec.name)(spec.params), model)
+    if reason is not None:
+        raise ConfigError(f"method {spec.label()} cannot act on this network: it {reason}")
+
+
 @dataclass
 class NoParams:
     """This method has no parameters."""
@@ -119,6 +143,10 @@ class Method:
     # weights. Compose refuses to combine the two kinds.
     masks_gradients: ClassVar[bool] = False
     rewrites_gradients: ClassVar[bool] = False
+    # What the method needs of the network beyond net(x, task), net.all_logits(x) and its
+    # parameters: names of engram.models.protocol.NEEDS (a property where it depends on the
+    # params). The runner refuses the method on a network lacking one (refuse_unusable_model).
+    model_needs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -55,6 +55,11 @@ class Compose(Method):
                 f"{', '.join(rewriting)} recomputes the gradient or the optimizer's update, which "
                 "would move the frozen weights; these methods cannot be combined")
 
+    @property
+    def model_needs(self) -> tuple[str, ...]:
+        """Every part's needs, in order, each once."""
+        return tuple(dict.fromkeys(need for part in self.parts for need in part.model_needs))
+
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
         """The first part's reason, naming the part."""
         for spec, part in zip(self.params.methods, self.parts):

@@ -104,7 +104,8 @@ from torch import nn
 from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Batch, Context, Method
-from engram.models.residual import Atan, ResidualNet
+from engram.models.protocol import require_structure, residual_net
+from engram.models.residual import Atan
 from engram.registry import Registry
 
 UnitUtility = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Generator],
@@ -196,31 +197,25 @@ class HiddenLayer:
 
 
 def hidden_layers(model: nn.Module, method: str) -> list[HiddenLayer]:
-    """The hidden layers of a ContinualNet with an mlp body, in order. ConfigError otherwise:
-    the body must be an nn.Sequential whose every Linear is directly followed by a ReLU, Tanh,
-    Sigmoid or LeakyReLU, with no Conv2d, and the model must have a Linear `head`.
-    A ResidualNet (the sliding-window network) has one hidden layer per block."""
-    if isinstance(model, ResidualNet):
-        return [HiddenLayer(f"blocks.{i}.linear", block.linear, block.activation, None,
+    """The hidden layers of a ContinualNet with an mlp body, in order. ConfigError otherwise
+    (the structure need "hidden_units" of engram.models.protocol): the body must be an
+    nn.Sequential whose every Linear is directly followed by a ReLU, Tanh, Sigmoid or
+    LeakyReLU, with no Conv2d, and the model must have a Linear `head`.
+    A ResidualNet (the sliding-window network, also as a black box) has one hidden layer per
+    block."""
+    require_structure(model, ("hidden_units",), method)
+    residual = residual_net(model)
+    if residual is not None:
+        prefix = "" if residual is model else "module."
+        return [HiddenLayer(f"{prefix}blocks.{i}.linear", block.linear, block.activation, None,
                             activation_gain(block.activation))
-                for i, block in enumerate(model.blocks)]
-    body, head = getattr(model, "body", None), getattr(model, "head", None)
-    if not isinstance(body, nn.Sequential) or not isinstance(head, nn.Linear):
-        raise ConfigError(f"{method}: needs a network with an nn.Sequential body and a Linear head "
-                          f"(model.kind: mlp); got {type(model).__name__}")
-    modules = list(body.children())
-    if any(isinstance(m, nn.Conv2d) for m in body.modules()):
-        raise ConfigError(f"{method}: works on mlp bodies only (model.kind: mlp); this body has "
-                          "Conv2d layers, whose units are channels, which it does not support")
+                for i, block in enumerate(residual.blocks)]
+    modules = list(model.body.children())
     linears = [i for i, m in enumerate(modules) if isinstance(m, nn.Linear)]
     layers = []
     for position, i in enumerate(linears):
-        after = modules[i + 1] if i + 1 < len(modules) else None
-        if not isinstance(after, (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)):
-            raise ConfigError(f"{method}: body Linear {i} is followed by "
-                              f"{type(after).__name__}, not an activation it knows "
-                              "(relu, tanh, sigmoid, leaky_relu)")
-        outgoing = modules[linears[position + 1]] if position + 1 < len(linears) else head
+        after = modules[i + 1]  # an activation: checked by require_structure
+        outgoing = modules[linears[position + 1]] if position + 1 < len(linears) else model.head
         layers.append(HiddenLayer(f"body.{i}", modules[i], after, outgoing, activation_gain(after)))
     return layers
 
@@ -389,6 +384,7 @@ class ContinualBackprop(Method):
     """Continual backprop: replace the mature hidden units of lowest utility, a few per step."""
 
     Params = ContinualBackpropParams
+    model_needs = ("hidden_units",)
 
     def __init__(self, params: ContinualBackpropParams | None = None) -> None:
         super().__init__(params)

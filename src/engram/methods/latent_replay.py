@@ -81,6 +81,7 @@ from engram.data.streams import TensorSet
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, ProblemInfo
 from engram.methods.replay import Replay, ReplayParams
+from engram.models.protocol import require_structure
 
 LABEL_DTYPE = torch.int16  # stored targets and task ids: 2 bytes each is enough for any stream
 ENCODE_CHUNK = 1024  # vectors per distance computation: bounds memory at M * chunk * K floats
@@ -208,6 +209,7 @@ class LatentReplay(Method):
     stored examples through the upper layers."""
 
     Params = LatentReplayParams
+    model_needs = ("features", "head", "sequential_body")  # G, F: cut the body; the head
 
     def __init__(self, params: LatentReplayParams | None = None) -> None:
         super().__init__(params)
@@ -263,6 +265,7 @@ class LatentReplay(Method):
     def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
         """Check the cut and the subvector count now, not after the first task's training;
         with quantise_live, hook the quantiser onto G's last layer (idle until it is fitted)."""
+        require_structure(model, self.model_needs, "latent_replay")
         with torch.no_grad():
             lower = self.lower(model)
             probe = torch.zeros((1,) + tuple(ctx.stream.input_shape),

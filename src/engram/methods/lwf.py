@@ -70,7 +70,7 @@ class LwF(Method):
 
     def _earlier_outputs(self, model: torch.nn.Module, x: torch.Tensor, ctx: Context) -> list:
         if ctx.stream.n_heads > 1:  # every head at once, (B, H, K); keep the earlier heads
-            raw = model.head(model.features(x)).view(len(x), model.n_heads, model.head_dim)
+            raw = model.all_logits(x).view(len(x), model.n_heads, model.head_dim)
             return [raw[:, h] for h in range(self.n_old_heads)]
         logits = model(x)
         return [logits[:, self.old_columns] if self.old_columns is not None else logits]

@@ -41,6 +41,7 @@ class MultiHead(Method):
     """Shared trunk + per-task heads; the trunk trains on the first N tasks only."""
 
     Params = MultiHeadParams
+    model_needs = ("head",)  # the trunk is the body
 
     def before_task(self, ctx: Context) -> None:
         n = self.params.freeze_trunk_after

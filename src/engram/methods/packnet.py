@@ -139,6 +139,7 @@ class PackNet(Method):
 
     Params = PackNetParams
     masks_gradients = True  # see Method.masks_gradients
+    model_needs = ("head",)  # masks the body's weights; task-IL: the current task's head rows
 
     def __init__(self, params: PackNetParams | None = None) -> None:
         super().__init__(params)

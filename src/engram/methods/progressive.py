@@ -65,6 +65,7 @@ from torch import nn
 from engram.schema import opt
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, task_ids_at_test
+from engram.models.protocol import require_structure
 
 PARAMETRIC = (nn.Linear, nn.Conv2d)
 
@@ -103,16 +104,9 @@ class Column(nn.Module):
         self.laterals["head"] = nn.ModuleList(lateral_for(head) for _ in range(index))
 
 
-def _check_body(body: nn.Module) -> None:
-    if not isinstance(body, nn.Sequential):
-        raise ConfigError(f"progressive needs a model whose body is an nn.Sequential, "
-                          f"not {type(body).__name__}")
-    for layer in body:
-        stateful = any(True for _ in layer.parameters()) or any(True for _ in layer.buffers())
-        if stateful and not isinstance(layer, PARAMETRIC):
-            raise ConfigError(f"progressive: cannot build lateral connections for a "
-                              f"{type(layer).__name__} layer; only Linear and Conv2d may hold "
-                              "parameters (activations, pooling, flatten and dropout are fine)")
+# Laterals are built for the body's Linear/Conv2d layers and the head, so every other body
+# layer must be stateless (engram.models.protocol.NEEDS).
+MODEL_NEEDS = ("head", "linear_conv_body")
 
 
 class ProgressiveNet(nn.Module):
@@ -207,7 +201,7 @@ def build_progressive(model: nn.Module, n_columns: int, by_task: bool, seed: int
                       lateral_scale: float = 1.0) -> ProgressiveNet:
     """Columns 1.. get fresh weights from each layer's reset_parameters, drawn on the CPU
     from `seed` (the global RNG is left as it was); column 0 keeps `model`'s weights."""
-    _check_body(model.body)
+    require_structure(model, MODEL_NEEDS, "progressive")
     device = next(model.parameters()).device
     template = copy.deepcopy(model).cpu()
     columns = [Column(copy.deepcopy(template.body), copy.deepcopy(template.head), 0)]
@@ -233,6 +227,7 @@ class Progressive(Method):
     """A new, laterally connected column per task; earlier columns frozen."""
 
     Params = ProgressiveParams
+    model_needs = MODEL_NEEDS
 
     def __init__(self, params: ProgressiveParams | None = None) -> None:
         super().__init__(params)

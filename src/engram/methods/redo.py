@@ -76,6 +76,7 @@ class ReDo(Method):
     """Every F steps, reinitialise the tau-dormant hidden units (zero outgoing weights)."""
 
     Params = ReDoParams
+    model_needs = ("hidden_units",)
 
     def __init__(self, params: ReDoParams | None = None) -> None:
         super().__init__(params)

@@ -80,6 +80,11 @@ class Replay(Method):
         self.buffer: TensorSet | None = None  # x (M, ...), y (M,), task (M,)
         self.n_seen = 0                       # examples offered to the reservoir so far
 
+    @property
+    def model_needs(self) -> tuple[str, ...]:
+        """Herding picks exemplars by their body features; the other policies need nothing."""
+        return ("features",) if self.params.policy == "herding" else ()
+
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
         """class_balanced and herding sort examples by class; reservoir works on any targets."""
         if self.params.policy != "reservoir" and not problem.classification:

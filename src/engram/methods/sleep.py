@@ -78,6 +78,7 @@ from torch import nn
 
 from engram.schema import opt
 from engram.errors import ConfigError
+from engram.models.protocol import require_structure
 from engram.methods.base import Context, Method
 
 SIG_WIDTH = 0.001  # the code's sigmoid(x) = 2 (1 - 1 / (1 + exp(-x / 0.001)))
@@ -273,23 +274,19 @@ def sleep(weights: list[torch.Tensor], mean_image: torch.Tensor, steps: int,
 
 
 def sleeping_layers(model: nn.Module) -> list[nn.Linear]:
-    """The MLP's Linear layers in order, body then head; ConfigError for anything else."""
-    body, head = getattr(model, "body", None), getattr(model, "head", None)
-    allowed = (nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout)
-    if not isinstance(body, nn.Sequential) or not isinstance(head, nn.Linear) or not all(
-            isinstance(layer, allowed) for layer in body):
-        found = ", ".join(type(layer).__name__ for layer in body) if isinstance(
-            body, nn.Sequential) else type(model).__name__
-        raise ConfigError(
-            "sleep (Sleep Replay Consolidation) turns a ReLU MLP into a spiking network and "
-            f"supports only model.kind: mlp with model.activation: relu; this body has: {found}")
-    return [layer for layer in body if isinstance(layer, nn.Linear)] + [head]
+    """The MLP's Linear layers in order, body then head; ConfigError for anything else (the
+    structure need "relu_mlp" of engram.models.protocol)."""
+    require_structure(model, Sleep.model_needs,
+                      "sleep (Sleep Replay Consolidation, which turns a ReLU MLP into a spiking "
+                      "network)")
+    return [layer for layer in model.body if isinstance(layer, nn.Linear)] + [model.head]
 
 
 class Sleep(Method):
     """After each task, a spiking sleep phase with Hebbian plasticity on the MLP's weights."""
 
     Params = SleepParams
+    model_needs = ("relu_mlp",)
 
     def __init__(self, params: SleepParams | None = None) -> None:
         super().__init__(params)

@@ -46,30 +46,45 @@ class ContinualNet(nn.Module):
     With one head (domain- and class-incremental) `forward(x, task)` ignores `task`. With one
     head per task (task-incremental, multi-head) the linear layer computes every head at once,
     (B, n_heads * head_dim), and each example keeps the head of its own task, (B, head_dim).
+
+    The protocol every method may rely on (engram.models.adapt makes any module follow it):
+    `forward(x, task)` and `all_logits(x)` -> (B, n_heads * head_dim) always; `features(x)`,
+    `output(features, task)`, `body` and `head` only where the network splits into a body and
+    a linear head (engram.models.adapt.BlackBoxNet does not: a method that needs them declares
+    so in `Method.model_needs` and is refused on it). `head` is built here, or given (adapt).
     """
 
-    def __init__(self, body: nn.Module, n_features: int, n_heads: int, head_dim: int) -> None:
+    def __init__(self, body: nn.Module, n_features: int, n_heads: int, head_dim: int,
+                 head: nn.Linear | None = None) -> None:
         super().__init__()
         self.body = body
-        self.head = nn.Linear(n_features, n_heads * head_dim)
+        self.head = nn.Linear(n_features, n_heads * head_dim) if head is None else head
         self.n_heads, self.head_dim = n_heads, head_dim
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
 
+    def all_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Every head's logits, (B, n_heads * head_dim)."""
+        return self.head(self.body(x))
+
     def forward(self, x: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
-        return self.output(self.body(x), task)
+        return self.pick_heads(self.all_logits(x), task)
 
     def output(self, features: torch.Tensor, task: torch.Tensor | None = None) -> torch.Tensor:
         """Logits from body features (B, F): the head, then each example's own head."""
-        logits = self.head(features)
+        return self.pick_heads(self.head(features), task)
+
+    def pick_heads(self, logits: torch.Tensor, task: torch.Tensor | None) -> torch.Tensor:
+        """(B, n_heads * head_dim) -> (B, head_dim): each example's own head (all of it with
+        one head, whatever `task` is)."""
         if self.n_heads == 1:
             return logits
         if task is None:
             raise ValueError("a multi-head model needs the task id of every example")
-        rows = len(features)
+        rows = len(logits)
         per_head = logits.view(rows, self.n_heads, self.head_dim)  # (B, H, K)
-        return per_head[torch.arange(rows, device=features.device), task]  # (B, K)
+        return per_head[torch.arange(rows, device=logits.device), task]  # (B, K)
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], n_heads: int,
