@@ -141,7 +141,7 @@ def test_one_run_id_function_one_worker_pool_one_writer_one_t_interval():
     assert defining("csv.DictWriter(") == ["engram.results"]
     assert defining("def t_interval(") == ["engram.stats"]
     assert defining("def auc(") == ["engram.stats"]
-    assert defining("torch.set_num_threads(") == ["engram.experiments.harness"]
+    assert defining("torch.set_num_threads(") == ["engram.experiments.jobs"]
 
 
 def test_a_registry_is_filled_by_its_home_module_on_first_lookup():

@@ -25,7 +25,9 @@ for every experiment:
   one line per finished job instead;
 - backends: `backend="local"` (the default) runs jobs here or in the local worker pool;
   `backend="ray"` hands them to Ray tasks (a local Ray instance, or the cluster at
-  `address`); either way only this process writes the table;
+  `address`; engram.experiments.ray_backend); either way only this process writes the table
+  (`Job`, `JobSink`, `Plan` and the job-side helpers both backends share live in
+  engram.experiments.jobs; import them from here);
 - trackers (engram.reports.tracking: TensorBoard, MLflow) are told of the plan, of every
   batch of rows as it is written and of every finished job, in this process.
 """
@@ -41,8 +43,7 @@ import os
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any, Callable, Iterable, Protocol, Sequence
@@ -51,6 +52,8 @@ import torch
 
 from engram.config import check_device
 from engram.errors import ConfigError, EngramError
+from engram.experiments.jobs import (Job, JobSink, Plan, error_text, execute_job, portable_error,
+                                     set_threads)
 from engram.experiments.outdir import OutputFolder
 from engram.results import ResultWriter
 
@@ -81,64 +84,7 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def set_threads(threads: int) -> None:
-    """torch's CPU threads for this process (0: leave torch's default). Small models are
-    fastest on one thread; a worker process sets its own."""
-    if threads:
-        torch.set_num_threads(threads)
-
-
-# ----------------------------------------------------------------------------- jobs and plans
-
-@dataclass
-class Job:
-    """One unit of work of an experiment: one run, written under one run id."""
-    run_id: str
-    seed: int
-    label: str                 # what it runs, e.g. "ewc(strength=100)" or a variant's name
-    payload: Any               # what `execute` needs (picklable: it may go to a worker)
-    point: dict[str, Any] = field(default_factory=dict)  # a sweep's grid values at this job
-    size: int = 1              # progress units (epochs, tasks, steps) the job reports
-    key_prefix: tuple[str, ...] = ()  # the leading key columns of its rows; default (run_id,)
-
-    def describe(self) -> str:
-        where = ", ".join(f"{k}={v}" for k, v in self.point.items())
-        return f"{self.label} seed {self.seed}" + (f" [{where}]" if where else "")
-
-    def prefix(self) -> tuple[str, ...]:
-        return self.key_prefix or (self.run_id,)
-
-
-@dataclass
-class JobSink:
-    """What a running job talks to: `emit(rows)` hands rows to the one writer (directly, or
-    through the worker's pipe), `report(n)` advances the progress bar by n units, `recorded`
-    holds the keys of this job's rows already in the table (a resumed run reads them to
-    decide whether its checkpoint may be used), and `folder` is the output folder (for the
-    job's own files: checkpoints, records)."""
-    emit: Callable[[list[dict[str, Any]]], None]
-    report: Callable[[int], None]
-    recorded: set[tuple[str, ...]]
-    folder: Path
-
-
-@dataclass
-class Plan:
-    """Everything `run_plan` needs from an experiment."""
-    command: str                       # the CLI command, recorded in the folder
-    identity: dict[str, Any]           # what determines the folder's numbers (experiment.json)
-    growable: tuple[str, ...]          # identity keys a rerun may extend (seeds, grid axes)
-    config: dict[str, Any]             # config.yaml as run
-    columns: list[str]                 # the results table's columns
-    key: tuple[str, ...]               # and the columns that identify a row
-    jobs: list[Job]
-    execute: Callable[[Job, JobSink], None]  # module level: worker processes import it
-    device: str = "cpu"
-    threads: int = 1
-    unit: str = "run"                  # the progress bar's unit (what Job.size counts)
-    finished: Callable[[Job, ResultWriter, Path], bool] | None = None  # default: run_complete
-    config_name: str = "config.yaml"
-
+# ----------------------------------------------------------------------------- reports
 
 @dataclass
 class Report:
@@ -251,7 +197,7 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
             def record(job: Job, error: BaseException | str | None) -> None:
                 finished_now[0] += 1
                 text = None if error is None else (
-                    error if isinstance(error, str) else _error_text(error))
+                    error if isinstance(error, str) else error_text(error))
                 for tracker in trackers:
                     tracker.finished(job, text)
                 if log_lines:  # no bar in a log (SLURM, CI): a line per finished job instead
@@ -335,24 +281,6 @@ def _recorded_by_prefix(keys: set[tuple[str, ...]], todo: list[Job]
     return found
 
 
-def _error_text(error: BaseException) -> str:
-    """One line for an engram error; the traceback for anything else (a bug)."""
-    if isinstance(error, EngramError):
-        return f"{type(error).__name__}: {error}"
-    return "".join(traceback.format_exception(error)).rstrip()
-
-
-def execute_job(execute: Callable[[Job, JobSink], None], job: Job,
-                sink: JobSink) -> BaseException | None:
-    """Run one job (here, in a worker process or a Ray task); its exception (not
-    KeyboardInterrupt) is returned, not raised."""
-    try:
-        execute(job, sink)
-        return None
-    except Exception as error:  # noqa: BLE001 - one failed job must not stop the others
-        return error
-
-
 class _NoBar:
     def update(self, n: int = 1) -> None:
         pass
@@ -387,18 +315,6 @@ def exit_with_parent(parent: int, every: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
-
-
-def portable_error(error: BaseException) -> BaseException | str:
-    """The exception itself if it survives pickling (engram's errors do), else its text: what
-    a worker process or a Ray task sends back."""
-    import pickle
-
-    try:
-        pickle.loads(pickle.dumps(error))
-        return error
-    except Exception:  # noqa: BLE001 - an unpicklable exception travels as text
-        return _error_text(error)
 
 
 def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out: Path) -> None:
