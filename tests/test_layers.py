@@ -108,7 +108,10 @@ def test_find_cycle_finds_a_planted_cycle():
 
 
 def test_no_import_cycle_among_engrams_modules():
-    cycle = find_cycle(GRAPH)
+    # The root's lazy re-exports run on first attribute access, after `import engram` is
+    # done (modules below read engram.__version__): not an import cycle.
+    graph = {**GRAPH, "engram": GRAPH["engram"] - ROOT_REEXPORTS}
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
