@@ -6,7 +6,7 @@ Layers, bottom up (README, Development):
     libraries     data, models, metrics, importance, methods, training
     experiments   engram.experiments.*                               the harness and the experiments
     reports       engram.reports.*                                   tables, figures, summaries
-    cli           engram.cli, engram.__main__
+    cli           engram.cli, engram.__main__, engram.api        the entry points
 A module imports only its own layer or lower ones (reports may read the experiments' record
 types), and never another module's private `_name`. Imports anywhere in a file count, lazy
 ones inside functions too. One exception: the package root re-exports a few names of higher
@@ -26,7 +26,8 @@ GROUND = {"engram", "engram.errors", "engram.registry", "engram.schema", "engram
 LIBRARIES = ("engram.data", "engram.models", "engram.metrics", "engram.importance",
              "engram.methods", "engram.training")
 RANK = {"ground": 0, "library": 1, "experiments": 2, "reports": 3, "cli": 4}
-ROOT_REEXPORTS = {"engram.data.user"}  # engram.stream_from, imported in engram.__getattr__
+ROOT_REEXPORTS = {"engram.data.user", "engram.api"}  # engram.stream_from, engram.fit: imported
+# in engram.__getattr__
 
 
 def module_name(path: Path) -> str:
@@ -45,7 +46,7 @@ def layer(module: str) -> str:
     for top in ("experiments", "reports"):
         if module.startswith(f"engram.{top}"):
             return top
-    if module in ("engram.cli", "engram.__main__"):
+    if module in ("engram.cli", "engram.__main__", "engram.api"):
         return "cli"
     raise AssertionError(f"{module} belongs to no layer: add it to tests/test_layers.py and "
                          "the README's Development section")
@@ -107,7 +108,10 @@ def test_find_cycle_finds_a_planted_cycle():
 
 
 def test_no_import_cycle_among_engrams_modules():
-    cycle = find_cycle(GRAPH)
+    # The root's lazy re-exports run on first attribute access, after `import engram` is
+    # done (modules below read engram.__version__): not an import cycle.
+    graph = {**GRAPH, "engram": GRAPH["engram"] - ROOT_REEXPORTS}
+    cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 

@@ -8,13 +8,13 @@ method's hooks run in the same order everywhere.
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from engram.data.streams import TensorSet
-from engram.errors import DivergenceError
+from engram.errors import ConfigError, DivergenceError
 from engram.methods.base import Context, Method
 from engram.optimizers import build_optimizer, build_scheduler, is_plateau
 
@@ -29,15 +29,35 @@ def make_optimizer(model: torch.nn.Module, cfg, foreach: bool | None = None
     return build_optimizer(model.parameters(), cfg, foreach)
 
 
+def new_optimizer(ctx: Context) -> tuple[torch.optim.Optimizer, Any]:
+    """A new optimizer and LR scheduler (or None) over ctx.model's parameters: the user's
+    factories when the Context has them (ctx.make_optimizer / ctx.make_scheduler, given to
+    engram.fit), else the train config's classes (engram.optimizers)."""
+    cfg = ctx.train_cfg
+    if ctx.make_optimizer is None:
+        optimizer = make_optimizer(ctx.model, cfg)
+    else:
+        optimizer = ctx.make_optimizer(ctx.model.parameters())
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise ConfigError(f"optimizer= must return a torch.optim.Optimizer; it returned "
+                              f"a {type(optimizer).__name__}")
+    # The scheduler right after the optimizer: making one may rescale its lr (LinearLR).
+    if ctx.make_scheduler is None:
+        return optimizer, build_scheduler(optimizer, cfg)
+    scheduler = ctx.make_scheduler(optimizer)
+    if not callable(getattr(scheduler, "step", None)):
+        raise ConfigError(f"scheduler= must return an LR scheduler (with a step() method); it "
+                          f"returned a {type(scheduler).__name__}")
+    return optimizer, scheduler
+
+
 def task_optimizer(ctx: Context) -> tuple[torch.optim.Optimizer, Any]:
     """The optimizer and LR scheduler (or None) to train the current task with, kept in
     ctx.optimizer / ctx.scheduler. train.optimizer_policy fresh: new ones, so no momentum or
     moments cross tasks and the schedule restarts; carry: the run's one pair, made for its
     first task (or restored from a checkpoint) and kept with its state."""
-    cfg = ctx.train_cfg
-    if ctx.optimizer is None or cfg.optimizer_policy == "fresh":
-        ctx.optimizer = make_optimizer(ctx.model, cfg)
-        ctx.scheduler = build_scheduler(ctx.optimizer, cfg)
+    if ctx.optimizer is None or ctx.train_cfg.optimizer_policy == "fresh":
+        ctx.optimizer, ctx.scheduler = new_optimizer(ctx)
     return ctx.optimizer, ctx.scheduler
 
 
@@ -46,10 +66,9 @@ def restore_optimizer(ctx: Context, optimizer_state: dict, scheduler_state: dict
     """Rebuild the run's optimizer (and scheduler) with the state a checkpoint saved, for
     optimizer_policy carry: the resumed tasks then train on with the same moments and
     schedule as an uninterrupted run."""
-    ctx.optimizer = make_optimizer(ctx.model, ctx.train_cfg)
-    # The scheduler first: making one may rescale the optimizer's lr (LinearLR, OneCycleLR);
-    # the saved param groups (lr, initial_lr) then overwrite that.
-    ctx.scheduler = build_scheduler(ctx.optimizer, ctx.train_cfg)
+    # The scheduler is made first (new_optimizer): making one may rescale the optimizer's lr
+    # (LinearLR, OneCycleLR); the saved param groups (lr, initial_lr) then overwrite that.
+    ctx.optimizer, ctx.scheduler = new_optimizer(ctx)
     ctx.optimizer.load_state_dict(optimizer_state)
     if ctx.scheduler is not None and scheduler_state is not None:
         ctx.scheduler.load_state_dict(scheduler_state)
@@ -128,16 +147,45 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     method.after_task(ctx)
 
 
+class Evaluation(NamedTuple):
+    """What `measure` finds on one split: accuracy, mean loss, and each extra metric's value."""
+    accuracy: float
+    loss: float
+    metrics: dict[str, float]
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, data: TensorSet) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of `model` on `data`, in eval mode."""
+def measure(model: torch.nn.Module, data: TensorSet,
+            loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+            metrics: Sequence[Callable[[torch.Tensor, torch.Tensor], Any]] = ()) -> Evaluation:
+    """Accuracy, mean `loss` and `metrics` (by __name__, each given all of the split's logits
+    and targets) of `model` on `data`, in eval mode. The loss is averaged over examples: a
+    chunk's loss (a mean, as torch losses reduce by default) counts len(chunk) times;
+    cross-entropy is summed exactly per example."""
     was_training = model.training
     model.eval()
-    correct, loss_sum = 0.0, 0.0
+    correct, loss_sum, every_logits = 0.0, 0.0, []
     for start in range(0, len(data), EVAL_CHUNK):
         x, y, task = (part[start:start + EVAL_CHUNK] for part in data)
         logits = model(x, task)
         correct += float((logits.argmax(dim=1) == y).sum())
-        loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        if loss is F.cross_entropy:  # engram's own numbers, summed as they always were
+            loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        else:
+            loss_sum += float(loss(logits, y)) * len(y)
+        if metrics:
+            every_logits.append(logits)
     model.train(was_training)
-    return correct / len(data), loss_sum / len(data)
+    values = {}
+    if metrics:
+        logits = torch.cat(every_logits)
+        values = {metric.__name__: float(metric(logits, data.y)) for metric in metrics}
+    return Evaluation(correct / len(data), loss_sum / len(data), values)
+
+
+def evaluate(model: torch.nn.Module, data: TensorSet,
+             loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy
+             ) -> tuple[float, float]:
+    """(accuracy, mean loss, cross-entropy unless `loss` says else) of `model` on `data`, in
+    eval mode (see `measure`)."""
+    return measure(model, data, loss)[:2]

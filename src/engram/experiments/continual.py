@@ -15,7 +15,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -26,7 +26,7 @@ from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
                                  refuse_unusable_model)
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
 from engram.results import COLUMNS, KEY, row_key
-from engram.training import evaluate, restore_optimizer, train_task
+from engram.training import measure, restore_optimizer, train_task
 
 # Config keys that change how a run is carried out but not its numbers: --resume may differ.
 NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
@@ -36,21 +36,30 @@ NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
 class RunIdentity:
     """The columns every row of one run shares."""
     run_id: str
-    cfg: RunConfig
+    name: str
     method: MethodSpec
     seed: int
+    dataset: str
+    stream: str
+    scenario: str
+
+    @classmethod
+    def of_config(cls, cfg: RunConfig, method: MethodSpec, seed: int) -> "RunIdentity":
+        """An `engram run` run's: its id (continual_run_id) and its config's names."""
+        return cls(continual_run_id(cfg, method, seed), cfg.name, method, seed,
+                   cfg.data.source, cfg.stream.kind, cfg.stream.scenario)
 
     def row(self, **fields: Any) -> dict[str, Any]:
         return {
-            "run_id": self.run_id, "name": self.cfg.name, "seed": self.seed,
+            "run_id": self.run_id, "name": self.name, "seed": self.seed,
             "method": self.method.name, "label": self.method.label(),
             "params": json.dumps(params_dict(self.method.params), sort_keys=True),
-            "dataset": self.cfg.data.source, "stream": self.cfg.stream.kind,
-            "scenario": self.cfg.stream.scenario, "task_eval": "", "split": "", **fields}
+            "dataset": self.dataset, "stream": self.stream,
+            "scenario": self.scenario, "task_eval": "", "split": "", **fields}
 
 
 def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
-                     epoch: int) -> list[dict]:
+                     epoch: int, metrics: Sequence[Callable] = ()) -> list[dict]:
     rows = []
     net = method.eval_model(ctx)  # the live model unless the method picks weights per task
     for task in ctx.stream.tasks:
@@ -58,11 +67,13 @@ def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trai
             data = task.val if split == "val" else task.test
             if data is None or len(data) == 0:
                 continue
-            accuracy, loss = evaluate(net, data)
+            found = measure(net, data, ctx.loss_fn, metrics)  # the loss trained on
             common = dict(task_trained=task_trained, epoch=epoch, step=ctx.step,
                           task_eval=task.index + 1, split=split)
-            rows.append(ident.row(metric="accuracy", value=accuracy, **common))
-            rows.append(ident.row(metric="loss", value=loss, **common))
+            rows.append(ident.row(metric="accuracy", value=found.accuracy, **common))
+            rows.append(ident.row(metric="loss", value=found.loss, **common))
+            rows += [ident.row(metric=name, value=value, **common)
+                     for name, value in found.metrics.items()]
     return rows
 
 
@@ -147,7 +158,7 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     from engram.models import build_model
     from engram.registry import METHODS
 
-    ident = RunIdentity(continual_run_id(cfg, spec, seed), cfg, spec, seed)
+    ident = RunIdentity.of_config(cfg, spec, seed)
     # before any training: a method that could not act on this stream is refused, not run
     refuse_unusable(spec, ProblemInfo(f"{cfg.data.source} ({cfg.stream.kind} stream)",
                                       stream.head_dim, classification=True))
@@ -157,15 +168,29 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     method: Method = METHODS.get(spec.name)(spec.params)
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
                   generator=torch.Generator().manual_seed(seed), device=device)
-    ctx.model = model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
+    ctx.model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
+    run_through_stream(ident, method, ctx, sink, cfg.checkpoint_seconds)
+    return ident.run_id
+
+
+def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: JobSink,
+                       checkpoint_seconds: float, metrics: Sequence[Callable] = ()) -> None:
+    """The body of every continual run (`engram run` through run_one, engram.fit): train
+    `method` on ctx.model (built, checked and prepared) through ctx.stream, handing rows to
+    `sink` as they are measured: the untrained baseline, each epoch's train loss, the
+    evaluations (accuracy, loss with ctx.loss_fn, each of `metrics`), each task's
+    train_seconds and extra_bytes, run_complete. A checkpoint in OUT/checkpoints (at most
+    every `checkpoint_seconds`, at task ends) lets a rerun resume where it left off when
+    the rows of the tasks it covers are recorded."""
+    stream, train_cfg, device, model = ctx.stream, ctx.train_cfg, ctx.device, ctx.model
     checkpoint = sink.folder / "checkpoints" / f"{ident.run_id}.pt"
     tasks_done = 0
     state = None
     if checkpoint.exists():
         state = _load_checkpoint(checkpoint, device, len(stream))
-        lacks_optimizer = cfg.train.optimizer_policy == "carry" and "optimizer" not in state
+        lacks_optimizer = train_cfg.optimizer_policy == "carry" and "optimizer" not in state
         if "global_rng" not in state or lacks_optimizer or not task_end_recorded(
-                sink.recorded, ident.run_id, state["tasks_done"], cfg.train.epochs):
+                sink.recorded, ident.run_id, state["tasks_done"], train_cfg.epochs):
             # The checkpoint is ahead of the results (rows lost with a killed sweep parent, or
             # a results file cut short): resuming would leave tasks without rows. Or it is
             # from an engram that did not save the global RNG, so dropout masks would differ (or,
@@ -186,9 +211,9 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
                                         f"{' '.join(str(err).split())[:200]}") from None
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
-        sink.emit(_evaluation_rows(ident, ctx, method, task_trained=0, epoch=0))  # the untrained baseline
+        sink.emit(_evaluation_rows(ident, ctx, method, 0, 0, metrics))  # the untrained baseline
 
-    epochs = cfg.train.epochs
+    epochs = train_cfg.epochs
     sink.report(tasks_done * epochs)  # progress is counted in epochs
     ctx.seen_tasks = list(stream.tasks[:tasks_done])
     last_checkpoint = time.perf_counter()
@@ -201,13 +226,13 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
         def on_epoch(epoch: int, mean_loss: float) -> None:
             sink.emit([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
                                  metric="train_loss", value=mean_loss)])
-            if cfg.train.eval_every and epoch % cfg.train.eval_every == 0 and epoch < epochs:
-                sink.emit(_evaluation_rows(ident, ctx, method, number, epoch))
+            if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < epochs:
+                sink.emit(_evaluation_rows(ident, ctx, method, number, epoch, metrics))
             sink.report(1)
 
         train_task(ctx, method, on_epoch)
         seconds = time.perf_counter() - started
-        rows = _evaluation_rows(ident, ctx, method, number, epochs)
+        rows = _evaluation_rows(ident, ctx, method, number, epochs, metrics)
         rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
                               metric="train_seconds", value=seconds))
         # What the method keeps beyond the live model after this task: the memory bill.
@@ -217,14 +242,14 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
         # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
         # so save one only when enough work would otherwise be lost. A run killed without one
         # resumes from its previous checkpoint (or its start): the same numbers, re-measured.
-        due = time.perf_counter() - last_checkpoint >= cfg.checkpoint_seconds
+        due = time.perf_counter() - last_checkpoint >= checkpoint_seconds
         if due and number < len(stream):
             checkpoint.parent.mkdir(exist_ok=True)  # the harness removes it when empty
             saved = {"model": model.state_dict(), "method": method.state_dict(),
                      "generator": ctx.generator.get_state(),
                      "global_rng": global_random_state(device), "step": ctx.step,
                      "tasks_done": number}
-            if cfg.train.optimizer_policy == "carry":  # the next task trains on with it
+            if train_cfg.optimizer_policy == "carry":  # the next task trains on with it
                 saved["optimizer"] = ctx.optimizer.state_dict()
                 if ctx.scheduler is not None:
                     saved["scheduler"] = ctx.scheduler.state_dict()
@@ -233,7 +258,6 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     sink.emit([ident.row(task_trained=len(stream), epoch=epochs, step=ctx.step,
                          metric="run_complete", value=1)])
     checkpoint.unlink(missing_ok=True)
-    return ident.run_id
 
 
 # ----------------------------------------------------------------------------- the experiment

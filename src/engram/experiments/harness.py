@@ -67,6 +67,16 @@ def run_id(canonical: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def content_digest(parts: Iterable[Any]) -> str:
+    """A sha256 hex digest of byte buffers (bytes, numpy arrays, memoryviews), in order: the
+    contents behind a run id when they cannot be described in a few words (engram.fit's
+    tensors and initial weights); run_id then hashes the digest with the rest."""
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part)
+    return digest.hexdigest()
+
+
 def resolve_device(name: str) -> torch.device:
     """`auto` picks CUDA when available, else CPU; cpu, cuda, cuda:N and mps must exist here.
     Other torch devices (meta, xpu, ...) are refused by check_device: engram cannot train there."""

@@ -74,6 +74,10 @@ class Context:
     # engram.training.task_optimizer; one pair for the whole run under optimizer_policy carry.
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+    # The user's factories (engram.fit): params -> optimizer and optimizer -> LR scheduler,
+    # used by task_optimizer instead of train_cfg's optimizer / scheduler when set.
+    make_optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
+    make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
 
 
 @dataclass(frozen=True)
