@@ -196,6 +196,13 @@ def _tracked(args: argparse.Namespace, out: Path) -> Iterator[dict[str, Any]]:
             tracker.shutdown()
 
 
+def _add_folders(parser: argparse.ArgumentParser, more: str,
+                 first: str = "a folder holding results.csv") -> None:
+    """RUN_DIR [MORE_DIR ...]: the folders `table`, `summary`, `plot` and `export` read."""
+    parser.add_argument("run_dir", help=first)
+    parser.add_argument("more_dirs", nargs="*", metavar="MORE_DIR", help=more)
+
+
 def _add_experiment_args(parser: argparse.ArgumentParser, kind: str, config_help: str,
                          override_example: str) -> None:
     """CONFIG, KEY=VALUE overrides, --out and --help-config: the arguments every experiment
@@ -310,9 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "importances, buffers, stored gradients, stored data). Writes "
                     "RUN_DIR/plots/scenario_table.png. More folders (e.g. a second sweep of "
                     "baselines) join the same table; rows then read 'experiment / method'.")
-    scenario_table.add_argument("run_dir", help="a folder holding results.csv")
-    scenario_table.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
-                                help="further folders whose runs join the table")
+    _add_folders(scenario_table, "further folders whose runs join the table")
     scenario_table.add_argument("--markdown", action="store_true",
                                 help="print GitHub-markdown tables (for a README)")
     scenario_table.add_argument("--split", choices=["test", "val"], default=None,
@@ -330,9 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "folders join the same plots, as in `engram table` (methods of other "
                     "experiments read 'experiment / method'); the plots still go to "
                     "RUN_DIR/plots/, or to --out.")
-    plot.add_argument("run_dir", help="a folder holding results.csv")
-    plot.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
-                      help="further folders whose runs join the plots")
+    _add_folders(plot, "further folders whose runs join the plots")
     plot.add_argument("--out", metavar="FOLDER",
                       help="write the PNG files into FOLDER (default: RUN_DIR/plots)")
 
@@ -342,9 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "and forward transfer per method: mean ± standard error over seeds. More "
                     "folders join the same table, as in `engram table` (rows of other "
                     "experiments read 'experiment / method').")
-    table.add_argument("run_dir", help="a folder holding results.csv")
-    table.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
-                       help="further folders whose runs join the table")
+    _add_folders(table, "further folders whose runs join the table")
     table.add_argument("--ci", action="store_true", help=ci_help)
 
     export = commands.add_parser(
@@ -356,9 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "folder gets its own results.parquet; with --out, all the folders' rows "
                     "(tables of one kind) go into that one file. Needs the `results` extra: "
                     "pip install -e \".[results]\".")
-    export.add_argument("run_dir", help="a folder holding results.csv (or a results.csv)")
-    export.add_argument("more_dirs", nargs="*", metavar="MORE_DIR",
-                        help="further folders to export")
+    _add_folders(export, "further folders to export", "a folder holding results.csv (or a "
+                 "results.csv)")
     export.add_argument("--parquet", action="store_true", required=True,
                         help="the format: Apache Parquet (the only one so far)")
     export.add_argument("--out", metavar="PATH",
