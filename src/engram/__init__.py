@@ -6,11 +6,27 @@ Importing engram is cheap and has no side effects; the pieces live in submodules
 pandas), `engram.stream_from(train, test, ...)` (engram.data.user: a Stream from your own
 data) and `engram.fit(model, stream, method, ...)` (engram.api: train any network with any
 method) are imported on first use.
+
+Public API (the pages of the API reference, `python docs/build_api.py`); everything else
+(the CLI, the harness, the experiments, names starting with _) is internal and may change:
+
+* `engram.fit`, `engram.stream_from`, `engram.load_results`, `engram.accuracy_matrices`:
+  train and evaluate from Python, and query any results table (engram.api,
+  engram.data.user, engram.frames); engram.data.streams holds the Stream they pass around.
+* engram.models.adapt: your own nn.Module as an engram network (engram.models.protocol).
+* engram.registry: the registries (MODELS, DATASETS, STREAMS, PROBLEMS, METHODS, MEASURES);
+  a plugin adds an entry with one line, `METHODS.add(name, cls, description)`.
+* engram.methods.base: the Method hooks and the Context they read, for writing a method.
+* engram.metrics: pure functions of an accuracy matrix (average accuracy, forgetting,
+  backward and forward transfer) and the loss-of-plasticity diagnostics.
+* engram.results: the tidy results table (columns, writer, reader, accuracy matrices);
+  engram.errors: the one-line errors engram raises.
 """
 
 __version__ = "0.1.0"
 
 LAZY = ("load_results", "accuracy_matrices", "stream_from", "fit")  # imported on first use
+__all__ = ["fit", "stream_from", "load_results", "accuracy_matrices"]  # the lazy names
 
 
 def __getattr__(name: str) -> object:  # no `typing` import: it costs more than engram

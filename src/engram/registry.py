@@ -19,6 +19,8 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Entry(Generic[T]):
+    """One registered object: its registry name, the object, a one-line description (what
+    `engram list` prints)."""
     name: str
     obj: T
     description: str
@@ -44,6 +46,10 @@ class Registry(Generic[T]):
                 raise
 
     def add(self, name: str, obj: T, description: str) -> T:
+        """Register `obj` under `name` with a one-line `description`; returns `obj`.
+        ValueError when the name is taken or the description is empty or has a newline.
+        A plugin registers with one line at import time, e.g.
+        ``METHODS.add("my_method", MyMethod, "what it does (Author et al. 2024)")``."""
         if name in self._entries:
             raise ValueError(f"{self.kind} {name!r} is registered twice")
         if "\n" in description or not description:
@@ -52,6 +58,8 @@ class Registry(Generic[T]):
         return obj
 
     def get(self, name: str) -> T:
+        """The object registered as `name` (importing the home module first); KeyError
+        naming every registered name when there is none."""
         self._fill()
         try:
             return self._entries[name].obj
@@ -61,10 +69,12 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        """The registered names, in registration order."""
         self._fill()
         return list(self._entries)
 
     def entries(self) -> Iterator[Entry[T]]:
+        """Every Entry (name, object, description), in registration order."""
         self._fill()
         return iter(self._entries.values())
 
@@ -79,8 +89,20 @@ class Registry(Generic[T]):
 
 # The registries of engram's libraries, filled by the modules named.
 DATASETS: Registry[Any] = Registry("dataset", "engram.data")
+"""Datasets (config `data.dataset`): name -> loader returning the source's images and labels
+(engram.data.sources)."""
 STREAMS: Registry[Any] = Registry("stream", "engram.data")
+"""Stream kinds (config `stream.kind`: split, permuted, rotated, ...): name -> function
+(pools, StreamConfig, generator) -> raw tasks (engram.data.streams)."""
 PROBLEMS: Registry[Any] = Registry("plasticity problem", "engram.data")
+"""Loss-of-plasticity problems (`engram plasticity`): name -> function building a Problem,
+its tasks and shapes (engram.data.problems)."""
 MODELS: Registry[Any] = Registry("model", "engram.models")
+"""Network bodies (config `model.kind`: mlp, cnn): name -> (input_shape, ModelConfig) ->
+nn.Module mapping inputs to features; the linear head is added by engram.models.ContinualNet."""
 METHODS: Registry[Any] = Registry("method", "engram.methods")
+"""Continual-learning methods: name -> a subclass of engram.methods.base.Method (its `Params`
+dataclass holds the config keys)."""
 MEASURES: Registry[Any] = Registry("importance measure", "engram.importance")
+"""Parameter-importance measures compared by `engram profile` (Fisher, MAS, ...): name ->
+function (model, batches, loss_fn, ...) -> per-parameter scores (engram.importance.measures)."""

@@ -48,7 +48,9 @@ if TYPE_CHECKING:  # numpy is imported where the matrices are built
 
 COLUMNS = ["run_id", "name", "seed", "method", "label", "params", "dataset", "stream", "scenario",
            "task_trained", "epoch", "step", "task_eval", "split", "metric", "value"]
+"""The continual results table's columns, in file order (see the module docstring)."""
 KEY = ("run_id", "task_trained", "epoch", "task_eval", "split", "metric")
+"""The columns that identify a row: a resumed run skips rows whose key is already written."""
 # The tables of the other experiments (engram.experiments.profile, plasticity, window), here so
 # that a reader (engram.frames) knows every table engram writes without importing them.
 PROFILE_COLUMNS = ["profile_id", "name", "seed", "epoch", "measure", "aggregation", "reducer",

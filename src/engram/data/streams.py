@@ -45,6 +45,8 @@ class TensorSet(NamedTuple):
 
 @dataclass
 class Task:
+    """One task of a stream: its classes and its train, val (None without a validation
+    split) and test examples, each a TensorSet whose y holds the scenario's targets."""
     index: int            # 0-based position in the stream
     name: str             # e.g. "0/1" or "perm 2"
     classes: list[int]    # the source's class labels in this task
@@ -55,6 +57,11 @@ class Task:
 
 @dataclass
 class Stream:
+    """A sequence of tasks to learn one after another (engram.stream_from builds one from
+    your data). The scenario (van de Ven & Tolias 2019) says what a network must tell apart:
+    "task" (task-incremental: one head per task, the task id given at test time),
+    "domain" (domain-incremental: one shared head of a task's classes, no task id), or
+    "class" (class-incremental: one head over every class seen, no task id)."""
     tasks: list[Task]
     scenario: str
     n_heads: int          # 1, or one per task in task-incremental learning

@@ -47,6 +47,7 @@ from engram.errors import ConfigError
 from engram.models.protocol import unmet_need
 
 Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B,), task (B,)
+"""A mini-batch: a TensorSet of B examples, x (B, ...), y (B,) targets, task (B,) task ids."""
 
 
 @dataclass
@@ -139,7 +140,33 @@ class NoParams:
 
 
 class Method:
-    """Base class: every hook does nothing. Subclasses override the hooks they need."""
+    """Base class of a continual-learning method: every hook does nothing (plain fine-tuning,
+    `naive`). A method subclasses it, overrides the hooks it needs (the module docstring shows
+    where the runner calls each), and registers with one line in engram/methods/__init__.py,
+    e.g. ``METHODS.add("ewc", EWC, "elastic weight consolidation ...")`` (engram.registry).
+
+    `Params` is a dataclass of the method's config keys, validated from YAML or from
+    ``engram.fit(..., method_params=...)``; the instance gets it as ``self.params``. Example,
+    an L2 pull toward the previous task's weights, penalty = (strength / 2) * ||theta - theta*||^2::
+
+        @dataclass
+        class Params:
+            strength: float = 1.0
+
+        class PullBack(Method):
+            Params = Params
+
+            def after_task(self, ctx):
+                self.anchor = [p.detach().clone() for p in ctx.model.parameters()]
+
+            def penalty(self, ctx):
+                if not hasattr(self, "anchor"):
+                    return None
+                return self.params.strength / 2 * sum(
+                    ((p - a) ** 2).sum() for p, a in zip(ctx.model.parameters(), self.anchor))
+
+    (A real method also keeps `anchor` in `state_dict` so that a resumed run has it.)
+    """
 
     Params: ClassVar[type] = NoParams
     # Freezing by zeroing gradients (PackNet) is undone by a method that recomputes the
@@ -161,9 +188,12 @@ class Method:
         return model
 
     def before_task(self, ctx: Context) -> None:
-        pass
+        """Called at the start of every task, `ctx.task` already the new task (e.g. LwF
+        keeps a frozen copy of the previous network here)."""
 
     def training_data(self, data: TensorSet, ctx: Context) -> TensorSet:
+        """The examples the task trains on, batched and shuffled by the runner: the task's
+        training split `data` itself, or more (joint training adds every earlier task's)."""
         return data
 
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:
@@ -173,6 +203,9 @@ class Method:
         return batch
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
+        """A scalar added to the step's loss (`ctx.batch` is the step's batch), or None for
+        none. Regularisation methods live here, e.g. EWC's
+        (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017)."""
         return None
 
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
@@ -182,7 +215,9 @@ class Method:
         return None
 
     def after_backward(self, ctx: Context) -> None:
-        pass
+        """Called after `loss.backward()`, before `optimizer.step()`: the gradients in
+        `.grad` may be read or changed (SI accumulates its path integral, PackNet zeroes
+        frozen weights' gradients, SAM recomputes them at the perturbed point)."""
 
     def correct_update(self, ctx: Context) -> None:
         """Called right after `optimizer.step()`, before any method's `after_step`: a method
@@ -190,10 +225,12 @@ class Method:
         `UpdateSnapshot`), so that every later hook sees the corrected weights."""
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
-        pass
+        """Called after every update with the step's batch (replay fills its memory,
+        continual backprop and ReDo reinitialise units here)."""
 
     def after_task(self, ctx: Context) -> None:
-        pass
+        """Called when a task's training ends, before its evaluation (EWC estimates the
+        Fisher and stores the anchor, PackNet prunes)."""
 
     def eval_model(self, ctx: Context) -> nn.Module:
         """The network that is evaluated, `net(x, task) -> logits`: the live model, unless
@@ -202,10 +239,13 @@ class Method:
         return ctx.model
 
     def state_dict(self) -> dict[str, Any]:
+        """All the state a resumed run needs (anchors, importances, memories), as tensors,
+        numbers, strings, lists and dicts only: checkpoints are loaded with
+        ``torch.load(weights_only=True)``. Also what `extra_bytes` counts."""
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        """Restore what `state_dict` returned (on resume, after `prepare_model`)."""
 
     def extra_bytes(self) -> int:
         """Bytes of tensors the method keeps between tasks (anchors, Fishers, buffers)."""

@@ -50,7 +50,7 @@ class ContinualNet(nn.Module):
     The protocol every method may rely on (engram.models.adapt makes any module follow it):
     `forward(x, task)` and `all_logits(x)` -> (B, n_heads * head_dim) always; `features(x)`,
     `output(features, task)`, `body` and `head` only where the network splits into a body and
-    a linear head (engram.models.adapt.BlackBoxNet does not: a method that needs them declares
+    a linear head (engram.models.protocol.BlackBoxNet does not: a method that needs them declares
     so in `Method.model_needs` and is refused on it). `head` is built here, or given (adapt).
     """
 

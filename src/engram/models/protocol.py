@@ -149,6 +149,8 @@ NEEDS: dict[str, str] = {
     "relu_mlp": "a ReLU mlp: a body of Flatten, Linear, ReLU and Dropout layers only, then a "
                 "Linear head (model.kind: mlp with model.activation: relu)",
 }
+"""The structure needs a method may declare in `Method.model_needs`: name -> what it asks of
+the network (read as "it needs ..."); see `unmet_need`."""
 
 UNIT_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)
 PARAMETRIC_LAYERS = (nn.Linear, nn.Conv2d)
