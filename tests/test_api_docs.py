@@ -22,7 +22,7 @@ BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "docs" / "build_api.py"
 def load_build_api() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("build_api", BUILD_SCRIPT)
     module = importlib.util.module_from_spec(spec)
-    sys.modules["build_api"] = module  # its dataclass-free code needs no more, but be regular
+    sys.modules["build_api"] = module  # as an import would, for anything looking it up by name
     spec.loader.exec_module(module)
     return module
 
