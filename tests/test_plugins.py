@@ -1,7 +1,8 @@
 """Plugins (engram.plugins): a user's module registering a method and a model body, used from
 YAML through `engram run|sweep|list --import`, by spawned workers and Ray tasks (which must
 import it before they unpickle a job holding the plugin's Params), by a dotted name, and as
-an installed distribution's `engram.plugins` entry point; a broken plugin is one line."""
+an installed distribution's `engram.plugins` entry point; a broken plugin is one line.
+The Ray run is in tests/test_ray_backend.py, on that module's Ray instance."""
 
 from __future__ import annotations
 
@@ -205,19 +206,3 @@ def test_an_installed_entry_point_is_loaded_at_cli_start(tmp_path, monkeypatch, 
     assert "entry point myplug = epplugin_missing (group engram.plugins): cannot import it" \
         in err and len(err.splitlines()) == 1
 
-
-def test_a_ray_sweep_imports_the_plugin_in_its_tasks(tmp_path):
-    ray = pytest.importorskip("ray")
-    plugin = write_plugin(tmp_path / "lab")
-    grid = write_config(tmp_path, "grid.yaml",
-                        methods=[{"name": "l2zero", "strength": [0.0, 0.5]}])
-    out = tmp_path / "out"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    try:
-        assert main(["sweep", str(grid), "--import", str(plugin), "--backend", "ray",
-                     "--workers", "2", "--out", str(out), "-q"]) == 0
-    finally:
-        ray.shutdown()
-    rows = read_rows(out / "results.csv")
-    assert len({r["run_id"] for r in rows if r["metric"] == "run_complete"}) == 2
-    assert str(os.getpid()) not in pids(plugin)
