@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from engram import plugins
-from engram.cli import main
+from engram.cli import build_parser, main
 from engram.errors import ConfigError
 from engram.registry import DATASETS, MEASURES, METHODS, MODELS, PROBLEMS, STREAMS
 from engram.results import read_rows
@@ -92,6 +92,15 @@ def write_config(tmp_path, name="cfg.yaml", **changes):
 
 def pids(plugin_path):
     return set((plugin_path.parent / "pids.txt").read_text().split())
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "sweep", "profile", "plasticity", "window",
+                                     "list"])
+def test_every_command_that_reads_a_config_or_lists_takes_import_repeatedly(command):
+    positional = {"sweep": ["x.yaml"], "run": ["x.yaml"]}.get(command, [])
+    args = build_parser().parse_args([command, *positional, "--import", "a.b", "--import",
+                                      "c.py"])
+    assert args.imports == ["a.b", "c.py"]
 
 
 def test_run_with_a_plugin_file(tmp_path):
