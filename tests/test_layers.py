@@ -2,7 +2,7 @@
 
 Layers, bottom up (README, Development):
     ground floor  errors, registry, schema, config, stats, results,  imports nothing above it
-                  frames, optimizers
+                  frames, optimizers, plugins
     libraries     data, models, metrics, importance, methods, training
     experiments   engram.experiments.*                               the harness and the experiments
     reports       engram.reports.*                                   tables, figures, summaries
@@ -22,7 +22,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "engram"
 GROUND = {"engram", "engram.errors", "engram.registry", "engram.schema", "engram.config",
-          "engram.stats", "engram.results", "engram.frames", "engram.optimizers"}
+          "engram.stats", "engram.results", "engram.frames", "engram.optimizers",
+          "engram.plugins"}
 LIBRARIES = ("engram.data", "engram.models", "engram.metrics", "engram.importance",
              "engram.methods", "engram.training")
 RANK = {"ground": 0, "library": 1, "experiments": 2, "reports": 3, "cli": 4}

@@ -23,6 +23,8 @@ from engram.experiments.harness import Job, JobSink, Plan, run_plan  # noqa: E40
 from engram.experiments.ray_backend import LOST_WORKER_RETRIES, connect, import_ray  # noqa: E402
 from engram.experiments.sweep import run_sweep  # noqa: E402
 from engram.results import read_rows  # noqa: E402
+# clean_registries (autouse): each test here, too, forgets the plugins it loaded
+from tests.test_plugins import clean_registries, pids, write_config, write_plugin  # noqa: E402,F401
 from tests.test_sweep import measured, sweep_file  # noqa: E402
 
 COLUMNS = ["run_id", "seed", "metric", "value"]
@@ -194,3 +196,16 @@ def test_cli_sweep_on_ray_and_address_without_ray(tmp_path, local_ray, capsys):
                  "--address", "127.0.0.1:6379"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "engram: error: --address names a Ray cluster: it needs --backend ray"
+
+
+def test_a_ray_sweep_imports_the_plugin_in_its_tasks(tmp_path, local_ray):
+    """The job travels pickled and is unpickled in the task after the plugin is loaded."""
+    plugin = write_plugin(tmp_path / "lab")
+    grid = write_config(tmp_path, "grid.yaml",
+                        methods=[{"name": "l2zero", "strength": [0.0, 0.5]}])
+    out = tmp_path / "out"
+    assert main(["sweep", str(grid), "--import", str(plugin), "--backend", "ray",
+                 "--workers", "2", "--out", str(out), "-q"]) == 0
+    rows = read_rows(out / "results.csv")
+    assert len({r["run_id"] for r in rows if r["metric"] == "run_complete"}) == 2
+    assert str(os.getpid()) not in pids(plugin)

@@ -142,9 +142,22 @@ def _add_quiet(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
+def _add_imports(parser: argparse.ArgumentParser) -> None:
+    """--import MODULE (repeatable): the plugin modules of every command that reads a config
+    or lists the registries; `main` loads them (engram.plugins) before the command runs."""
+    parser.add_argument("--import", dest="imports", action="append", default=[],
+                        metavar="MODULE",
+                        help="import this plugin module first (repeatable): a dotted module "
+                             "name on the Python path, or a .py file; its registrations "
+                             "(MODELS.add, METHODS.add, ...) can then be named in configs, "
+                             "and every worker imports it too")
+
+
 def _add_workers(parser: argparse.ArgumentParser) -> None:
-    """--workers, --backend, --address, --log and -q: every experiment command runs its jobs
-    on the one harness (engram.experiments.harness); `_run_options` reads them back."""
+    """--workers, --backend, --address, --log, -q and --import: every experiment command
+    runs its jobs on the one harness (engram.experiments.harness); `_run_options` reads them
+    back."""
+    _add_imports(parser)
     parser.add_argument("--workers", type=at_least_one, default=1, metavar="N",
                         help="jobs at once (default: 1): parallel local processes, or Ray "
                              "tasks in flight; each uses the config's `threads` torch "
@@ -176,7 +189,8 @@ def _run_options(args: argparse.Namespace) -> dict[str, Any]:
         from engram.reports.tracking import make_trackers
         trackers = make_trackers(args.log)
     return {"workers": args.workers, "show_progress": not args.quiet, "raise_failures": False,
-            "backend": args.backend, "address": args.address, "trackers": trackers}
+            "backend": args.backend, "address": args.address, "trackers": trackers,
+            "imports": args.plugins}
 
 
 @contextlib.contextmanager
@@ -370,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "its registry name, a space, and a one-line description.")
     listing.add_argument("--params", action="store_true",
                          help="also list each method's parameters with defaults")
+    _add_imports(listing)
     return parser
 
 
@@ -662,6 +677,14 @@ def _os_problem(err: OSError) -> str:
     return f"cannot access {err.filename}: {reason}" if err.filename else reason
 
 
+def _load_plugins(args: argparse.Namespace) -> list[str]:
+    """Load the installed `engram.plugins` entry points, then the command's --import
+    modules, before any config is read; the list the workers load too (engram.plugins)."""
+    from engram.plugins import entry_point_plugins, load_plugins
+
+    return entry_point_plugins() + load_plugins(getattr(args, "imports", []))
+
+
 COMMANDS = {"demo": cmd_demo, "run": cmd_run, "sweep": cmd_sweep, "table": cmd_table,
             "plot": cmd_plot, "summary": cmd_summary, "export": cmd_export, "list": cmd_list,
             "profile": cmd_profile, "profile-report": cmd_profile_report,
@@ -683,6 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     from engram.errors import EngramError
 
     try:
+        args.plugins = _load_plugins(args)
         status = COMMANDS[args.command](args)
     except EngramError as err:
         notes = "".join(f"\n{note}" for note in getattr(err, "__notes__", ()))

@@ -15,3 +15,10 @@ class DataError(EngramError):
 
 class DivergenceError(EngramError):
     """Training produced a non-finite loss."""
+
+
+def one_line(error: BaseException) -> str:
+    """An error's type and the first line of its message, for a one-line report of an
+    exception from code engram does not own (a plugin, a Ray task)."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")

@@ -55,6 +55,7 @@ from engram.errors import ConfigError, EngramError
 from engram.experiments.jobs import (Job, JobSink, Plan, error_text, execute_job, portable_error,
                                      set_threads)
 from engram.experiments.outdir import OutputFolder
+from engram.plugins import load_plugins
 from engram.results import ResultWriter
 
 
@@ -160,12 +161,15 @@ def keep_config(out: Path, dump: dict[str, Any], name: str = "config.yaml") -> N
 
 def run_plan(plan: Plan, out: str | Path, *, workers: int = 1, show_progress: bool = True,
              raise_failures: bool = True, backend: str = "local", address: str | None = None,
-             trackers: Sequence[Tracker] = ()) -> Report:
+             trackers: Sequence[Tracker] = (), imports: Sequence[str] = ()) -> Report:
     """Run (or resume) every job of `plan` into `out`; see the module docstring.
 
     workers: jobs at once (local processes, or Ray tasks in flight); backend: "local" or
     "ray"; address: the Ray cluster to join (default: start a local Ray instance);
-    trackers: told of rows and jobs as they finish (engram.reports.tracking).
+    trackers: told of rows and jobs as they finish (engram.reports.tracking); imports:
+    plugin modules (engram.plugins.load_plugins: dotted names, .py paths) that every worker
+    process or Ray task imports before it unpickles a job, as the plan's jobs may hold their
+    objects (a plugin method's Params); loaded here too. Run ids do not depend on them.
     With raise_failures (the library default) a failed job's exception is raised at the end,
     after every other job ran (its note says how many failed); otherwise the failures are in
     the report and `failures.jsonl`, for the CLI to list."""
@@ -175,15 +179,16 @@ def run_plan(plan: Plan, out: str | Path, *, workers: int = 1, show_progress: bo
         raise ConfigError(f"backend: {backend!r} is not one of {', '.join(BACKENDS)}")
     if address is not None and backend != "ray":
         raise ConfigError("--address names a Ray cluster: it needs --backend ray")
+    imports = tuple(load_plugins(imports))  # as the workers will name them (absolute paths)
     with OutputFolder(out, plan.command) as folder:
         folder.claim(plan.identity, plan.growable, plan.device)
         return _run_plan_in(plan, folder.path, workers, show_progress, raise_failures,
-                            backend, address, trackers)
+                            backend, address, trackers, imports)
 
 
 def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
                  raise_failures: bool, backend: str, address: str | None,
-                 trackers: Sequence[Tracker]) -> Report:
+                 trackers: Sequence[Tracker], imports: tuple[str, ...]) -> Report:
     started = time.perf_counter()
     for tracker in trackers:
         tracker.start(plan, out)
@@ -235,7 +240,8 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
             if backend == "ray":
                 from engram.experiments.ray_backend import run_in_ray
 
-                run_in_ray(plan, todo, workers, address, recorded, write, out, record, progress)
+                run_in_ray(plan, todo, workers, address, recorded, write, out, record, progress,
+                           imports)
             elif workers == 1 or len(todo) <= 1:
                 for job in todo:
                     progress.set_postfix_str(job.describe(), refresh=False)
@@ -243,7 +249,8 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
                                    recorded[job.prefix()], out)
                     record(job, execute_job(plan.execute, job, sink))
             else:
-                _run_in_workers(plan, todo, workers, recorded, write, out, record, progress)
+                _run_in_workers(plan, todo, workers, recorded, write, out, record, progress,
+                                imports)
     finally:
         progress.close()
     checkpoints = out / "checkpoints"  # jobs keep resume checkpoints there (continual runs)
@@ -327,13 +334,21 @@ def exit_with_parent(parent: int, every: float = 0.5) -> None:
     threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
-def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out: Path) -> None:
+def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out: Path,
+            imports: tuple[str, ...] = ()) -> None:
     """A worker process: receive (job, recorded) on its own pipe until None; send back rows,
     progress and each job's outcome, in that order. `parent` is the parent's pid, passed in:
     a parent killed while this process still imported torch has already left it to init, and
-    os.getppid() here would name init instead."""
+    os.getppid() here would name init instead. The plugin modules `imports` are loaded first:
+    a job is unpickled on receipt, and may hold their classes; a job that cannot be (a plugin
+    this process cannot import) fails with that error, and the worker goes on."""
     exit_with_parent(parent)  # also while waiting for a job or inside a long epoch
     set_threads(threads)
+    plugin_error: EngramError | None = None
+    try:
+        load_plugins(imports)
+    except EngramError as error:
+        plugin_error = error
 
     def emit(rows: Iterable[dict[str, Any]]) -> None:
         conn.send(("rows", list(rows)))
@@ -342,7 +357,19 @@ def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out:
         conn.send(("progress", n))
 
     try:
-        while (item := conn.recv()) is not None:
+        while True:
+            try:
+                item = conn.recv()
+            except (EOFError, OSError):  # the parent has gone: stop (below)
+                raise
+            except Exception as unpickling:  # noqa: BLE001 - the job, not the pipe, is bad
+                conn.send(("done", portable_error(plugin_error or unpickling)))
+                continue
+            if item is None:
+                break
+            if plugin_error is not None:
+                conn.send(("done", plugin_error))
+                continue
             job, recorded = item
             error = execute_job(execute, job, JobSink(emit, report, recorded, out))
             conn.send(("done", None if error is None else portable_error(error)))
@@ -353,8 +380,10 @@ def _worker(conn: Connection, parent: int, execute: Callable, threads: int, out:
 def _run_in_workers(plan: Plan, todo: list[Job], workers: int,
                     recorded: dict[tuple[str, ...], set[tuple[str, ...]]],
                     write: Callable[[Job, list[dict[str, Any]]], None], out: Path,
-                    record: Callable[[Job, Any], None], progress: Any) -> None:
-    """Hand `todo` to `workers` spawned processes, one job at a time each, over a pipe of its
+                    record: Callable[[Job, Any], None], progress: Any,
+                    imports: tuple[str, ...] = ()) -> None:
+    """Hand `todo` to `workers` spawned processes (each imports the plugin modules `imports`
+    first), one job at a time each, over a pipe of its
     own; write their rows here, one batch at a time. Nothing is shared between workers, so a
     worker that dies (killed, out of memory) cannot block the others (a queue shared by all
     would stay locked if one died inside a write): its job fails, and a new worker takes over."""
@@ -377,7 +406,7 @@ def _run_in_workers(plan: Plan, todo: list[Job], workers: int,
     def start() -> None:
         ours, theirs = context.Pipe(duplex=True)
         process = context.Process(target=_worker, daemon=True, args=(
-            theirs, os.getpid(), plan.execute, plan.threads, out))
+            theirs, os.getpid(), plan.execute, plan.threads, out, imports))
         process.start()
         theirs.close()  # only the worker holds its end now: its death is an EOF here
         processes.append(process)

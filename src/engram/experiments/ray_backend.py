@@ -27,21 +27,25 @@ otherwise `ray.init(address=address)` joins the cluster at `address`, or, with n
 starts a local instance sized to the plan (workers x threads CPUs, so Ray starts no more
 worker processes than there are jobs in flight), and shuts it down at the end. Jobs on other
 nodes need engram installed there, and the output folder on a shared filesystem for their own
-files (checkpoints, window records).
+files (checkpoints, window records), and the plugin modules (`--import`, entry points)
+importable there: by name, or at the same path for a .py file.
 """
 
 from __future__ import annotations
 
 import collections
+import pickle
 import queue
+import sys
 import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
 
-from engram.errors import ConfigError
+from engram.errors import ConfigError, one_line
 from engram.experiments.jobs import Job, JobSink, Plan, execute_job, portable_error, set_threads
+from engram.plugins import add_search_path, load_plugins
 from engram.results import row_key
 
 LOST_WORKER_RETRIES = 3  # new tasks for a job whose worker or node was lost, then it fails
@@ -58,14 +62,28 @@ def import_ray() -> Any:
     return ray
 
 
-def job_messages(execute: Callable[[Job, JobSink], None], job: Job,
-                 recorded: set[tuple[str, ...]], folder: Path, threads: int
+def job_messages(execute: Callable[[Job, JobSink], None], pickled_job: bytes,
+                 recorded: set[tuple[str, ...]], folder: Path, threads: int,
+                 imports: tuple[str, ...] = (), search_path: tuple[str, ...] = ()
                  ) -> Iterator[list[tuple[str, Any]]]:
     """The body of a job's Ray task (a streaming generator): run `execute(job, sink)` in a
     thread of this worker and yield what its sink is handed, as it is handed: lists of
     messages ("rows", rows) and ("progress", n), the last one ("done", error or None). A
     generator cannot yield from inside the job's callbacks, hence the thread and the queue
-    between them; what queued up meanwhile travels as one list."""
+    between them; what queued up meanwhile travels as one list.
+
+    The job travels pickled, and is unpickled here only after the plugin modules `imports`
+    are loaded (Ray unpickles a task's arguments before it runs the task, and a job may hold
+    a plugin's classes); the driver's `search_path` (its sys.path) lets a worker on its
+    machine find the modules it imported by name. A plugin that cannot be loaded here fails
+    the job with that error."""
+    try:
+        add_search_path(search_path)
+        load_plugins(imports)
+        job: Job = pickle.loads(pickled_job)
+    except Exception as error:  # noqa: BLE001 - reported as the job's failure
+        yield [("done", portable_error(error))]
+        return
     messages: queue.Queue = queue.Queue()
 
     def run() -> None:
@@ -98,10 +116,12 @@ def job_messages(execute: Callable[[Job, JobSink], None], job: Job,
 def run_in_ray(plan: Plan, todo: list[Job], workers: int, address: str | None,
                recorded: dict[tuple[str, ...], set[tuple[str, ...]]],
                write: Callable[[Job, list[dict[str, Any]]], None], out: Path,
-               record: Callable[[Job, Any], None], progress: Any) -> None:
+               record: Callable[[Job, Any], None], progress: Any,
+               imports: tuple[str, ...] = ()) -> None:
     """Run `todo` as Ray tasks, at most `workers` at once, writing their rows here (the
     harness's `write`), advancing `progress` and recording each job's outcome (`record`); the
-    same contract as the harness's local pool. See the module docstring."""
+    same contract as the harness's local pool, every task loading the plugin modules
+    `imports` first. See the module docstring."""
     if not todo:
         return
     ray = import_ray()
@@ -114,7 +134,7 @@ def run_in_ray(plan: Plan, todo: list[Job], workers: int, address: str | None,
         if device.type == "cuda" and ray.cluster_resources().get("GPU", 0) < 1:
             raise ConfigError(f"device: {plan.device!r}, but the Ray cluster has no GPU")
         _drive(ray, plan, todo, workers, recorded, write, out, record, progress,
-               num_gpus=1 if device.type == "cuda" else 0)
+               num_gpus=1 if device.type == "cuda" else 0, imports=imports)
     finally:
         if started:
             ray.shutdown()
@@ -166,7 +186,8 @@ def _probe(address: str) -> None:
 def _drive(ray: Any, plan: Plan, todo: list[Job], workers: int,
            recorded: dict[tuple[str, ...], set[tuple[str, ...]]],
            write: Callable[[Job, list[dict[str, Any]]], None], out: Path,
-           record: Callable[[Job, Any], None], progress: Any, num_gpus: int) -> None:
+           record: Callable[[Job, Any], None], progress: Any, num_gpus: int,
+           imports: tuple[str, ...] = ()) -> None:
     """Submit, read and retry the tasks; cancel those in flight if this process stops."""
     from ray.exceptions import (NodeDiedError, ObjectLostError, OutOfMemoryError, RayError,
                                 WorkerCrashedError)
@@ -182,12 +203,14 @@ def _drive(ray: Any, plan: Plan, todo: list[Job], workers: int,
     attempts = collections.Counter()               # tasks started per job
     shown = collections.Counter()                  # progress units shown per job
     counted = collections.Counter()                # ... and reported by its current task
+    search_path = tuple(sys.path) if imports else ()  # where the plugins were found here
 
     def submit(index: int) -> None:
         job = todo[index]
         attempts[index] += 1
         counted[index] = 0
-        in_flight[task.remote(plan.execute, job, held[index], out, plan.threads)] = index
+        in_flight[task.remote(plan.execute, pickle.dumps(job), held[index], out, plan.threads,
+                              imports, search_path)] = index
         progress.set_postfix_str(job.describe(), refresh=False)
 
     def finish(generator: Any, outcome: Any) -> None:
@@ -215,10 +238,10 @@ def _drive(ray: Any, plan: Plan, todo: list[Job], workers: int,
                         continue
                     lost = attempts[index]
                     finish(generator, f"the Ray worker running this job was lost {lost} "
-                                      f"time{'s' * (lost > 1)}; last: {_one_line(error)}")
+                                      f"time{'s' * (lost > 1)}; last: {one_line(error)}")
                     continue
                 except RayError as error:  # the task itself could not run (e.g. an import)
-                    finish(generator, f"Ray could not run this job: {_one_line(error)}")
+                    finish(generator, f"Ray could not run this job: {one_line(error)}")
                     continue
                 for kind, value in batch:
                     if kind == "rows":
@@ -238,8 +261,3 @@ def _drive(ray: Any, plan: Plan, todo: list[Job], workers: int,
             except Exception:  # noqa: BLE001 - already finished or gone
                 pass
 
-
-def _one_line(error: BaseException) -> str:
-    """An error's type and the first line of its message."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}".rstrip(": ")
