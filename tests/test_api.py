@@ -237,3 +237,26 @@ def test_a_stream_or_model_of_the_wrong_kind_is_refused():
     stream = tiny_stream("task")
     with pytest.raises(ConfigError, match="needs 2 of 2"):
         fit(build_model(tiny_config().model, (1, 8, 8), 1, 2), stream)
+
+
+def test_a_dataset_backed_stream_writes_the_rows_of_the_tensor_path(tmp_path):
+    """tiny_stream's data as torch Datasets instead of tensor pairs: fit writes the same rows."""
+    from sklearn.datasets import load_digits
+    from torch.utils.data import TensorDataset
+
+    digits = load_digits()
+    x = torch.tensor(digits.images / 16, dtype=torch.float32).reshape(-1, 1, 8, 8)
+    y = torch.tensor(digits.target)
+    keep = y < 4
+    x, y = x[keep], y[keep]
+    datasets = engram.stream_from(TensorDataset(x[:240], y[:240]),
+                                  TensorDataset(x[240:400], y[240:400]),
+                                  tasks=[[0, 1], [2, 3]], scenario="task")
+    torch.manual_seed(0)
+    from_tensors = fit(small_sequential(), tiny_stream(), "ewc", out=tmp_path / "tensors")
+    torch.manual_seed(0)
+    from_datasets = fit(small_sequential(), datasets, "ewc", out=tmp_path / "datasets")
+    assert len(from_tensors.rows) > 0
+    assert values(from_datasets.rows.to_dict("records")) == \
+        values(from_tensors.rows.to_dict("records"))
+    assert np.array_equal(from_datasets.accuracy_matrix, from_tensors.accuracy_matrix)
