@@ -123,6 +123,7 @@ examples:
   engram sweep my_grid.yaml --out runs/grid --dry-run      # what would run
   engram sweep configs/three_scenarios_digits.yaml seeds=[0] train.epochs=2 --out runs/quick
   engram table runs/three_scenarios_digits                  # the table of the results
+  engram sweep my_grid.yaml --backend ray --workers 8 --log tensorboard   # on Ray, logged
 """
 
 
