@@ -260,3 +260,42 @@ def test_a_dataset_backed_stream_writes_the_rows_of_the_tensor_path(tmp_path):
     assert values(from_datasets.rows.to_dict("records")) == \
         values(from_tensors.rows.to_dict("records"))
     assert np.array_equal(from_datasets.accuracy_matrix, from_tensors.accuracy_matrix)
+
+
+def flip_half(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Mirror a random half of the images left-right (an augmentation drawing from the run)."""
+    mirror = torch.rand(len(x), generator=generator) < 0.5
+    return torch.where(mirror.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def test_a_transform_changes_training_deterministically_and_the_identity_changes_nothing(
+        tmp_path):
+    stream = tiny_stream()
+    runs = {}
+    for label, transform in (("none", None), ("identity", lambda x, generator: x),
+                             ("flip", flip_half), ("flip again", flip_half)):
+        torch.manual_seed(0)
+        result = fit(small_sequential(), stream, "ewc", epochs=2, transform=transform,
+                     out=tmp_path / label.replace(" ", "_"))
+        runs[label] = values(result.rows.to_dict("records"))
+    assert runs["identity"] == runs["none"]
+    assert runs["flip"] == runs["flip again"]
+    assert runs["flip"] != runs["none"]
+
+
+def test_a_transform_sees_replayed_examples_but_the_buffer_keeps_raw_ones():
+    stream = tiny_stream("class")
+    sizes: list[int] = []
+    all_raw: list[bool] = []
+
+    def negate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        sizes.append(len(x))
+        all_raw.append(bool((x >= 0).all()))  # digits' pixels are >= 0: negated ones are not
+        return -x
+
+    torch.manual_seed(0)
+    result = fit(small_sequential(4), stream, "replay",
+                 method_params={"memory": 40, "replay_batch_size": 16}, transform=negate)
+    assert max(sizes) == 32 + 16  # task 2's batches hold replayed examples too
+    assert all(all_raw)  # the buffer handed back raw examples, not the negated ones it trained on
+    assert np.isfinite(result.accuracy_matrix).all()

@@ -109,6 +109,7 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
         scheduler_step: str = "epoch", loss: Loss | None = None,
+        transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
         seed: int = 0, metrics: Sequence[Callable[[torch.Tensor, torch.Tensor], float]] = (),
         eval_splits: Sequence[str] = ("test",), name: str = "fit",
@@ -130,6 +131,10 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         mini-batch with scheduler_step="step"; ReduceLROnPlateau gets the epoch's loss.
     loss: (logits, targets) -> scalar, for training and the evaluation `loss` rows (default
         cross-entropy).
+    transform: (x, generator) -> x, applied to every training mini-batch (the task's
+        examples and what the method mixes in, e.g. replayed ones), never to evaluation:
+        data augmentation on the device; draw its randomness from `generator` (the run's,
+        so a run repeats and resumes exactly). A replay buffer keeps the raw examples.
     epochs, batch_size: per task; seed: model copy's RNG (dropout, widened heads) and the
         run's generator (batch order, method draws).
     metrics: functions (logits, targets) -> float evaluated with accuracy and loss on every
@@ -148,7 +153,8 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         "scheduler_step": scheduler_step}, "fit")
     if not train_cfg.eval_splits:
         raise ConfigError("fit: eval_splits: give at least one of test, val")
-    for what, value in (("optimizer", optimizer), ("scheduler", scheduler), ("loss", loss)):
+    for what, value in (("optimizer", optimizer), ("scheduler", scheduler), ("loss", loss),
+                        ("transform", transform)):
         if value is not None and not callable(value):
             raise ConfigError(f"fit: {what}= must be a callable, not {type(value).__name__}")
     metrics = _checked_metrics(metrics)
@@ -167,6 +173,8 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         "train": train_identity(train_cfg),
         "optimizer": _describe(optimizer), "scheduler": _describe(scheduler),
         "loss": _describe(loss), "metrics": [_describe(metric) for metric in metrics]}
+    if transform is not None:  # absent when unused: the run ids of earlier fits stay
+        description["transform"] = _describe(transform)
     ident = RunIdentity(run_id(description), name, spec, seed, "user", "user", stream.scenario)
 
     refuse_unusable(spec, ProblemInfo("your stream", stream.head_dim, classification=True))
@@ -177,7 +185,7 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
     ctx = Context(model=net, stream=_on_device(stream, run_device), train_cfg=train_cfg,
                   generator=torch.Generator().manual_seed(seed), device=run_device,
                   loss_fn=loss or F.cross_entropy, make_optimizer=optimizer,
-                  make_scheduler=scheduler)
+                  make_scheduler=scheduler, transform=transform)
     ctx.model = trainer.prepare_model(net, ctx).to(run_device)  # e.g. a progressive net
 
     folder = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="engram-fit-"))

@@ -119,12 +119,15 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             index = order[start:start + cfg.batch_size]
             task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
             batch = method.make_batch(task_batch, ctx)  # replay appends memory examples here
+            mixed = batch is not task_batch
+            if ctx.transform is not None:  # augmentation: the batch trained on, not task_batch
+                batch = TensorSet(ctx.transform(batch.x, ctx.generator), batch.y, batch.task)
             outputs = model(batch.x, batch.task)
             loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
             # This step's own examples are the first len(index) of the batch (make_batch's
             # contract), measured before the update: the online loss and accuracy.
             own = outputs[:len(index)].detach()
-            own_loss_sum += loss.detach() if batch is task_batch else ctx.loss_fn(own, task_batch.y)
+            own_loss_sum += ctx.loss_fn(own, task_batch.y) if mixed else loss.detach()
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
             apply_update(ctx, method, optimizer, loss, batch, task_batch)

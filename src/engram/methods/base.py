@@ -79,6 +79,12 @@ class Context:
     # used by task_optimizer instead of train_cfg's optimizer / scheduler when set.
     make_optimizer: Callable[[Any], torch.optim.Optimizer] | None = None
     make_scheduler: Callable[[torch.optim.Optimizer], Any] | None = None
+    # A training-batch transform (engram.fit's transform=; data augmentation), x (B, ...) ->
+    # x: applied by train_task to every mini-batch trained on (the task's examples and what a
+    # method mixes in), never to evaluation, nor to what after_step stores (a replay buffer
+    # keeps the raw examples, augmented again each time they are replayed). Its random
+    # draws come from the run's generator, passed as its second argument.
+    transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
 
 
 @dataclass(frozen=True)
