@@ -23,7 +23,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "engram"
 GROUND = {"engram", "engram.errors", "engram.registry", "engram.schema", "engram.config",
           "engram.stats", "engram.results", "engram.frames", "engram.optimizers",
-          "engram.plugins"}
+          "engram.plugins", "engram.version"}
 LIBRARIES = ("engram.data", "engram.models", "engram.metrics", "engram.importance",
              "engram.methods", "engram.training")
 RANK = {"ground": 0, "library": 1, "experiments": 2, "reports": 3, "cli": 4}

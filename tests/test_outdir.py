@@ -295,7 +295,9 @@ def test_another_engram_version_is_refused_and_another_commit_warns(tmp_path, mo
     commits = [json.loads(line)["git_commit"]
                for line in (tmp_path / outdir.PROVENANCE).read_text().splitlines()]
     assert commits == ["a" * 40, "b" * 40]
-    monkeypatch.setattr(engram, "__version__", "99.0")
+    import engram.version
+
+    monkeypatch.setattr(engram.version, "__version__", "99.0")  # what outdir records
     with pytest.raises(EngramError, match=r"written by engram 0\.1\.0 and this is engram 99\.0: "
                                           r"runs made by different code are not mixed"):
         with OutputFolder(tmp_path, "run") as out:

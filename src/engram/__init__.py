@@ -23,7 +23,7 @@ Public API (the pages of the API reference, `python docs/build_api.py`); everyth
   engram.errors: the one-line errors engram raises.
 """
 
-__version__ = "0.1.0"
+from engram.version import __version__
 
 LAZY = ("load_results", "accuracy_matrices", "stream_from", "fit")  # imported on first use
 __all__ = ["fit", "stream_from", "load_results", "accuracy_matrices"]  # the lazy names

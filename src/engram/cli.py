@@ -390,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from engram import __version__
+    from engram.version import __version__
     return __version__
 
 

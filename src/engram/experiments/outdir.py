@@ -74,7 +74,7 @@ def _git_state() -> tuple[str, bool] | None:
 
 def provenance(device: str = "") -> dict[str, Any]:
     """What made a folder's rows: versions, git commit (when known), machine, command."""
-    from engram import __version__
+    from engram.version import __version__
 
     entry: dict[str, Any] = {"started": datetime.datetime.now().astimezone().isoformat(
         timespec="seconds"), "engram": __version__}
@@ -214,7 +214,7 @@ class OutputFolder:
         determine the numbers (nested mappings allowed); `extensible`: dotted keys of list
         settings the folder may grow by."""
         assert self._lock is not None, "claim() inside `with OutputFolder(...)`"
-        from engram import __version__
+        from engram.version import __version__
 
         new = flatten(identity)
         extensible = [key for key in extensible if isinstance(new.get(key), list)]

@@ -49,7 +49,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engram import stats
+import engram.stats as stats
 
 __all__ = [
     "average_accuracy",
