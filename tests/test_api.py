@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from pathlib import Path
@@ -299,3 +300,22 @@ def test_a_transform_sees_replayed_examples_but_the_buffer_keeps_raw_ones():
     assert max(sizes) == 32 + 16  # task 2's batches hold replayed examples too
     assert all(all_raw)  # the buffer handed back raw examples, not the negated ones it trained on
     assert np.isfinite(result.accuracy_matrix).all()
+
+
+def test_optimizer_policy_carry_keeps_the_users_optimizer_across_tasks(tmp_path):
+    stream = tiny_stream()
+    adam = functools.partial(torch.optim.Adam, lr=1e-2)
+    rows = {}
+    for policy in ("fresh", "carry"):
+        torch.manual_seed(0)
+        result = fit(small_sequential(), stream, optimizer=adam, optimizer_policy=policy,
+                     out=tmp_path / policy)
+        rows[policy] = result.rows
+    first = {policy: values(frame[frame.task_trained <= 1].to_dict("records"))
+             for policy, frame in rows.items()}
+    later = {policy: values(frame[frame.task_trained == 2].to_dict("records"))
+             for policy, frame in rows.items()}
+    assert first["fresh"] == first["carry"]  # the same optimizer until the first boundary
+    assert later["fresh"] != later["carry"]  # Adam's moments carried into task 2
+    with pytest.raises(ConfigError, match="optimizer_policy"):
+        fit(small_sequential(), stream, optimizer_policy="sometimes")

@@ -108,7 +108,8 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         method_params: dict[str, Any] | None = None,
         optimizer: Callable[[Any], torch.optim.Optimizer] | None = None,
         scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
-        scheduler_step: str = "epoch", loss: Loss | None = None,
+        scheduler_step: str = "epoch", optimizer_policy: str = "fresh",
+        loss: Loss | None = None,
         transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
         epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
         seed: int = 0, metrics: Sequence[Callable[[torch.Tensor, torch.Tensor], float]] = (),
@@ -125,8 +126,11 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         `method_params`, e.g. fit(net, stream, "ewc", method_params={"strength": 100});
         compose takes method_params={"methods": ["ewc", {"name": "replay", ...}]}. Or a
         MethodSpec (engram.config.parse_method), then without method_params.
-    optimizer: params -> torch optimizer, e.g. lambda p: torch.optim.AdamW(p, 1e-3); made
-        afresh for every task (default: SGD, lr 0.05, as `engram run`).
+    optimizer: params -> torch optimizer, e.g. lambda p: torch.optim.AdamW(p, 1e-3)
+        (default: SGD, lr 0.05, as `engram run`).
+    optimizer_policy: "fresh" (a new optimizer and scheduler for every task: no moments
+        cross a task boundary, the schedule restarts) or "carry" (one for the whole run,
+        its state kept, also across a resume), as train.optimizer_policy in a config.
     scheduler: optimizer -> LR scheduler (optional), stepped every epoch, or every
         mini-batch with scheduler_step="step"; ReduceLROnPlateau gets the epoch's loss.
     loss: (logits, targets) -> scalar, for training and the evaluation `loss` rows (default
@@ -150,7 +154,7 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
     spec = _method_spec(method, method_params)
     train_cfg = parse_dataclass(TrainConfig, {
         "epochs": epochs, "batch_size": batch_size, "eval_splits": list(eval_splits),
-        "scheduler_step": scheduler_step}, "fit")
+        "scheduler_step": scheduler_step, "optimizer_policy": optimizer_policy}, "fit")
     if not train_cfg.eval_splits:
         raise ConfigError("fit: eval_splits: give at least one of test, val")
     for what, value in (("optimizer", optimizer), ("scheduler", scheduler), ("loss", loss),
