@@ -184,6 +184,17 @@ class RunConfig:
                         for m in self.methods]
 
 
+def named_entry(entry: Any, where: str, needs: str) -> dict[str, Any]:
+    """One entry of a list of named entries (methods, window variants): a mapping with a
+    `name` key, a bare string standing for {name: STRING}. ConfigError, at `where`, saying
+    `needs` (e.g. "each method needs a name, e.g. {name: ewc}"), for anything else."""
+    if isinstance(entry, str):
+        return {"name": entry}
+    if not isinstance(entry, dict) or "name" not in entry:
+        raise ConfigError(f"{where}: {needs}; got {short_repr(entry)}")
+    return entry
+
+
 def parse_methods(value: Any, key: str = "methods") -> list[MethodSpec]:
     if isinstance(value, (str, dict)):
         value = [value]
@@ -192,11 +203,7 @@ def parse_methods(value: Any, key: str = "methods") -> list[MethodSpec]:
     specs = []
     for i, entry in enumerate(value):
         where = f"{key}[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{where}: each method needs a name, e.g. {{name: ewc}}; "
-                              f"got {short_repr(entry)}")
+        entry = named_entry(entry, where, "each method needs a name, e.g. {name: ewc}")
         params = {k: v for k, v in entry.items() if k != "name"}
         specs.append(parse_method(entry["name"], params, where))
     return specs

@@ -402,7 +402,7 @@ def load_window_experiment(path: str | Path | None, overrides: list[str] = ()
 
 
 def parse_window_experiment(raw: dict) -> WindowExperiment:
-    from engram.config import parse_method
+    from engram.config import named_entry, parse_method
     from engram.schema import parse_dataclass
 
     raw = dict(raw)
@@ -422,11 +422,8 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
     parsed, seen = [], set()
     for i, entry in enumerate(variants):
         where = f"variants[{i}]"
-        if isinstance(entry, str):
-            entry = {"name": entry}
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{where}: each variant needs a name, e.g. {{name: l2, "
-                              f"weight_decay: 0.001}}; got {short_repr(entry)}")
+        entry = named_entry(entry, where,
+                            "each variant needs a name, e.g. {name: l2, weight_decay: 0.001}")
         name = str(entry["name"])
         if not _NAME.match(name):
             raise ConfigError(f"{where}.name: {short_repr(name)} names files; use letters, "
@@ -434,12 +431,8 @@ def parse_window_experiment(raw: dict) -> WindowExperiment:
         if name in seen:
             raise ConfigError(f"{where}.name: {name!r} is used twice")
         seen.add(name)
-        method = entry.get("method", {"name": "naive"})
-        if isinstance(method, str):
-            method = {"name": method}
-        if not isinstance(method, dict) or "name" not in method:
-            raise ConfigError(f"{where}.method: expected {{name: METHOD, ...}}; "
-                              f"got {short_repr(method)}")
+        method = named_entry(entry.get("method", "naive"), f"{where}.method",
+                             "expected {name: METHOD, ...}")
         spec = parse_method(method["name"], {k: v for k, v in method.items() if k != "name"},
                             f"{where}.method")
         if spec.name == "replay" and spec.params.policy != "reservoir":
