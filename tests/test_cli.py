@@ -13,7 +13,8 @@ from engram.config import config_to_dict
 from engram.data import DATASETS, STREAMS
 from engram.methods import METHODS
 from engram.models import MODELS
-from engram.reports.tables import accuracy_matrices, summary_table
+from engram.reports.tables import summary_table
+from engram.results import accuracy_matrices
 from engram.results import read_rows
 from tests.conftest import tiny_config
 

@@ -21,7 +21,7 @@ from engram.methods.ewc import EWC, EWCParams
 from engram.models import ContinualNet
 from engram.results import read_rows
 from engram.experiments.continual import run_experiment
-from engram.reports.tables import accuracy_matrices
+from engram.results import accuracy_matrices
 
 
 def make_model(n_heads: int = 2, seed: int = 0) -> ContinualNet:

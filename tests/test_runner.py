@@ -18,7 +18,7 @@ from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.results import COLUMNS, ResultWriter, read_rows, row_key
 from engram.experiments.continual import run_experiment
 from engram.experiments.harness import resolve_device
-from engram.reports.tables import accuracy_matrices
+from engram.results import accuracy_matrices
 from tests.conftest import tiny_config
 
 

@@ -98,7 +98,8 @@ def test_tensorboard_scalars_equal_the_rows_with_image_and_hparams(tmp_path):
     image = events.Images("accuracy_matrix/test")
     assert len(image) == 1 and image[0].encoded_image_string[:4] == b"\x89PNG"
     assert image[0].width > 100 and image[0].height > 100
-    from engram.reports.tables import accuracy_matrices, average_accuracy
+    from engram.reports.tables import average_accuracy
+    from engram.results import accuracy_matrices
 
     matrix = next(m for m in accuracy_matrices(rows) if m.run_id == ewc["run_id"])
     final = events.Scalars("final/average_accuracy")
@@ -120,7 +121,8 @@ def test_a_resumed_run_gets_its_matrix_from_the_table(tmp_path):
     earlier ones back from results.csv for the finished run's matrix and final metrics."""
     pytest.importorskip("tensorboard")
     from engram.experiments.continual import run_plan_of
-    from engram.reports.tables import accuracy_matrices, average_forgetting
+    from engram.reports.tables import average_forgetting
+    from engram.results import accuracy_matrices
     from engram.reports.tracking import TensorBoardTracker
 
     config = _config(tmp_path, stream={"n_tasks": 3})

@@ -21,9 +21,8 @@ from collections.abc import Iterable
 import numpy as np
 
 from engram.errors import DataError
-# The matrices are built where the rows are read (engram.frames uses them too); named here
-# as well, where the tables that use them always found them.
-from engram.results import RunMatrix, accuracy_matrices, default_split  # noqa: F401
+# The matrices are built where the rows are read (engram.results; engram.frames uses them too)
+from engram.results import RunMatrix, accuracy_matrices, default_split
 from engram.metrics import (average_accuracy, average_forgetting, backward_transfer,
                             forward_transfer)
 from engram.stats import mean_se, t_quantile

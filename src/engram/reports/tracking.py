@@ -56,7 +56,7 @@ from engram.errors import ConfigError, EngramError
 
 if TYPE_CHECKING:
     from engram.experiments.harness import Job, Plan, Report
-    from engram.reports.tables import RunMatrix
+    from engram.results import RunMatrix
 
 TRACKERS = ("tensorboard", "mlflow")
 FINAL_PREFIX = "final/"  # the tag prefix of a continual job's final metrics
@@ -165,7 +165,7 @@ def final_matrix(rows: list[dict[str, Any]], folder: Path, run_id: str
     OUT/results.csv (only then: a matrix with holes)."""
     import numpy as np
 
-    from engram.reports.tables import accuracy_matrices, default_split
+    from engram.results import accuracy_matrices, default_split
     from engram.results import read_rows
 
     def matrix(kept: list[dict[str, Any]]) -> "RunMatrix | None":
