@@ -226,7 +226,9 @@ def test_a_worker_killed_mid_run_is_reported_and_a_rerun_finishes_its_job(tmp_pa
     import threading
     import time
 
-    path = sweep_file(tmp_path, seeds=[0, 1, 2], train__epochs=300)  # runs of a few seconds
+    # runs of about 6 s each: longer than a worker's start-up even on a loaded machine (with
+    # 2 s runs, CI once saw one worker finish all three before the other had started)
+    path = sweep_file(tmp_path, seeds=[0, 1, 2], train__epochs=900)
     out = tmp_path / "out"
     reports = []
     sweep = threading.Thread(target=lambda: reports.append(
@@ -245,6 +247,7 @@ def test_a_worker_killed_mid_run_is_reported_and_a_rerun_finishes_its_job(tmp_pa
             if len(training - complete) >= 2:  # (on a loaded machine one may finish first)
                 break
         time.sleep(0.05)
+    assert multiprocessing.active_children(), "the sweep ended before two runs were in progress"
     victim = multiprocessing.active_children()[0]
     os.kill(victim.pid, signal.SIGKILL)
     sweep.join(timeout=120)
