@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.config import MethodSpec, TrainConfig, parse_method, params_dict, train_identity
+from engram.data.lazy import LazyInputs
 from engram.data.streams import Stream, TensorSet
 from engram.errors import ConfigError
 from engram.experiments.continual import RunIdentity, run_through_stream
@@ -275,7 +276,10 @@ def _describe_stream(stream: Stream) -> dict[str, Any]:
                     yield b"none"
                     continue
                 for tensor in split:
-                    yield from _tensor_bytes(tensor)
+                    if isinstance(tensor, LazyInputs):  # streamed: described, not read
+                        yield tensor.identity()
+                    else:
+                        yield from _tensor_bytes(tensor)
 
     return {"scenario": stream.scenario, "n_heads": stream.n_heads, "head_dim": stream.head_dim,
             "input_shape": list(stream.input_shape),

@@ -13,7 +13,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 import torch.nn.functional as F
 
-from engram.data.streams import TensorSet
+from engram.data.streams import TensorSet, batches
 from engram.errors import ConfigError, DivergenceError
 from engram.methods.base import Context, Method
 from engram.optimizers import build_optimizer, build_scheduler, is_plateau
@@ -111,22 +111,20 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     data = method.training_data(ctx.task.train, ctx)  # joint training widens this
     n = len(data)
     for epoch in range(1, cfg.epochs + 1):
-        order = torch.randperm(n, generator=ctx.generator).to(ctx.device)
+        order = torch.randperm(n, generator=ctx.generator)
         loss_sum = torch.zeros((), device=ctx.device)  # the trained loss, for divergence
         own_loss_sum = torch.zeros((), device=ctx.device)  # the recorded loss (see above)
         correct_sum = torch.zeros((), device=ctx.device)
-        for start in range(0, n, cfg.batch_size):
-            index = order[start:start + cfg.batch_size]
-            task_batch = TensorSet(data.x[index], data.y[index], data.task[index])  # x (B, C, H, W)
+        for task_batch in batches(data, order, cfg.batch_size):  # x (B, C, H, W)
             batch = method.make_batch(task_batch, ctx)  # replay appends memory examples here
             mixed = batch is not task_batch
             if ctx.transform is not None:  # augmentation: the batch trained on, not task_batch
                 batch = TensorSet(ctx.transform(batch.x, ctx.generator), batch.y, batch.task)
             outputs = model(batch.x, batch.task)
             loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
-            # This step's own examples are the first len(index) of the batch (make_batch's
+            # This step's own examples are the first len(task_batch) of the batch (make_batch's
             # contract), measured before the update: the online loss and accuracy.
-            own = outputs[:len(index)].detach()
+            own = outputs[:len(task_batch)].detach()
             own_loss_sum += ctx.loss_fn(own, task_batch.y) if mixed else loss.detach()
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
@@ -168,8 +166,7 @@ def measure(model: torch.nn.Module, data: TensorSet,
     was_training = model.training
     model.eval()
     correct, loss_sum, every_logits = 0.0, 0.0, []
-    for start in range(0, len(data), EVAL_CHUNK):
-        x, y, task = (part[start:start + EVAL_CHUNK] for part in data)
+    for x, y, task in batches(data, None, EVAL_CHUNK):
         logits = model(x, task)
         correct += float((logits.argmax(dim=1) == y).sum())
         if loss is F.cross_entropy:  # engram's own numbers, summed as they always were

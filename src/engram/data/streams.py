@@ -9,12 +9,14 @@ Scenarios (van de Ven & Tolias 2019, "Three scenarios for continual learning"):
   class's position among all tasks' classes (split digits: the digit itself; permuted
   digits: 10 * task + digit).
 
-Everything is a tensor on the run's device from the start, so a training step is indexing.
+Everything is a tensor on the run's device from the start, so a training step is indexing;
+only a user's Dataset too large for memory keeps its inputs unread (engram.data.lazy).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -22,13 +24,15 @@ import torch
 import torch.nn.functional as F
 
 from engram.config import DataConfig, StreamConfig
+from engram.data.lazy import LazyInputs, select
 from engram.data.sources import SourceData
 from engram.errors import ConfigError
 
 
 class TensorSet(NamedTuple):
-    """Examples of one split: x (N, C, H, W) float, y (N,) scenario targets, task (N,) task ids."""
-    x: torch.Tensor
+    """Examples of one split: x (N, C, H, W) float, y (N,) scenario targets, task (N,) task ids.
+    x is LazyInputs (engram.data.lazy) for a Dataset streamed from disk: read it by `batches`."""
+    x: torch.Tensor | LazyInputs
     y: torch.Tensor
     task: torch.Tensor
 
@@ -40,7 +44,28 @@ class TensorSet(NamedTuple):
 
     @staticmethod
     def concat(sets: list["TensorSet"]) -> "TensorSet":
-        return TensorSet(*(torch.cat(parts) for parts in zip(*sets)))
+        xs, ys, tasks = zip(*sets)
+        lazy = isinstance(xs[0], LazyInputs)
+        return TensorSet(LazyInputs.concat(xs) if lazy else torch.cat(xs), torch.cat(ys),
+                         torch.cat(tasks))
+
+
+def batches(data: TensorSet, order: torch.Tensor | None, size: int) -> Iterator[TensorSet]:
+    """The examples of `data` in `order` (N positions; None: as stored), `size` at a time, on
+    data's device: tensors are indexed (sliced in stored order); LazyInputs are read ahead by
+    a DataLoader (engram.data.lazy)."""
+    if order is None and not isinstance(data.x, LazyInputs):
+        for start in range(0, len(data), size):
+            yield TensorSet(*(part[start:start + size] for part in data))
+        return
+    if isinstance(data.x, LazyInputs):  # the reader wants positions on the CPU
+        positions = list((torch.arange(len(data)) if order is None else order.cpu()).split(size))
+        xs = data.x.read(positions)
+    else:
+        positions = list(order.to(data.y.device).split(size))
+        xs = (data.x[index] for index in positions)
+    for index, x in zip(positions, xs):
+        yield TensorSet(x, data.y[index], data.task[index])
 
 
 @dataclass
@@ -136,7 +161,7 @@ def class_subset(pools: Pools, group: list[int]) -> tuple:
             return None
         x, y = pair
         mask = torch.isin(y, torch.tensor(group, dtype=torch.long))
-        return x[mask], y[mask]
+        return select(x, mask), y[mask]
     name = "/".join(str(c) for c in group)
     return name, group, keep(pools.train), keep(pools.val), keep(pools.test)
 

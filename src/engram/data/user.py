@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from engram.config import StreamConfig
-from engram.data.streams import Pools, Stream, class_subset, label_tasks
+from engram.data.lazy import (LazyInputs, from_workers, item_input, item_tensor, memory_budget,
+                              select)
+from engram.data.streams import Pools, Stream, TensorSet, batches, class_subset, label_tasks
 from engram.errors import ConfigError, DataError
 
 SCENARIOS = get_args(get_type_hints(StreamConfig)["scenario"])  # ("task", "domain", "class")
@@ -29,7 +31,8 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
                 classes_per_task: int | None = None, tasks: Sequence[Sequence[int]] | None = None,
                 task_of: Callable[[Any, Any], Any] | None = None,
                 class_order: Sequence[int] | None = None, class_names: Sequence[str] | None = None,
-                device: torch.device | str = "cpu") -> Stream:
+                device: torch.device | str = "cpu", in_memory: bool | None = None,
+                workers: int = 0) -> Stream:
     """A continual-learning Stream from your own data, ready for engram's training loop.
 
     Data (`train`, `test`, optional `val`), each one of:
@@ -40,8 +43,16 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
         then given by the data, e.g. permuted or rotated copies where the classes repeat
         (domain-incremental). val, when given, is then a list of the same length.
     Datasets are read once into tensors (in batches of 512, with a progress bar for large
-    ones) and kept in memory, on `device`: data that do not fit in memory are not supported
-    yet. x becomes float32 as given (scale images to [0, 1] yourself); labels are integers >= 0.
+    ones) and kept on `device`, so a training step is indexing. x becomes float32 as given
+    (scale images to [0, 1] yourself); labels are integers >= 0.
+
+    Data larger than memory: with in_memory=None (the default) a Dataset whose inputs would
+    take more than half the memory free now (host, and CUDA when `device` is one:
+    engram.data.lazy.memory_budget) is streamed instead: one pass reads its labels (and
+    checks every item), then its inputs are read batch by batch while training and
+    evaluating, by a DataLoader with `workers` processes (pinned memory on CUDA). The batches,
+    and so the results, are those of the in-memory path. in_memory=True or False forces
+    the choice; (x, y) tensor pairs are in memory already and stay so.
 
     Task boundaries, exactly one of (unless the data are given per task):
       - classes_per_task=K: the sorted classes of train (or `class_order`) in groups of K;
@@ -63,6 +74,8 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
     """
     if scenario not in SCENARIOS:
         raise ConfigError(f"scenario={scenario!r} is not one of {', '.join(SCENARIOS)}")
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ConfigError(f"workers must be an integer >= 0, got {workers!r}")
     boundaries = {name: value for name, value in (("classes_per_task", classes_per_task),
                                                   ("tasks", tasks), ("task_of", task_of))
                   if value is not None}
@@ -71,7 +84,8 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
         if boundaries:
             raise ConfigError(f"train and test are given per task (lists), which sets the tasks "
                               f"already: drop {', '.join(boundaries)}")
-        raw_tasks = _per_task_data(train, test, val, order)
+        lazy = _stream_lazily([*train, *test, *(val or [])], in_memory, device)
+        raw_tasks = _per_task_data(train, test, val, order, lazy, workers)
         first = train[0]
     else:
         if len(boundaries) != 1:
@@ -80,9 +94,9 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
                               f"(or train and test as lists, one per task); {given}")
         if tasks is not None and order is not None:
             raise ConfigError("tasks= lists the classes in order already: drop class_order")
-        splits = {"train": as_tensors(train, "train"), "test": as_tensors(test, "test")}
-        if val is not None:
-            splits["val"] = as_tensors(val, "val")
+        given = {"train": train, "test": test, **({} if val is None else {"val": val})}
+        lazy = _stream_lazily(list(given.values()), in_memory, device)
+        splits = {split: as_tensors(data, split, lazy, workers) for split, data in given.items()}
         _check_shapes(splits)
         _check_known_classes(splits)
         if task_of is not None:
@@ -98,7 +112,7 @@ def stream_from(train: Any, test: Any, *, val: Any = None, scenario: str = "clas
                           f"number of classes; the tasks have {counts}")
     labelled, n_heads, head_dim = label_tasks(raw_tasks, scenario, device,
                                               "every task needs training examples")
-    input_shape = tuple(labelled[0].train.x.shape[1:])
+    input_shape = tuple(labelled[0].train.x.shape[1:])  # tensors and LazyInputs alike
     max_label = max(max(classes) for _, classes, *_ in raw_tasks)
     return Stream(labelled, scenario, n_heads, head_dim, input_shape,
                   _class_names(class_names, first, max_label))
@@ -118,16 +132,42 @@ def _is_per_task(data: Any) -> bool:
     return isinstance(data, list) and not _is_pair(data)
 
 
-def as_tensors(data: Any, split: str) -> Pair:
+def _is_dataset(data: Any) -> bool:
+    return not isinstance(data, (tuple, list)) and hasattr(data, "__getitem__") \
+        and hasattr(data, "__len__")
+
+
+def _stream_lazily(datas: list[Any], in_memory: bool | None, device: torch.device | str
+                   ) -> bool:
+    """Whether the Datasets among `datas` are to be streamed (see stream_from): as asked, or,
+    with in_memory=None, when their inputs as float32 would exceed memory_budget(device),
+    estimated from each one's first item."""
+    if in_memory is not None:
+        if not isinstance(in_memory, bool):
+            raise ConfigError(f"in_memory must be True, False or None (choose by size), got "
+                              f"{in_memory!r}")
+        return not in_memory
+    needed = 0
+    for data in datas:
+        if _is_dataset(data) and len(data) > 0:
+            try:
+                needed += len(data) * 4 * item_input(data, 0, "a dataset").numel()
+            except DataError:
+                pass  # a malformed item: the read that follows names the problem
+    return needed > memory_budget(device)
+
+
+def as_tensors(data: Any, split: str, lazy: bool = False, workers: int = 0) -> Pair:
     """(x float32 (N, ...), y int64 (N,)) from an (x, y) pair of tensors/arrays or a map-style
-    Dataset of (x, y) items; a DataError naming `split` for anything else."""
+    Dataset of (x, y) items; a DataError naming `split` for anything else. lazy: a Dataset's
+    x stays unread (LazyInputs read by `workers` DataLoader processes), only y is kept."""
     if _is_pair(data):
         x, y = (torch.as_tensor(part) for part in data)
     elif isinstance(data, (tuple, list)):
         raise DataError(f"{split} is a {type(data).__name__} of {len(data)} but not an (x, y) "
                         "pair of tensors or arrays")
-    elif hasattr(data, "__getitem__") and hasattr(data, "__len__"):
-        x, y = _read_dataset(data, split)
+    elif _is_dataset(data):
+        x, y = _read_dataset(data, split, lazy, workers)
     else:
         raise DataError(f"{split} is of type {type(data).__name__}: give a torch Dataset of (x, y) "
                         "or an (x, y) pair of tensors or arrays")
@@ -143,16 +183,20 @@ def as_tensors(data: Any, split: str) -> Pair:
                         "if they are class indices)")
     if int(y.min()) < 0:
         raise DataError(f"{split} has the label {int(y.min())}: labels must be 0 or more")
-    if x.ndim < 2:
+    if len(x.shape) < 2:
         raise DataError(f"{split} x has shape {tuple(x.shape)}: each example needs at least "
                         "one dimension (reshape it to (N, 1))")
+    if isinstance(x, LazyInputs):
+        return x, y.to(torch.long)
     if x.dtype.is_complex:
         raise DataError(f"{split} x is {x.dtype}: engram trains on real numbers")
     return x.to(torch.float32), y.to(torch.long)
 
 
-def _read_dataset(dataset: Any, split: str) -> Pair:
-    """Every (x, y) item of a map-style Dataset, stacked: read in order, in batches."""
+def _read_dataset(dataset: Any, split: str, lazy: bool = False, workers: int = 0
+                  ) -> tuple[torch.Tensor | LazyInputs, torch.Tensor]:
+    """Every (x, y) item of a map-style Dataset, stacked, read in order in batches; lazy: the
+    labels only (every item is still read once, and checked), x left as LazyInputs."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -160,40 +204,36 @@ def _read_dataset(dataset: Any, split: str) -> Pair:
     if n == 0:
         raise DataError(f"{split} has no examples")
 
-    def collate(items: list) -> Pair:
+    def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Size]:
         xs, ys = [], []
         for item in items:
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise DataError(f"{split} items must be (x, y) pairs; one is a "
                                 f"{type(item).__name__}")
-            xs.append(_item_tensor(item[0], split, "an x"))
+            xs.append(item_tensor(item[0], split, "an x"))
             ys.append(_label(item[1], split))
         if len({x.shape for x in xs}) > 1:
             shapes = sorted({tuple(x.shape) for x in xs})
             raise DataError(f"{split} examples differ in shape: {shapes[0]} and {shapes[1]}")
-        return torch.stack(xs), torch.stack(ys)
+        if any(x.dtype.is_complex for x in xs):
+            raise DataError(f"{split} x is {xs[0].dtype}: engram trains on real numbers")
+        return (None if lazy else torch.stack(xs)), torch.stack(ys), xs[0].shape
 
-    loader = DataLoader(dataset, batch_size=min(LOAD_BATCH, n), shuffle=False, collate_fn=collate)
-    batches = list(tqdm(loader, desc=f"reading {split}", unit="batch", leave=False,
-                        disable=True if n < PROGRESS_FROM else None))
-    try:
-        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
-    except RuntimeError as error:  # batches of different example shapes
-        raise DataError(f"{split} examples differ in shape: {error}") from None
-
-
-def _item_tensor(value: Any, split: str, what: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        return value
-    try:
-        return torch.as_tensor(np.asarray(value))
-    except (TypeError, ValueError) as error:
-        raise DataError(f"{split} has {what} that is not numeric ({type(value).__name__}): "
-                        f"{error}") from None
+    loader = DataLoader(dataset, batch_size=min(LOAD_BATCH, n), shuffle=False, collate_fn=collate,
+                        num_workers=workers if lazy else 0)
+    read = list(tqdm(from_workers(loader), total=len(loader), desc=f"reading {split}", unit="batch", leave=False,
+                     disable=True if n < PROGRESS_FROM else None))
+    shapes = sorted({tuple(shape) for *_, shape in read})
+    if len(shapes) > 1:
+        raise DataError(f"{split} examples differ in shape: {shapes[0]} and {shapes[1]}")
+    y = torch.cat([y for _, y, _ in read])
+    if lazy:
+        return LazyInputs(dataset, torch.arange(n), shapes[0], split, workers=workers), y
+    return torch.cat([x for x, _, _ in read]), y
 
 
 def _label(value: Any, split: str) -> torch.Tensor:
-    label = _item_tensor(value, split, "a label")
+    label = item_tensor(value, split, "a label")
     if label.ndim != 0:
         raise DataError(f"{split} has a label of shape {tuple(label.shape)}: each label must be "
                         "one integer")
@@ -302,7 +342,7 @@ def _tasks_by_classes(splits: dict[str, Pair], groups: list[list[int]]) -> list:
 def _tasks_by_function(splits: dict[str, Pair], task_of: Callable, order: list[int] | None) -> list:
     if not callable(task_of):
         raise ConfigError(f"task_of must be a function (x, y) -> task index, got {task_of!r}")
-    ids = {split: _task_ids(task_of, x, y, split) for split, (x, y) in splits.items()}
+    ids = {split: _split_task_ids(task_of, x, y, split) for split, (x, y) in splits.items()}
     n_tasks = int(ids["train"].max()) + 1
     counts = torch.bincount(ids["train"], minlength=n_tasks)
     if (counts == 0).any():
@@ -313,9 +353,20 @@ def _tasks_by_function(splits: dict[str, Pair], task_of: Callable, order: list[i
         if int(task_ids.max()) >= n_tasks:
             raise DataError(f"task_of puts a {split} example in task {int(task_ids.max()) + 1}, "
                             f"but train has {n_tasks} tasks")
-    per_task = [{split: (x[ids[split] == t], y[ids[split] == t])
+    per_task = [{split: (select(x, ids[split] == t), y[ids[split] == t])
                  for split, (x, y) in splits.items()} for t in range(n_tasks)]
     return _raw_tasks(per_task, order)
+
+
+def _split_task_ids(task_of: Callable, x: torch.Tensor | LazyInputs, y: torch.Tensor,
+                    split: str) -> torch.Tensor:
+    """The task index of every example of a split: of the whole split at once, or of each
+    batch read from a streamed Dataset (one more pass over it)."""
+    if not isinstance(x, LazyInputs):
+        return _task_ids(task_of, x, y, split)
+    data = TensorSet(x, y, y)
+    return torch.cat([_task_ids(task_of, chunk.x, chunk.y, split)
+                      for chunk in batches(data, None, LOAD_BATCH)])
 
 
 def _task_ids(task_of: Callable, x: torch.Tensor, y: torch.Tensor, split: str) -> torch.Tensor:
@@ -350,7 +401,8 @@ def _one_task_id(task_of: Callable, x: torch.Tensor, y: int, split: str, i: int)
     return int(task)
 
 
-def _per_task_data(train: list, test: Any, val: Any, order: list[int] | None) -> list:
+def _per_task_data(train: list, test: Any, val: Any, order: list[int] | None, lazy: bool,
+                   workers: int) -> list:
     n_tasks = len(train)
     if n_tasks == 0:
         raise DataError("train is an empty list: give one dataset or (x, y) pair per task")
@@ -362,10 +414,9 @@ def _per_task_data(train: list, test: Any, val: Any, order: list[int] | None) ->
                             f"{n_tasks} too")
     per_task = []
     for t in range(n_tasks):
-        parts = {"train": as_tensors(train[t], f"train[{t}]"),
-                 "test": as_tensors(test[t], f"test[{t}]")}
-        if val is not None:
-            parts["val"] = as_tensors(val[t], f"val[{t}]")
+        given = {"train": train[t], "test": test[t], **({} if val is None else {"val": val[t]})}
+        parts = {split: as_tensors(data, f"{split}[{t}]", lazy, workers)
+                 for split, data in given.items()}
         per_task.append(parts)
     _check_shapes({f"{split}[{t}]": pair for t, parts in enumerate(per_task)
                    for split, pair in parts.items()})

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.config import MethodSpec, TrainConfig
+from engram.data.lazy import loaded
 from engram.data.streams import Stream, Task, TensorSet
 from engram.errors import ConfigError
 from engram.models.protocol import unmet_need
@@ -275,9 +276,10 @@ def _tensors(tree: Any):
 
 
 def random_subset(data: TensorSet, n: int | None, generator: torch.Generator) -> TensorSet:
-    """At most `n` examples of `data` drawn without replacement (all of them if n is None)."""
+    """At most `n` examples of `data` drawn without replacement (all of them if n is None),
+    as tensors (inputs streamed from a Dataset are read: engram.data.lazy)."""
     if n is None or n >= len(data):
-        return data
+        return TensorSet(loaded(data.x), data.y, data.task)
     pick = torch.randperm(len(data), generator=generator)[:n].to(data.y.device)
     return TensorSet(*(part[pick] for part in data))
 

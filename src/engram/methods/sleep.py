@@ -76,6 +76,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engram.data.lazy import loaded
 from engram.schema import opt
 from engram.errors import ConfigError
 from engram.models.protocol import require_structure
@@ -304,7 +305,7 @@ class Sleep(Method):
         sleeping_layers(ctx.model)
 
     def after_task(self, ctx: Context) -> None:
-        images = ctx.task.train.x.detach().float().cpu()  # (N, C, H, W)
+        images = loaded(ctx.task.train.x).detach().float().cpu()  # (N, C, H, W), all read
         self._add_to_mean(images)
         linears = sleeping_layers(ctx.model)
         layers = [(linear.weight.detach().float().cpu(),
