@@ -12,6 +12,7 @@ from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
 from engram.methods.continual_backprop import ContinualBackprop
 from engram.methods.ewc import EWC
+from engram.methods.gem import GEM
 from engram.methods.generative_replay import GenerativeReplay
 from engram.methods.joint import Joint
 from engram.methods.l2_init import L2Init
@@ -26,6 +27,7 @@ from engram.methods.progressive import Progressive
 from engram.methods.pseudo_rehearsal import PseudoRehearsal
 from engram.methods.redo import ReDo
 from engram.methods.replay import Replay
+from engram.methods.rwalk import EWCpp, RWalk
 from engram.methods.sam import SAM
 from engram.methods.shrink_perturb import ShrinkPerturb
 from engram.methods.si import SI
@@ -40,8 +42,11 @@ METHODS.add("online_ewc", OnlineEWC, "online EWC: decayed sum of Fishers, one an
 METHODS.add("mas", MAS, "memory aware synapses: importance from output sensitivity (Aljundi et al. 2018)")
 METHODS.add("l2", L2, "L2 penalty pulling the weights to the previous task's weights")
 METHODS.add("si", SI, "synaptic intelligence: path-integral importance (Zenke et al. 2017)")
+METHODS.add("rwalk", RWalk, "Riemannian walk: EWC++ online Fisher plus a KL-normalised path score (Chaudhry et al. 2018)")
+METHODS.add("ewcpp", EWCpp, "EWC++: a moving average of squared gradients as the Fisher, one anchor (Chaudhry et al. 2018)")
 METHODS.add("lwf", LwF, "learning without forgetting: distil the previous model's outputs (Li & Hoiem 2016)")
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
+METHODS.add("gem", GEM, "GEM: project gradients so that no earlier task's memory loss rises, one constraint per task (Lopez-Paz & Ranzato 2017)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
 METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
