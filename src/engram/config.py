@@ -62,13 +62,31 @@ def check_device(value: str, key: str = "device") -> None:
 @dataclass
 class DataConfig:
     source: str = opt("digits", "dataset to read (see `engram list`)", registry=DATASETS)
-    path: str | None = opt(None, "folder holding the dataset files (mnist, fashion_mnist, cifar10)")
+    path: str | None = opt(None, "folder holding the dataset files (every source but digits)")
     test_fraction: float = opt(0.2, "fraction held out for testing when the source has no test split",
                                low=0.01, high=0.9)
     val_fraction: float = opt(0.0, "fraction of the training pool held out for validation",
                               low=0.0, high=0.9)
     limit: int | None = opt(None, "use at most this many training examples (before splitting tasks)",
                             low=1)
+    labels: Literal["fine", "coarse"] = opt(
+        "fine", "cifar100 only: its 100 fine classes or its 20 coarse superclasses")
+
+    def __post_init__(self) -> None:
+        check_label_set(self.source, self.labels)
+
+
+def check_label_set(source: str, labels: str) -> None:
+    """ConfigError unless the dataset `source` offers the label set `labels`: every dataset
+    has its one ("fine") set; only a reader with a `labels` keyword (cifar100) offers others."""
+    if labels == "fine" or source not in DATASETS:  # an unknown source is reported by its key
+        return
+    import inspect
+
+    if "labels" not in inspect.signature(DATASETS.get(source)).parameters:
+        raise ConfigError(f"data.labels: {short_repr(labels)} applies only to a dataset with "
+                          f"coarse labels (cifar100); {source} has one label set, leave "
+                          "data.labels at fine")
 
 
 @dataclass
@@ -121,20 +139,34 @@ class TrainConfig:
         check_optimization(self, "train")
 
 
-# TrainConfig settings added after run ids and result folders were first written: left out of
-# every identity while at their defaults, so the ids and folders of earlier configs stay valid.
+# TrainConfig and DataConfig settings added after run ids and result folders were first
+# written: left out of every identity while at their defaults, so the ids and folders of
+# earlier configs stay valid.
 LATER_TRAIN_DEFAULTS: dict[str, Any] = {
     "optimizer_args": {}, "scheduler": None, "scheduler_args": {}, "scheduler_step": "epoch",
     "optimizer_policy": "fresh"}
+LATER_DATA_DEFAULTS: dict[str, Any] = {"labels": "fine"}
+
+
+def _identity(settings: Any, later_defaults: dict[str, Any]) -> dict[str, Any]:
+    """Every field of `settings` (a dataclass or a dict of one), except those of
+    `later_defaults` left at their defaults."""
+    fields = settings if isinstance(settings, dict) else dataclasses.asdict(settings)
+    return {k: v for k, v in fields.items()
+            if k not in later_defaults or v != later_defaults[k]}
 
 
 def train_identity(train: Any) -> dict[str, Any]:
     """Optimizer settings (a TrainConfig, the profiler's or the window's, or a dict of one) as
     run ids and folder identities hash them: every field, except LATER_TRAIN_DEFAULTS left at
     their defaults."""
-    fields = train if isinstance(train, dict) else dataclasses.asdict(train)
-    return {k: v for k, v in fields.items()
-            if k not in LATER_TRAIN_DEFAULTS or v != LATER_TRAIN_DEFAULTS[k]}
+    return _identity(train, LATER_TRAIN_DEFAULTS)
+
+
+def data_identity(data: Any) -> dict[str, Any]:
+    """Data settings (a DataConfig or a dict of one) as run ids and folder identities hash
+    them: every field, except LATER_DATA_DEFAULTS left at their defaults."""
+    return _identity(data, LATER_DATA_DEFAULTS)
 
 
 @dataclass

@@ -17,6 +17,9 @@ DATASETS.add("digits", sources.load_digits, "scikit-learn's bundled 8x8 handwrit
 DATASETS.add("mnist", sources.load_mnist, "MNIST from the standard IDX files (.gz or raw) in data.path")
 DATASETS.add("fashion_mnist", sources.load_fashion_mnist, "Fashion-MNIST from the standard IDX files (.gz or raw) in data.path")
 DATASETS.add("cifar10", sources.load_cifar10, "CIFAR-10 from its python batches in data.path, read without running pickled code")
+DATASETS.add("cifar100", sources.load_cifar100, "CIFAR-100 from its python files in data.path (data.labels: fine or coarse), read without running pickled code")
+DATASETS.add("tiny_imagenet", sources.load_tiny_imagenet, "TinyImageNet's tiny-imagenet-200 folder in data.path (200 classes, 64x64; val is the test split), needs Pillow")
+DATASETS.add("image_folder", sources.load_image_folder, "a folder with one subfolder of images per class (or train/ and test/ such folders) in data.path, needs Pillow")
 
 STREAMS.add("split", streams.split_tasks, "classes in consecutive groups of stream.classes_per_task: 0/1, 2/3, ...")
 STREAMS.add("ab", streams.ab_tasks, "two tasks: A = the first half of the classes, then B = the second half")

@@ -124,7 +124,7 @@ def bit_flipping_problem(cfg: ProblemConfig, data: DataConfig, seed: int) -> Pro
 
 
 def _images(data: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    source = load_source(data.source, data.path)
+    source = load_source(data.source, data.path, data.labels)
     return source.x_train.reshape(len(source.x_train), -1), source.y_train  # (N, D), (N,)
 
 

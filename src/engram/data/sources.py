@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engram.errors import DataError
+from engram.config import check_label_set
+from engram.errors import ConfigError, DataError, one_line
 from engram.registry import DATASETS
 
 __all__ = [
@@ -32,6 +33,9 @@ __all__ = [
     "load_mnist",
     "load_fashion_mnist",
     "load_cifar10",
+    "load_cifar100",
+    "load_tiny_imagenet",
+    "load_image_folder",
     "DIGIT_CLASSES",
     "MNIST_CLASSES",
     "FASHION_MNIST_CLASSES",
@@ -374,11 +378,13 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     A pickle may name any importable callable (os.system, say) and call it while loading;
     refusing every global outside a short list keeps a downloaded file from running code.
+    `dataset` names the format in messages (CIFAR-10, CIFAR-100).
     """
 
-    def __init__(self, file: Any, source: Path) -> None:
+    def __init__(self, file: Any, source: Path, dataset: str) -> None:
         super().__init__(file, encoding="bytes")
         self._source = source
+        self._dataset = dataset
         self._allowed = _numpy_pickle_globals()
 
     def find_class(self, module: str, name: str) -> Any:
@@ -387,22 +393,24 @@ class _RestrictedUnpickler(pickle.Unpickler):
         except KeyError:
             raise DataError(
                 f"{self._source}: refused to load the pickle because it asks for "
-                f"{module}.{name}, which a CIFAR-10 batch never needs; the file may be "
+                f"{module}.{name}, which a {self._dataset} file never needs; the file may be "
                 "corrupt or malicious"
             ) from None
 
 
-def _safe_unpickle(path: Path) -> Any:
+def _safe_unpickle(path: Path, dataset: str = "CIFAR-10") -> Any:
+    """The object pickled in `path`, rebuilt by the refusing unpickler (numpy arrays and
+    plain containers only); DataError naming the file for anything else or a damaged file."""
     try:
         with path.open("rb") as handle:
-            return _RestrictedUnpickler(handle, path).load()
+            return _RestrictedUnpickler(handle, path, dataset).load()
     except DataError:
         raise
     except OSError as exc:
         raise DataError(f"{path}: cannot read the file ({exc.strerror or exc})") from exc
     except Exception as exc:  # a damaged pickle can fail in many ways; all mean "bad file"
         raise DataError(
-            f"{path}: not a readable CIFAR-10 pickle ({type(exc).__name__}: {exc})"
+            f"{path}: not a readable {dataset} pickle ({one_line(exc)})"
         ) from exc
 
 
@@ -413,17 +421,19 @@ def _dict_get(obj: dict, key: str) -> Any:
     return obj.get(key)
 
 
-def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read one batch: uint8 (n, 3072) pixels and int64 (n,) labels, validated."""
-    obj = _safe_unpickle(path)
+def _load_cifar_batch(path: Path, label_key: str = "labels", n_classes: int = 10,
+                      dataset: str = "CIFAR-10") -> tuple[np.ndarray, np.ndarray]:
+    """Read one batch: uint8 (n, 3072) pixels and int64 (n,) labels (the `label_key` entry,
+    each in 0..n_classes-1), validated."""
+    obj = _safe_unpickle(path, dataset)
     if not isinstance(obj, dict):
         raise DataError(
-            f"{path}: expected a pickled dict with 'data' and 'labels', "
+            f"{path}: expected a pickled dict with 'data' and '{label_key}', "
             f"found {type(obj).__name__}"
         )
-    data, labels = _dict_get(obj, "data"), _dict_get(obj, "labels")
+    data, labels = _dict_get(obj, "data"), _dict_get(obj, label_key)
     if data is None or labels is None:
-        raise DataError(f"{path}: the batch lacks its 'data' or 'labels' entry")
+        raise DataError(f"{path}: the batch lacks its 'data' or '{label_key}' entry")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 \
             or data.shape[1] != _CIFAR_ROW:
         shape = getattr(data, "shape", None)
@@ -435,30 +445,44 @@ def _load_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
         label_array = np.asarray(labels)
     except Exception as exc:
-        raise DataError(f"{path}: 'labels' is not a list of integers ({exc})") from exc
+        raise DataError(f"{path}: '{label_key}' is not a list of integers ({exc})") from exc
     if label_array.ndim != 1 or (label_array.size and label_array.dtype.kind not in "iu"):
-        raise DataError(f"{path}: 'labels' should be a flat list of integers")
+        raise DataError(f"{path}: '{label_key}' should be a flat list of integers")
     if len(label_array) != len(data):
         raise DataError(
             f"{path}: {len(data)} images but {len(label_array)} labels; the counts must match"
         )
-    if label_array.size and (label_array.min() < 0 or label_array.max() > 9):
+    if label_array.size and (label_array.min() < 0 or label_array.max() >= n_classes):
         raise DataError(
-            f"{path}: labels must lie in 0..9, found {int(label_array.min())}.."
+            f"{path}: labels must lie in 0..{n_classes - 1}, found {int(label_array.min())}.."
             f"{int(label_array.max())}"
         )
     return data, label_array.astype(np.int64)
+
+
+def _meta_names(meta_path: Path, key: str, count: int, dataset: str) -> list[str]:
+    """The `count` class names listed under `key` in a CIFAR meta pickle."""
+    meta = _safe_unpickle(meta_path, dataset)
+    names = _dict_get(meta, key) if isinstance(meta, dict) else None
+    if not isinstance(names, (list, tuple)) or len(names) != count:
+        raise DataError(f"{meta_path}: expected '{key}' to be a list of {count} names")
+    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
 
 
 def _cifar_class_names(folder: Path) -> list[str]:
     meta_path = folder / _CIFAR_META
     if not meta_path.is_file():
         return list(CIFAR10_CLASSES)  # the names are fixed; the meta file is optional
-    meta = _safe_unpickle(meta_path)
-    names = _dict_get(meta, "label_names") if isinstance(meta, dict) else None
-    if not isinstance(names, (list, tuple)) or len(names) != 10:
-        raise DataError(f"{meta_path}: expected 'label_names' to be a list of 10 names")
-    return [n.decode() if isinstance(n, bytes) else str(n) for n in names]
+    return _meta_names(meta_path, "label_names", 10, "CIFAR-10")
+
+
+def _cifar_folder(path: str | None, name: str, marker: str, expected: str) -> Path:
+    """The folder `name` (cifar-10-batches-py, cifar-100-python) that `data.path` names, or the
+    one inside it when `data.path` names the folder above it (no `marker` file there)."""
+    folder = _data_folder(path, f"the {name} folder", expected)
+    if not (folder / marker).exists() and (folder / name).is_dir():
+        folder = folder / name  # the user named the folder above it
+    return folder
 
 
 def _cifar_to_tensor(rows: np.ndarray) -> torch.Tensor:
@@ -475,12 +499,8 @@ def load_cifar10(path: str | None) -> SourceData:
     numpy needs, so a tampered file cannot run code. Train is the five data batches,
     test is test_batch; images are float32 (N, 3, 32, 32) in [0, 1].
     """
-    expected = ", ".join([*_CIFAR_DATA_BATCHES, _CIFAR_TEST_BATCH])
-    folder = _data_folder(path, "the cifar-10-batches-py folder", expected)
-    if not (folder / _CIFAR_TEST_BATCH).exists() and (folder / "cifar-10-batches-py").is_dir():
-        folder = folder / "cifar-10-batches-py"  # the user named the folder above it
-
     wanted = [*_CIFAR_DATA_BATCHES, _CIFAR_TEST_BATCH]
+    folder = _cifar_folder(path, "cifar-10-batches-py", _CIFAR_TEST_BATCH, ", ".join(wanted))
     missing = [name for name in wanted if not (folder / name).is_file()]
     if missing:
         raise DataError(f"{folder}: missing CIFAR-10 batch files: {', '.join(missing)}")
@@ -497,9 +517,282 @@ def load_cifar10(path: str | None) -> SourceData:
     )
 
 
+# --------------------------------------------------------------------------------------
+# CIFAR-100 (python version: pickled train, test and meta)
+# --------------------------------------------------------------------------------------
+
+_CIFAR100_FILES = ("train", "test", "meta")
+_CIFAR100_CLASS_COUNTS = {"fine": 100, "coarse": 20}
+
+
+def load_cifar100(path: str | None, labels: str = "fine") -> SourceData:
+    """Load CIFAR-100 from the "python version" folder (train, test, meta).
+
+    `path` may name the `cifar-100-python` folder or the folder that contains it. `labels`
+    picks the label set: "fine" (100 classes, the `fine_labels` entries, names from meta's
+    `fine_label_names`) or "coarse" (20 superclasses, `coarse_labels` and
+    `coarse_label_names`). The files are read with the same refusing unpickler as CIFAR-10's
+    batches, so a tampered file cannot run code. Train is `train` (50000 images), test is
+    `test` (10000); images are float32 (N, 3, 32, 32) in [0, 1].
+    """
+    if labels not in _CIFAR100_CLASS_COUNTS:
+        raise ConfigError(f"data.labels: {labels!r} is not a CIFAR-100 label set; choose "
+                          "fine or coarse")
+    folder = _cifar_folder(path, "cifar-100-python", "test", ", ".join(_CIFAR100_FILES))
+    missing = [name for name in _CIFAR100_FILES if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder}: missing CIFAR-100 files: {', '.join(missing)}")
+
+    n_classes = _CIFAR100_CLASS_COUNTS[labels]
+    train_x, train_y, test_x, test_y = (
+        part for name in ("train", "test")
+        for part in _load_cifar_batch(folder / name, f"{labels}_labels", n_classes, "CIFAR-100"))
+    return SourceData(
+        name="cifar100",
+        x_train=_cifar_to_tensor(train_x),
+        y_train=torch.from_numpy(train_y),
+        x_test=_cifar_to_tensor(test_x),
+        y_test=torch.from_numpy(test_y),
+        class_names=_meta_names(folder / "meta", f"{labels}_label_names", n_classes,
+                                "CIFAR-100"),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Image files (Pillow): TinyImageNet and class-per-folder trees
+# --------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff",
+                            ".ppm", ".pgm"})
+PROGRESS_FROM = 10_000  # a progress bar when reading at least this many examples (user.py too)
+
+
+def _pillow() -> Any:
+    """PIL.Image, imported on first use: Pillow is an optional extra."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError('reading image files needs Pillow, which is not installed; install '
+                        'it with `pip install -e ".[images]"`') from None
+    return Image
+
+
+def _decode_image(image_module: Any, path: Path) -> np.ndarray:
+    """One image file as uint8 (H, W, 3) RGB (grayscale, palette and RGBA converted)."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such image file")
+    try:
+        with image_module.open(path) as image:
+            return np.asarray(image.convert("RGB"))
+    except Exception as exc:  # Pillow fails on damaged files in many ways; all mean "bad file"
+        raise DataError(f"{path}: cannot decode the image ({one_line(exc)}); the file is "
+                        "damaged or not an image") from None
+
+
+def _decode_images(paths: list[Path], what: str) -> torch.Tensor:
+    """The image files `paths` (at least one) decoded into float32 (N, 3, H, W) in [0, 1].
+    Every image must have the size of the first; DataError naming the first file of another
+    size."""
+    image_module = _pillow()
+    from tqdm.auto import tqdm
+
+    images: torch.Tensor | None = None  # allocated once the first image gives (H, W)
+    shown = tqdm(paths, desc=f"decoding {what}", unit="image", leave=False,
+                 disable=True if len(paths) < PROGRESS_FROM else None)
+    for i, path in enumerate(shown):
+        pixels = _decode_image(image_module, path)  # (H, W, 3)
+        if images is None:
+            first = path
+            images = torch.empty((len(paths), 3, *pixels.shape[:2]), dtype=torch.float32)
+        elif pixels.shape[:2] != images.shape[2:]:
+            height, width = images.shape[2:]
+            raise DataError(
+                f"{path}: the image is {pixels.shape[1]}x{pixels.shape[0]} pixels but {first} "
+                f"is {width}x{height}; every image must have the same size (resize them first)")
+        # Filled in place: a second full-size copy of a large dataset would double the memory.
+        images[i] = _images_to_tensor(pixels.transpose(2, 0, 1), 255.0)
+    assert images is not None, "callers pass at least one path"
+    return images
+
+
+def _decode_splits(train: list[Path], test: list[Path], what: str
+                   ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Train and test files decoded together (one size check across both, one progress bar):
+    float32 (N_train, 3, H, W) and (N_test, 3, H, W), the second None without test files."""
+    images = _decode_images(train + test, what)
+    return images[:len(train)], (images[len(train):] if test else None)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    """The image files anywhere under `folder` (by suffix, any case; hidden ones skipped),
+    sorted by path so that the order, hence the examples' order, is the same everywhere."""
+    return sorted(p for p in folder.rglob("*")
+                  if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the text file ({one_line(exc)})") from None
+
+
+_TINY = "tiny-imagenet-200"
+
+
+def _tiny_wnids(folder: Path) -> list[str]:
+    """The WordNet ids of wnids.txt, sorted (label i is the i-th in sorted order, as
+    torchvision's ImageFolder numbers train/<wnid> folders)."""
+    wnids_path = folder / "wnids.txt"
+    wnids = _read_text(wnids_path).split()
+    if not wnids:
+        raise DataError(f"{wnids_path}: the file lists no class ids")
+    if len(set(wnids)) != len(wnids):
+        twice = next(w for w in wnids if wnids.count(w) > 1)
+        raise DataError(f"{wnids_path}: class id {twice} is listed twice")
+    return sorted(wnids)
+
+
+def _tiny_class_names(folder: Path, wnids: list[str]) -> list[str]:
+    """The first name words.txt gives each id ("goldfish" of "goldfish, Carassius auratus");
+    the id itself where words.txt is absent or lacks it."""
+    words_path = folder / "words.txt"
+    if not words_path.is_file():
+        return list(wnids)
+    words = {}
+    for line in _read_text(words_path).splitlines():
+        wnid, _, text = line.partition("\t")
+        words[wnid.strip()] = text.split(",")[0].strip()
+    return [words.get(wnid) or wnid for wnid in wnids]
+
+
+def _tiny_val(folder: Path, index: dict[str, int]) -> tuple[list[Path], list[int]]:
+    """The validation images and labels that val/val_annotations.txt lists."""
+    annotations = folder / "val" / "val_annotations.txt"
+    paths, labels = [], []
+    for number, line in enumerate(_read_text(annotations).splitlines(), start=1):
+        if not line.strip():
+            continue
+        fields = line.split("\t")
+        if len(fields) < 2:
+            raise DataError(f"{annotations}: line {number} should be FILE<tab>WNID..., found "
+                            f"{line[:80]!r}")
+        if fields[1] not in index:
+            raise DataError(f"{annotations}: line {number} names class {fields[1]}, which "
+                            "wnids.txt does not list")
+        paths.append(folder / "val" / "images" / fields[0])
+        labels.append(index[fields[1]])
+    if not paths:
+        raise DataError(f"{annotations}: the file lists no images")
+    return paths, labels
+
+
+def load_tiny_imagenet(path: str | None) -> SourceData:
+    """Load TinyImageNet (Le & Yang 2015) from the `tiny-imagenet-200` folder as unpacked.
+
+    Classes are the 200 ids of wnids.txt in sorted order, named by words.txt. Train is
+    train/<wnid>/images/*.JPEG (500 per class); test is the labelled validation set,
+    val/images/*.JPEG with val/val_annotations.txt (50 per class), as the continual-learning
+    literature does: the official test images have no labels. Images are decoded with
+    Pillow (grayscale ones converted to RGB) to float32 (N, 3, 64, 64) in [0, 1]: about
+    5.4 GB of memory for train and test together.
+    """
+    folder = _data_folder(path, f"the {_TINY} folder", "wnids.txt, words.txt, train/, val/")
+    if not (folder / "wnids.txt").exists() and (folder / _TINY).is_dir():
+        folder = folder / _TINY  # the user named the folder above it
+    wnids = _tiny_wnids(folder)
+    index = {wnid: i for i, wnid in enumerate(wnids)}
+
+    train_paths: list[Path] = []
+    train_labels: list[int] = []
+    for wnid in wnids:
+        class_folder = folder / "train" / wnid / "images"
+        if not class_folder.is_dir():
+            raise DataError(f"{class_folder}: no such folder; wnids.txt lists {wnid}, so the "
+                            "train split needs its images there")
+        files = _image_files(class_folder)
+        if not files:
+            raise DataError(f"{class_folder}: holds no images")
+        train_paths += files
+        train_labels += [index[wnid]] * len(files)
+    val_paths, val_labels = _tiny_val(folder, index)
+    x_train, x_test = _decode_splits(train_paths, val_paths, "TinyImageNet")
+    return SourceData(
+        name="tiny_imagenet",
+        x_train=x_train,
+        y_train=torch.tensor(train_labels, dtype=torch.int64),
+        x_test=x_test,
+        y_test=torch.tensor(val_labels, dtype=torch.int64),
+        class_names=_tiny_class_names(folder, wnids),
+    )
+
+
+def _class_folders(root: Path) -> list[Path]:
+    """The subfolders of `root` (hidden ones skipped), sorted by name."""
+    return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _class_tree_files(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
+    """The image files under root/<class>/ for every class folder of `root`, each labelled by
+    its class's position in `classes`."""
+    index = {name: i for i, name in enumerate(classes)}
+    paths: list[Path] = []
+    labels: list[int] = []
+    for class_folder in _class_folders(root):
+        if class_folder.name not in index:
+            raise DataError(f"{class_folder}: class {class_folder.name} has no folder in the "
+                            "train split; the test split can only hold the train split's classes")
+        files = _image_files(class_folder)
+        if not files:
+            raise DataError(f"{class_folder}: holds no images (expected "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))} files)")
+        paths += files
+        labels += [index[class_folder.name]] * len(files)
+    return paths, labels
+
+
+def load_image_folder(path: str | None) -> SourceData:
+    """Load a tree of image files with one folder per class: root/<class>/*.png (or .jpg,
+    .jpeg, .bmp, .gif, .webp, .tif, .ppm, .pgm; in subfolders too, as torchvision's
+    ImageFolder), or the same under root/train/ and root/test/ for an official test split.
+    A root holding a train/ folder is read that way (train/ alone: the stream holds out
+    data.test_fraction, as it does for a root of class folders).
+
+    Classes are the train folders sorted by name (label i is the i-th name). Images are
+    decoded with Pillow and converted to RGB: float32 (N, 3, H, W) in [0, 1]; all must share
+    one size (DataError naming a file of another size).
+    """
+    root = _data_folder(path, "a folder with one subfolder of images per class",
+                        "<class>/*.png or train/<class>/*.png and test/<class>/*.png")
+    train_root = root / "train" if (root / "train").is_dir() else root
+    test_root = root / "test" if train_root != root and (root / "test").is_dir() else None
+    classes = [folder.name for folder in _class_folders(train_root)]
+    if not classes:
+        raise DataError(f"{train_root}: has no class subfolders; expected <class>/*.png")
+    train_paths, train_labels = _class_tree_files(train_root, classes)
+    test_paths, test_labels = ([], []) if test_root is None else \
+        _class_tree_files(test_root, classes)
+    x_train, x_test = _decode_splits(train_paths, test_paths, "images")
+    return SourceData(
+        name="image_folder",
+        x_train=x_train,
+        y_train=torch.tensor(train_labels, dtype=torch.int64),
+        x_test=x_test,
+        y_test=torch.tensor(test_labels, dtype=torch.int64) if test_paths else None,
+        class_names=classes,
+    )
+
+
 @functools.lru_cache(maxsize=4)
-def load_source(name: str, path: str | None) -> SourceData:
+def load_source(name: str, path: str | None, labels: str = "fine") -> SourceData:
     """The registered dataset `name` read from `path`, once per process: an experiment that
     runs several seeds or methods in one process (or one worker) reads its files once. The
-    tensors are shared: streams and problems index them (copies), never write into them."""
-    return DATASETS.get(name)(path)
+    tensors are shared: streams and problems index them (copies), never write into them.
+    `labels` (data.labels) other than "fine" is passed to readers that take it (cifar100)."""
+    if labels == "fine":
+        return DATASETS.get(name)(path)
+    check_label_set(name, labels)
+    return DATASETS.get(name)(path, labels=labels)

@@ -17,12 +17,12 @@ import torch
 from engram.config import StreamConfig
 from engram.data.lazy import (LazyInputs, from_workers, item_input, item_tensor, memory_budget,
                               select)
+from engram.data.sources import PROGRESS_FROM
 from engram.data.streams import Pools, Stream, TensorSet, batches, class_subset, label_tasks
 from engram.errors import ConfigError, DataError
 
 SCENARIOS = get_args(get_type_hints(StreamConfig)["scenario"])  # ("task", "domain", "class")
 LOAD_BATCH = 512        # examples per DataLoader batch when a Dataset is read into tensors
-PROGRESS_FROM = 10_000  # a progress bar for datasets at least this long
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

@@ -19,7 +19,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from engram.config import MethodSpec, RunConfig, config_to_dict, params_dict, train_identity
+from engram.config import (MethodSpec, RunConfig, config_to_dict, data_identity, params_dict,
+                           train_identity)
 from engram.data.streams import Stream
 from engram.errors import EngramError
 from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
@@ -143,9 +144,10 @@ def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
     """The run id (engram.experiments.harness.run_id) of everything that determines one run's
     numbers: data, stream, model, train, the method and its parameters, the seed (not the
     name, plots, threads or device). Train settings added later are hashed only when set
-    (config.train_identity), so configs written before them keep their run ids."""
+    (config.train_identity, config.data_identity), so configs written before them keep their
+    run ids."""
     return run_id({
-        "data": dataclasses.asdict(cfg.data), "stream": dataclasses.asdict(cfg.stream),
+        "data": data_identity(cfg.data), "stream": dataclasses.asdict(cfg.stream),
         "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
@@ -294,8 +296,8 @@ def execute_run(job: Job, sink: JobSink) -> None:
 
     cfg, spec = job.payload.cfg, job.payload.method
     device = resolve_device(cfg.device)
-    stream = build_stream(load_source(cfg.data.source, cfg.data.path), cfg.data, cfg.stream,
-                          job.seed, device)
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    stream = build_stream(source, cfg.data, cfg.stream, job.seed, device)
     run_one(cfg, spec, job.seed, stream, sink, device)
 
 
@@ -305,6 +307,7 @@ def run_plan_of(cfg: RunConfig) -> Plan:
     wanted = config_to_dict(cfg)
     identity = {k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}
     identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    identity["data"] = data_identity(identity["data"])
     return Plan(command="run", identity=identity,
                 growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
                 jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),

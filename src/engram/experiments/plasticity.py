@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, params_dict, train_identity
+from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, data_identity, params_dict, train_identity
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.data.streams import Stream, Task
 from engram.errors import ConfigError
@@ -131,7 +131,7 @@ def plasticity_run_id(cfg: PlasticityConfig, method: MethodSpec, seed: int) -> s
     numbers: data, problem, model, train, the method and its parameters, the seed (not the
     name, threads or device)."""
     return harness.run_id({
-        "data": dataclasses.asdict(cfg.data), "problem": dataclasses.asdict(cfg.problem),
+        "data": data_identity(cfg.data), "problem": dataclasses.asdict(cfg.problem),
         "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
@@ -160,6 +160,7 @@ def plasticity_plan(cfg: PlasticityConfig) -> Plan:
             for seed in cfg.seeds for spec in cfg.methods]
     identity = {k: v for k, v in dump.items() if k not in ("threads", "device")}
     identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    identity["data"] = data_identity(identity["data"])
     return Plan(command="plasticity", identity=identity,
                 growable=("seeds",), config=dump, columns=PLASTICITY_COLUMNS,
                 key=PLASTICITY_KEY, jobs=jobs, execute=execute_plasticity_run,

@@ -34,7 +34,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds, train_identity
+from engram.config import DataConfig, ModelConfig, StreamConfig, TrainConfig, check_device, check_name, check_seeds, data_identity, train_identity
 from engram.optimizers import check_optimization, lower_name, optimizer_takes
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.errors import ConfigError
@@ -154,7 +154,7 @@ def profile_id(cfg: ProfileConfig) -> str:
     """The run id (engram.experiments.harness.run_id) of what determines the numbers apart
     from the grid axes and seeds; unchanged content, so folders made earlier keep their ids."""
     grid = cfg.profile
-    return run_id({"data": dataclasses.asdict(cfg.data), "task": dataclasses.asdict(cfg.task),
+    return run_id({"data": data_identity(cfg.data), "task": dataclasses.asdict(cfg.task),
                    "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
                    "replacement": [grid.replacement, grid.replacement_scale],
                    "importance_examples": grid.importance_examples})
@@ -229,6 +229,7 @@ def profile_plan(cfg: ProfileConfig) -> Plan:
             for seed in cfg.seeds]
     identity = {k: v for k, v in dump.items() if k not in ("device", "threads")}
     identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
+    identity["data"] = data_identity(identity["data"])
     return Plan(command="profile", identity=identity,
                 growable=GROWABLE, config=dump, columns=PROFILE_COLUMNS, key=PROFILE_KEY,
                 jobs=jobs, execute=execute_profile, device=str(device), threads=cfg.threads,
@@ -256,8 +257,8 @@ def execute_profile(job: Job, sink: JobSink) -> None:
     stream_cfg = StreamConfig(kind=cfg.task.kind, scenario="domain", n_tasks=cfg.task.n_tasks,
                               classes_per_task=cfg.task.classes_per_task,
                               rotation_step=cfg.task.rotation_step)
-    stream = build_stream(load_source(cfg.data.source, cfg.data.path), cfg.data, stream_cfg,
-                          job.seed, device)
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    stream = build_stream(source, cfg.data, stream_cfg, job.seed, device)
     _profile_seed(cfg, job.run_id, job.seed, stream.tasks[cfg.task.task - 1], stream, device,
                   sink)
 

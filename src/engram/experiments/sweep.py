@@ -178,13 +178,14 @@ def sweep_identity(raw: dict, source: str = "sweep") -> tuple[dict[str, Any], li
     replaced by its list of alternatives, and the sweep's own name. Returns (identity, the
     keys that may grow): the axes, the method list and the seeds, so adding an alternative
     or a seed extends a folder while changing a single-valued setting is refused."""
-    from engram.config import config_to_dict, train_identity
+    from engram.config import config_to_dict, data_identity, train_identity
     from engram.experiments.outdir import flatten
 
     points = expand_sweep(raw, source)
     axes = list(points[0][0])
     resolved = [config_to_dict(cfg) for _, cfg in points]
-    first = {**resolved[0], "train": train_identity(resolved[0]["train"])}  # as run ids hash it
+    first = {**resolved[0], "train": train_identity(resolved[0]["train"]),  # as run ids hash it
+             "data": data_identity(resolved[0]["data"])}
     identity = flatten({k: v for k, v in first.items() if k not in NOT_AXES})
     for key in axes:
         # a mapping-valued axis (train.optimizer_args) is one key, not its flattened entries
