@@ -46,8 +46,8 @@ class ERACE(Replay):
         self.seen_classes = torch.zeros(0, dtype=torch.long)  # sorted class ids seen so far
 
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
-        return (super().unusable_reason(problem)
-                or needs_class_scores(problem, "masks class scores in the cross-entropy"))
+        return (super().unusable_reason(problem) or needs_class_scores(
+            problem, "masks the incoming batch's cross-entropy to its classes"))
 
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:
         return batch  # the memory batch is a separate term (penalty), not mixed in
