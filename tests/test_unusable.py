@@ -30,6 +30,7 @@ REFUSED = {
     "pseudo_rehearsal": "it distils a softmax over the outputs, " + ONE_OUTPUT,
     "generative_replay": ("it labels its generated inputs by the previous model's argmax (or "
                           "softmax) over the outputs, " + ONE_OUTPUT),
+    "er_ace": "it masks the incoming batch's cross-entropy to its classes, " + ONE_OUTPUT,
     "ewc": FISHER + ONE_OUTPUT,
     "online_ewc": FISHER + ONE_OUTPUT,
     "latent_replay": ("it stores each example's target as an int16 class label, and this "

@@ -121,11 +121,14 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             if ctx.transform is not None:  # augmentation: the batch trained on, not task_batch
                 batch = TensorSet(ctx.transform(batch.x, ctx.generator), batch.y, batch.task)
             outputs = model(batch.x, batch.task)
-            loss = ctx.loss_fn(outputs, batch.y)  # cross-entropy unless a problem says else
+            # cross-entropy unless a problem says else (or a method: ER-ACE's masked one)
+            loss = method.batch_loss(outputs, batch, ctx)
             # This step's own examples are the first len(task_batch) of the batch (make_batch's
-            # contract), measured before the update: the online loss and accuracy.
+            # contract), measured before the update: the online loss and accuracy, in the
+            # problem's loss whatever a method trains on.
             own = outputs[:len(task_batch)].detach()
-            own_loss_sum += ctx.loss_fn(own, task_batch.y) if mixed else loss.detach()
+            own_loss_sum += (ctx.loss_fn(own, task_batch.y) if mixed or method.replaces_loss
+                             else loss.detach())
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
             apply_update(ctx, method, optimizer, loss, batch, task_batch)

@@ -11,6 +11,8 @@ from engram.methods.anchor import L2, MAS, OnlineEWC
 from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
 from engram.methods.continual_backprop import ContinualBackprop
+from engram.methods.der import DER, DERpp
+from engram.methods.er_ace import ERACE
 from engram.methods.ewc import EWC
 from engram.methods.gem import GEM
 from engram.methods.generative_replay import GenerativeReplay
@@ -49,6 +51,9 @@ METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic m
 METHODS.add("gem", GEM, "GEM: project gradients so that no earlier task's memory loss rises, one constraint per task (Lopez-Paz & Ranzato 2017)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+METHODS.add("der", DER, "dark experience replay: a reservoir memory of examples with their logits, matched by MSE (Buzzega et al. 2020)")
+METHODS.add("derpp", DERpp, "DER++: DER plus cross-entropy on a second memory batch (Buzzega et al. 2020)")
+METHODS.add("er_ace", ERACE, "ER-ACE: replay whose incoming batch's cross-entropy masks the seen classes absent from it (Caccia et al. 2022)")
 METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
 METHODS.add("latent_replay", LatentReplay, "REMIND-style latent replay: freeze the lower layers after task 1, replay product-quantised features through the upper layers (Hayes et al. 2020)")
 METHODS.add("multihead", MultiHead, "shared trunk, one head per task; the trunk frozen after N tasks (task-IL heads)")

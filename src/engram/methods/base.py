@@ -7,7 +7,7 @@ The runner owns the step (see `engram.training.train_task`):
     data = method.training_data(task.train, ctx)
     for batch in batches(data):
         batch = method.make_batch(batch, ctx)
-        loss = ctx.loss_fn(model(batch.x, batch.task), batch.y)  # the problem's loss
+        loss = method.batch_loss(model(batch.x, batch.task), batch, ctx)  # ctx.loss_fn
         penalty = method.penalty(ctx)            # None means "no penalty"
         if penalty is not None: loss = loss + penalty
         optimizer.zero_grad(); loss.backward()
@@ -208,6 +208,18 @@ class Method:
         any extra ones (replay's memory examples). The runner relies on that order to record
         the loss and accuracy of the step's own examples."""
         return batch
+
+    def batch_loss(self, outputs: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """The loss the runner trains on, from the network's outputs (B, K) on the step's
+        batch (what make_batch returned, transformed): the problem's loss `ctx.loss_fn` unless
+        a method needs another one on those same outputs (ER-ACE masks the logits of classes
+        absent from the batch). Penalties are added to it."""
+        return ctx.loss_fn(outputs, batch.y)
+
+    @property
+    def replaces_loss(self) -> bool:
+        """Whether `batch_loss` is other than the problem's loss (the method overrides it)."""
+        return type(self).batch_loss is not Method.batch_loss
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         """A scalar added to the step's loss (`ctx.batch` is the step's batch), or None for

@@ -1,9 +1,9 @@
 """Compose: run several methods as one, e.g. replay + EWC, without writing a new file.
 
 Each hook calls the composed methods in the order given (the optax `chain` idea):
-`training_data` and `make_batch` are chained (each sees the previous one's output),
-penalties are summed, and `after_backward` and `correct_update` projections apply one
-after another. Config:
+`training_data` and `make_batch` are chained (each sees the previous one's output), at
+most one part may replace the training loss (`batch_loss`), penalties are summed, and
+`after_backward` and `correct_update` projections apply one after another. Config:
 
     methods:
       - name: compose
@@ -55,6 +55,11 @@ class Compose(Method):
                 f"{', '.join(rewriting)} recomputes the gradient or the optimizer's update, which "
                 "would move the frozen weights; these methods cannot be combined")
 
+        own_loss = [s.name for s, m in zip(self.params.methods, self.parts) if m.replaces_loss]
+        if len(own_loss) > 1:
+            raise ConfigError(f"compose: {' and '.join(own_loss)} each replace the training "
+                              "loss (batch_loss); at most one such method can be combined")
+
     @property
     def model_needs(self) -> tuple[str, ...]:
         """Every part's needs, in order, each once."""
@@ -86,6 +91,17 @@ class Compose(Method):
         for part in self.parts:
             batch = part.make_batch(batch, ctx)
         return batch
+
+    def batch_loss(self, outputs: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
+        """The one part that replaces the training loss decides (at most one may)."""
+        for part in self.parts:
+            if part.replaces_loss:
+                return part.batch_loss(outputs, batch, ctx)
+        return ctx.loss_fn(outputs, batch.y)
+
+    @property
+    def replaces_loss(self) -> bool:
+        return any(part.replaces_loss for part in self.parts)
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         penalties = [p for p in (part.penalty(ctx) for part in self.parts) if p is not None]

@@ -70,6 +70,35 @@ def herding_selection(features: torch.Tensor, m: int) -> torch.Tensor:
     return torch.tensor(chosen, dtype=torch.long, device=features.device)
 
 
+def empty_memory(batch: TensorSet, memory: int) -> TensorSet:
+    """A memory of `memory` zero examples shaped, typed and placed like `batch`'s."""
+    return TensorSet(*(torch.zeros((memory,) + part.shape[1:], dtype=part.dtype,
+                                   device=part.device) for part in batch))
+
+
+def reservoir_slots(n_seen: int, n_new: int, memory: int, generator: torch.Generator
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reservoir sampling (Vitter 1985, Algorithm R) for a batch of `n_new` examples offered
+    after `n_seen` others: (slots, sources), two (k,) long tensors on the CPU, meaning "write
+    the batch's example sources[i] into memory slot slots[i]"; slots are distinct and sorted.
+
+    Example number p (0-based count of examples offered before it) goes to slot p while the
+    memory fills, afterwards to a slot j ~ U{0..p} if j < memory. When two examples of the
+    batch pick the same slot the later one wins, as in the one-at-a-time algorithm. Draws
+    n_new float64 uniforms from `generator`: float32 ones have 2**24 values, so once about a
+    million examples were offered some slots would be measurably likelier than others, and
+    past 2**25 half of them could never be drawn again."""
+    position = n_seen + torch.arange(n_new)
+    draw = (torch.rand(n_new, generator=generator, dtype=torch.float64) * (position + 1)).long()
+    slot = torch.where(position < memory, position, draw)
+    keep = slot < memory
+    slot, source = slot[keep], torch.arange(n_new)[keep]
+    winner = torch.full((memory,), -1, dtype=torch.long)
+    winner.scatter_reduce_(0, slot, source, reduce="amax")
+    slots = torch.nonzero(winner >= 0).squeeze(1)
+    return slots, winner[slots]
+
+
 class Replay(Method):
     """Reservoir-sampled replay buffer mixed into every mini-batch."""
 
@@ -99,43 +128,32 @@ class Replay(Method):
             return 0 if self.buffer is None else len(self.buffer)
         return min(self.n_seen, self.params.memory)
 
+    def sample(self, ctx: Context) -> TensorSet:
+        """`replay_batch_size` (default train.batch_size) memory examples drawn uniformly
+        with replacement; call only when n_filled > 0."""
+        size = self.params.replay_batch_size or ctx.train_cfg.batch_size
+        pick = torch.randint(self.n_filled, (size,), generator=ctx.generator)
+        return TensorSet(*(part[pick.to(part.device)] for part in self.buffer))
+
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:
         if self.n_filled == 0:
             return batch
-        size = self.params.replay_batch_size or ctx.train_cfg.batch_size
-        pick = torch.randint(self.n_filled, (size,), generator=ctx.generator).to(batch.y.device)
-        return TensorSet(*(torch.cat([new, old[pick]]) for new, old in zip(batch, self.buffer)))
+        return TensorSet.concat([batch, self.sample(ctx)])
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         memory, n = self.params.memory, len(batch)
         if self.params.policy == "herding":
             return  # chosen at the task's end
         if self.buffer is None:
-            self.buffer = TensorSet(*(torch.zeros((memory,) + part.shape[1:], dtype=part.dtype,
-                                                  device=part.device) for part in batch))
+            self.buffer = empty_memory(batch, memory)
         if self.params.policy == "class_balanced":
             self._class_balanced_insert(batch, ctx)
             return
-        # Algorithm R, one batch at a time: example number p (0-based count of examples
-        # offered before it) goes to slot p while the buffer fills, afterwards to a slot
-        # j ~ U{0..p} if j < memory.
-        # The uniforms are float64: float32 ones have 2**24 values, so once about a million
-        # examples were offered some slots would be measurably likelier than others, and past
-        # 2**25 half of them could never be drawn again.
-        position = self.n_seen + torch.arange(n)
-        draw = (torch.rand(n, generator=ctx.generator, dtype=torch.float64) * (position + 1)).long()
-        slot = torch.where(position < memory, position, draw)
-        keep = slot < memory
-        if keep.any():
-            slot, source = slot[keep], torch.arange(n)[keep]
-            # When two examples of one batch pick the same slot, the later one wins, as in
-            # the one-at-a-time algorithm.
-            winner = torch.full((memory,), -1, dtype=torch.long)
-            winner.scatter_reduce_(0, slot, source, reduce="amax")
-            slots = torch.nonzero(winner >= 0).squeeze(1)
+        slots, sources = reservoir_slots(self.n_seen, n, memory, ctx.generator)
+        if len(slots):
             device = batch.y.device
             for stored, new in zip(self.buffer, batch):
-                stored[slots.to(device)] = new[winner[slots].to(device)]
+                stored[slots.to(device)] = new[sources.to(device)]
         self.n_seen += n
 
     def _class_balanced_insert(self, batch: Batch, ctx: Context) -> None:
