@@ -12,7 +12,9 @@ from engram.methods.base import Batch, Context, Method
 from engram.methods.compose import Compose
 from engram.methods.continual_backprop import ContinualBackprop
 from engram.methods.ewc import EWC
+from engram.methods.gdumb import GDumb
 from engram.methods.generative_replay import GenerativeReplay
+from engram.methods.icarl import ICaRL
 from engram.methods.joint import Joint
 from engram.methods.l2_init import L2Init
 from engram.methods.latent_replay import LatentReplay
@@ -44,6 +46,8 @@ METHODS.add("lwf", LwF, "learning without forgetting: distil the previous model'
 METHODS.add("agem", AGEM, "A-GEM: project gradients so the loss on an episodic memory does not rise (Chaudhry et al. 2019)")
 METHODS.add("ogd", OGD, "orthogonal gradient descent: project gradients off earlier tasks' logit gradients (Farajtabar et al. 2020)")
 METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sampled memory")
+METHODS.add("icarl", ICaRL, "iCaRL: herding exemplars, sigmoid distillation of earlier classes, nearest-mean-of-exemplars classifier (Rebuffi et al. 2017)")
+METHODS.add("gdumb", GDumb, "GDumb: greedy class-balanced memory, network retrained from scratch on it each task (Prabhu et al. 2020)")
 METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
 METHODS.add("latent_replay", LatentReplay, "REMIND-style latent replay: freeze the lower layers after task 1, replay product-quantised features through the upper layers (Hayes et al. 2020)")
 METHODS.add("multihead", MultiHead, "shared trunk, one head per task; the trunk frozen after N tasks (task-IL heads)")
