@@ -84,11 +84,17 @@ def test_nme_in_task_il_searches_only_the_examples_own_task_and_in_domain_il_all
 
 
 def test_nme_means_with_flips_average_the_flipped_images():
-    # one class, one 1x1x2 image [a, b]: with flips its mean direction is unit(a, b) + unit(b, a)
+    # one class of two 1x1x2 images: the mean direction of the 4 unit vectors, flips included
     net = identity_net(2)
-    exemplars = TensorSet(torch.tensor([[[[3.0, 1.0]]]]), torch.tensor([0]), torch.tensor([0]))
+    images = [[3.0, 1.0], [1.0, -2.0]]
+    exemplars = TensorSet(torch.tensor(images).view(2, 1, 1, 2), torch.tensor([0, 0]),
+                          torch.tensor([0, 0]))
     nme = NearestMeanOfExemplars(net, exemplars, width=2, per_task=False, flip=True)
-    torch.testing.assert_close(nme.means[0], torch.tensor([1.0, 1.0]) / math.sqrt(2))
+    units = [[a / math.hypot(a, b), b / math.hypot(a, b)] for a, b in images]
+    units += [[b, a] for a, b in units]  # flipped left-right
+    mean = [sum(col) / 4 for col in zip(*units)]
+    expected = torch.tensor(mean) / math.hypot(*mean)
+    torch.testing.assert_close(nme.means[0], expected)
     with pytest.raises(ConfigError, match="image inputs"):
         NearestMeanOfExemplars(net, TensorSet(torch.ones(1, 2), torch.tensor([0]),
                                               torch.tensor([0])), 2, per_task=False, flip=True)

@@ -23,7 +23,8 @@ Three parts, as in the paper:
   classification loss (cross-entropy on every trained example, exemplars included), so here
   the new-class part is that cross-entropy and only the old-class part, D with strength 1,
   is the paper's (per-class sum as in its formula, so each old output gets the paper's
-  gradient sigmoid(z) - sigmoid(z_old)).
+  gradient sigmoid(z) - sigmoid(z_old)). Cost per step: two more forward passes (the frozen
+  copy and the live network on the batch), as LwF.
 - **Nearest-mean-of-exemplars classifier (NME)** at evaluation: `eval_model` returns
   `NearestMeanOfExemplars`, which computes, with the current network, the mean of the
   L2-normalised features of each class's exemplars, re-normalised (as the authors' code
@@ -70,15 +71,16 @@ class ICaRLParams:
 
 
 def unit_features(model: nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
-    """L2-normalised features (N, d) of `x`; with `flip`, the normalised mean of the features
-    of x and of x flipped left-right (the paper's class means)."""
+    """L2-normalised features (N, d) of `x`; with `flip`, the average of those of x and of x
+    flipped left-right, so a class mean over them is the mean over 2N unit features (the
+    paper's class means)."""
     features = F.normalize(model.features(x), dim=1)
     if not flip:
         return features
     if x.ndim != 4:
         raise ConfigError(f"icarl flip_means: true needs image inputs (N, C, H, W); these are "
                           f"{tuple(x.shape)}: set flip_means: false")
-    return F.normalize(features + F.normalize(model.features(x.flip(-1)), dim=1), dim=1)
+    return (features + F.normalize(model.features(x.flip(-1)), dim=1)) / 2
 
 
 class NearestMeanOfExemplars(nn.Module):
