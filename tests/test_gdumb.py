@@ -75,6 +75,14 @@ def test_memory_stays_class_balanced_on_an_unbalanced_stream():
     assert sorted(counts) == [1, 1, 1, 1, 1, 2, 2]
 
 
+def test_a_memory_smaller_than_the_classes_drops_a_class_that_loses_its_last_slot():
+    # 2 slots, 3 classes: class 2 evicts class 0's only example; 0 then counts as new again
+    method, generator = GDumb(GDumb.Params(memory=2)), torch.Generator().manual_seed(0)
+    labels = [0, 1, 2, 0]
+    memory = method.greedy_fill(stream_examples(labels, 0, 0), generator)
+    assert memory_counts(memory) == hand_counts([(0, y) for y in labels], 2) == {(0, 2): 1, (0, 0): 1}
+
+
 def tiny_net() -> ContinualNet:
     body = nn.Sequential(nn.Linear(2, 6), nn.ReLU(), nn.BatchNorm1d(6))
     return ContinualNet(body, 6, 1, 5)
