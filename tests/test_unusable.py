@@ -35,6 +35,10 @@ REFUSED = {
     "online_ewc": FISHER + ONE_OUTPUT,
     "latent_replay": ("it stores each example's target as an int16 class label, and this "
                       "problem is a regression (squared error on real-valued targets)"),
+    "icarl": ("it classifies by the nearest class mean of its exemplars, and this problem is a "
+              "regression (squared error on real-valued targets), which has no classes"),
+    "gdumb": ("it keeps a class-balanced memory, and this problem is a regression (squared "
+              "error on real-valued targets), which has no classes"),
 }
 POLICIES = {policy: (f"it keeps its memory per class (policy: {policy}), and this problem is a "
                      "regression (squared error on real-valued targets), which has no classes; "

@@ -14,8 +14,10 @@ from engram.methods.continual_backprop import ContinualBackprop
 from engram.methods.der import DER, DERpp
 from engram.methods.er_ace import ERACE
 from engram.methods.ewc import EWC
+from engram.methods.gdumb import GDumb
 from engram.methods.gem import GEM
 from engram.methods.generative_replay import GenerativeReplay
+from engram.methods.icarl import ICaRL
 from engram.methods.joint import Joint
 from engram.methods.l2_init import L2Init
 from engram.methods.latent_replay import LatentReplay
@@ -54,6 +56,8 @@ METHODS.add("replay", Replay, "experience replay from a fixed-size reservoir-sam
 METHODS.add("der", DER, "dark experience replay: a reservoir memory of examples with their logits, matched by MSE (Buzzega et al. 2020)")
 METHODS.add("derpp", DERpp, "DER++: DER plus cross-entropy on a second memory batch (Buzzega et al. 2020)")
 METHODS.add("er_ace", ERACE, "ER-ACE: replay whose incoming batch's cross-entropy masks the seen classes absent from it (Caccia et al. 2022)")
+METHODS.add("icarl", ICaRL, "iCaRL: herding exemplars, sigmoid distillation of earlier classes, nearest-mean-of-exemplars classifier (Rebuffi et al. 2017)")
+METHODS.add("gdumb", GDumb, "GDumb: greedy class-balanced memory, network retrained from scratch on it each task (Prabhu et al. 2020)")
 METHODS.add("pseudo_rehearsal", PseudoRehearsal, "rehearse the previous network's outputs on random inputs; stores no data (Robins 1995)")
 METHODS.add("latent_replay", LatentReplay, "REMIND-style latent replay: freeze the lower layers after task 1, replay product-quantised features through the upper layers (Hayes et al. 2020)")
 METHODS.add("multihead", MultiHead, "shared trunk, one head per task; the trunk frozen after N tasks (task-IL heads)")

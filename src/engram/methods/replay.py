@@ -99,6 +99,43 @@ def reservoir_slots(n_seen: int, n_new: int, memory: int, generator: torch.Gener
     return slots, winner[slots]
 
 
+def random_slot_of(keys: torch.Tensor, key: int | torch.Tensor, generator: torch.Generator) -> int:
+    """A slot drawn uniformly among those whose class key (`keys` (M,)) is `key`: the example
+    a class-balanced memory evicts from its largest class (replay's class_balanced, GDumb)."""
+    members = torch.nonzero(keys == key).squeeze(1)
+    return int(members[torch.randint(len(members), (1,), generator=generator)])
+
+
+@torch.no_grad()
+def herding_memory(memory: TensorSet | None, data: TensorSet, model: torch.nn.Module,
+                   budget: int) -> TensorSet:
+    """iCaRL's exemplar memory after a task (Rebuffi et al. 2017, Algorithms 4 and 5): with
+    m = budget // (classes seen), every class already in `memory` keeps the first m of its
+    ordered exemplars, and every new class of `data` gets m exemplars chosen by herding on
+    the L2-normalised `model.features` (eval mode: no dropout noise). Classes are (task id,
+    target) keys; the result lists them old first, each in its chosen order."""
+    was_training = model.training
+    model.eval()
+    new_keys = class_keys(data)
+    old_keys = class_keys(memory) if memory is not None else new_keys[:0]
+    old_classes = list(dict.fromkeys(old_keys.tolist()))  # in stored order
+    new_classes = [k for k in dict.fromkeys(new_keys.tolist()) if k not in old_classes]
+    per_class = budget // (len(old_classes) + len(new_classes))
+    parts = []
+    for key in old_classes + new_classes:
+        if key in old_classes:  # stored in chosen order: the first m stay (Alg. 5)
+            index = torch.nonzero(old_keys == key).squeeze(1)[:per_class]
+            parts.append(TensorSet(*(part[index] for part in memory)))
+        else:
+            index = torch.nonzero(new_keys == key).squeeze(1)
+            members = TensorSet(*(part[index] for part in data))
+            features = F.normalize(model.features(members.x), dim=1)  # (n, d)
+            pick = herding_selection(features, per_class)
+            parts.append(TensorSet(*(part[pick] for part in members)))
+    model.train(was_training)
+    return TensorSet.concat(parts)
+
+
 class Replay(Method):
     """Reservoir-sampled replay buffer mixed into every mini-batch."""
 
@@ -167,39 +204,16 @@ class Replay(Method):
             else:
                 classes, counts = torch.unique(keys, return_counts=True)  # sorted by key
                 largest = classes[counts.argmax()]  # the first of the tied, by key order
-                members = torch.nonzero(keys == largest).squeeze(1)
-                slot = int(members[torch.randint(len(members), (1,), generator=ctx.generator)])
+                slot = random_slot_of(keys, largest, ctx.generator)
             for stored, new in zip(self.buffer, batch):
                 stored[slot] = new[i]
             keys[slot] = batch_keys[i]
             self.n_seen += 1
 
-    @torch.no_grad()
     def after_task(self, ctx: Context) -> None:
-        if self.params.policy != "herding":
-            return
-        was_training = ctx.model.training
-        ctx.model.eval()  # features without dropout noise
-        old = self.buffer
-        new_data = ctx.task.train
-        new_keys = class_keys(new_data)
-        old_keys = class_keys(old) if old is not None else new_keys[:0]
-        old_classes = list(dict.fromkeys(old_keys.tolist()))  # in stored order
-        new_classes = [k for k in dict.fromkeys(new_keys.tolist()) if k not in old_classes]
-        per_class = self.params.memory // (len(old_classes) + len(new_classes))
-        parts = []
-        for key in old_classes + new_classes:
-            if key in old_classes:  # stored in chosen order: the first m stay (Alg. 5)
-                index = torch.nonzero(old_keys == key).squeeze(1)[:per_class]
-                parts.append(TensorSet(*(part[index] for part in old)))
-            else:
-                index = torch.nonzero(new_keys == key).squeeze(1)
-                members = TensorSet(*(part[index] for part in new_data))
-                features = F.normalize(ctx.model.features(members.x), dim=1)  # (n, d)
-                pick = herding_selection(features, per_class)
-                parts.append(TensorSet(*(part[pick] for part in members)))
-        self.buffer = TensorSet.concat(parts)
-        ctx.model.train(was_training)
+        if self.params.policy == "herding":
+            self.buffer = herding_memory(self.buffer, ctx.task.train, ctx.model,
+                                         self.params.memory)
 
     def state_dict(self) -> dict[str, Any]:
         buffer = None if self.buffer is None else list(self.buffer)
