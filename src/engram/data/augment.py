@@ -156,7 +156,9 @@ def normalize_stream(stream, name: str | None):
                           f"images; this stream's inputs have shape {tuple(shape)}")
 
     def apply(split):
-        return None if split is None else split._replace(x=normalize(split.x, mean, std))
+        # TensorSet's len is its example count, which NamedTuple._replace would misread
+        return None if split is None else type(split)(normalize(split.x, mean, std), split.y,
+                                                      split.task)
 
     tasks = [dataclasses.replace(task, train=apply(task.train), val=apply(task.val),
                                  test=apply(task.test)) for task in stream.tasks]
