@@ -110,6 +110,17 @@ class ModelConfig:
 
 
 @dataclass
+class AugmentConfig:
+    crop_padding: int = opt(0, "random crop: pad each training image by this many black pixels "
+                            "per side, crop back to its size at a random offset (0: no crop; "
+                            "the papers use 4)", low=0)
+    flip: bool = opt(False, "mirror each training image left-right with probability 1/2")
+    normalize: Literal["cifar10", "cifar100", "tinyimagenet"] | None = opt(
+        None, "subtract Mammoth's per-channel mean and divide by its std, on the train, val and "
+        "test data alike (null: none)")
+
+
+@dataclass
 class TrainConfig:
     epochs: int = opt(20, "passes over each task's training data", low=1)
     batch_size: int = opt(32, "examples per optimizer step", low=1)
@@ -133,6 +144,13 @@ class TrainConfig:
     optimizer_policy: Literal["fresh", "carry"] = opt(
         "fresh", "fresh: a new optimizer (and scheduler: the schedule restarts) at the start of "
         "each task; carry: one for the whole run, its state (e.g. Adam's moments) kept")
+    augment: AugmentConfig = field(default_factory=AugmentConfig, metadata={
+        "doc": "data augmentation of images (engram.data.augment): crop and flip augment every "
+               "training mini-batch (replayed examples too); normalize changes all the data"})
+    amp: bool = opt(False, "mixed precision: autocast to float16 with a gradient scaler on CUDA "
+                    "(bfloat16, no scaler, on the CPU: slow, for testing)")
+    channels_last: bool = opt(False, "keep the model's 4-d weights and the images in channels-last "
+                              "memory format (faster convolutions on CUDA)")
 
     def __post_init__(self) -> None:
         self.optimizer, self.scheduler = lower_name(self.optimizer), lower_name(self.scheduler)
@@ -144,7 +162,9 @@ class TrainConfig:
 # earlier configs stay valid.
 LATER_TRAIN_DEFAULTS: dict[str, Any] = {
     "optimizer_args": {}, "scheduler": None, "scheduler_args": {}, "scheduler_step": "epoch",
-    "optimizer_policy": "fresh"}
+    "optimizer_policy": "fresh",
+    "augment": {"crop_padding": 0, "flip": False, "normalize": None}, "amp": False,
+    "channels_last": False}
 LATER_DATA_DEFAULTS: dict[str, Any] = {"labels": "fine"}
 
 

@@ -7,6 +7,7 @@ method's hooks run in the same order everywhere.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -74,20 +75,58 @@ def restore_optimizer(ctx: Context, optimizer_state: dict, scheduler_state: dict
         ctx.scheduler.load_state_dict(scheduler_state)
 
 
+class MixedPrecision(NamedTuple):
+    """train.amp's settings on one device: the autocast dtype (None: full precision) and
+    the gradient scaler (None: gradients unscaled)."""
+    dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """The forward pass's context: torch.autocast, or nothing at all when amp is off."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.dtype)
+
+
+def mixed_precision(amp: bool, device: torch.device) -> MixedPrecision:
+    """train.amp on `device`: off -> full precision; CUDA -> float16 autocast with a
+    GradScaler (float16's range is too small for small gradients without loss scaling,
+    Micikevicius et al. 2018, "Mixed Precision Training"); other devices -> bfloat16
+    autocast, whose range is float32's, so no scaler (on the CPU this is slow: for tests)."""
+    if not amp:
+        return MixedPrecision(None, None)
+    if device.type == "cuda":
+        return MixedPrecision(torch.float16, torch.amp.GradScaler("cuda"))
+    return MixedPrecision(torch.bfloat16, None)
+
+
 def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
-                 loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet) -> None:
+                 loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet,
+                 scaler: torch.amp.GradScaler | None = None) -> None:
     """One optimizer update from the training `loss` of `batch` (what make_batch returned),
     with the method's penalty and hooks in the order every method relies on. `task_batch` is
     what after_step is given: the examples the stream delivers at this step (train_task: the
     mini-batch; the sliding window: the points entering it for the first time, often none).
-    Shared by train_task and the sliding-window experiment (engram.experiments.window)."""
+    Shared by train_task and the sliding-window experiment (engram.experiments.window).
+
+    With a gradient `scaler` (train.amp on CUDA) the backward pass runs on the scaled loss
+    and the gradients are unscaled before after_backward, so the hooks that read or project
+    gradients see their true values; scaler.step skips the update when it found an inf or
+    NaN gradient (the hooks after it still run, on the unchanged weights)."""
     ctx.batch = batch  # LwF distils on the batch being trained
     penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
     total = loss if penalty is None else loss + penalty
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
-    method.after_backward(ctx)  # gradient projections
-    optimizer.step()
+    if scaler is None:
+        total.backward()
+        method.after_backward(ctx)  # gradient projections
+        optimizer.step()
+    else:
+        scaler.scale(total).backward()
+        scaler.unscale_(optimizer)  # true gradients for the hooks; records inf/NaN
+        method.after_backward(ctx)
+        scaler.step(optimizer)  # skipped when an unscaled gradient was inf or NaN
+        scaler.update()
     method.correct_update(ctx)  # OGD / A-GEM project the update the optimizer made
     method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
     ctx.step += 1
@@ -108,6 +147,9 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     # train (progressive nets, PackNet).
     optimizer, scheduler = task_optimizer(ctx)
     per_step = scheduler is not None and cfg.scheduler_step == "step"
+    precision = mixed_precision(cfg.amp, ctx.device)
+    if cfg.channels_last:  # 4-d weights (convolutions) in NHWC order; the rest as they are
+        model.to(memory_format=torch.channels_last)
     data = method.training_data(ctx.task.train, ctx)  # joint training widens this
     n = len(data)
     for epoch in range(1, cfg.epochs + 1):
@@ -120,18 +162,23 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
             mixed = batch is not task_batch
             if ctx.transform is not None:  # augmentation: the batch trained on, not task_batch
                 batch = TensorSet(ctx.transform(batch.x, ctx.generator), batch.y, batch.task)
-            outputs = model(batch.x, batch.task)
-            # cross-entropy unless a problem says else (or a method: ER-ACE's masked one)
-            loss = method.batch_loss(outputs, batch, ctx)
+            x = batch.x
+            if cfg.channels_last and x.ndim == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with precision.autocast(ctx.device):
+                outputs = model(x, batch.task)
+                # cross-entropy unless a problem says else (or a method: ER-ACE's masked one)
+                loss = method.batch_loss(outputs, batch, ctx)
             # This step's own examples are the first len(task_batch) of the batch (make_batch's
             # contract), measured before the update: the online loss and accuracy, in the
-            # problem's loss whatever a method trains on.
-            own = outputs[:len(task_batch)].detach()
+            # problem's loss whatever a method trains on (in float32 also under train.amp;
+            # .float() is a no-op otherwise).
+            own = outputs[:len(task_batch)].detach().float()
             own_loss_sum += (ctx.loss_fn(own, task_batch.y) if mixed or method.replaces_loss
                              else loss.detach())
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
-            apply_update(ctx, method, optimizer, loss, batch, task_batch)
+            apply_update(ctx, method, optimizer, loss, batch, task_batch, precision.scaler)
             if per_step:
                 scheduler.step()
             loss_sum += loss.detach()

@@ -157,10 +157,14 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     """Train one method with one seed through the whole stream, handing rows to `sink` as
     they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
     tasks it covers are recorded. Return the run id."""
+    from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
     from engram.models import build_model
     from engram.registry import METHODS
 
     ident = RunIdentity.of_config(cfg, spec, seed)
+    augment = cfg.train.augment
+    check_augmentable(stream, augment)
+    stream = normalize_stream(stream, augment.normalize)  # train, val and test alike
     # before any training: a method that could not act on this stream is refused, not run
     refuse_unusable(spec, ProblemInfo(f"{cfg.data.source} ({cfg.stream.kind} stream)",
                                       stream.head_dim, classification=True))
@@ -169,7 +173,8 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     refuse_unusable_model(spec, model)  # e.g. sleep on a cnn: refused before any training
     method: Method = METHODS.get(spec.name)(spec.params)
     ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
-                  generator=torch.Generator().manual_seed(seed), device=device)
+                  generator=torch.Generator().manual_seed(seed), device=device,
+                  transform=training_augmentation(augment))  # crop, flip: None without
     ctx.model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
     run_through_stream(ident, method, ctx, sink, cfg.checkpoint_seconds)
     return ident.run_id

@@ -132,6 +132,9 @@ class MCSGD(Method):
     """Merge each continual solution with the previous merged one along low-loss lines."""
 
     Params = MCSGDParams
+    # The line search evaluates interpolated weights in training mode: BatchNorm layers would
+    # fold those points' batch statistics into the merged network's running statistics.
+    model_needs = ("no_batch_norm",)
 
     def __init__(self, params: MCSGDParams | None = None) -> None:
         super().__init__(params)

@@ -77,6 +77,8 @@ class OGD(Method):
 
     Params = OGDParams
     rewrites_gradients = True  # see Method.rewrites_gradients
+    # per-example output gradients (torch.func) cannot pass BatchNorm's in-place statistics
+    model_needs = ("no_batch_norm",)
 
     def __init__(self, params: OGDParams | None = None) -> None:
         super().__init__(params)

@@ -139,7 +139,9 @@ class PackNet(Method):
 
     Params = PackNetParams
     masks_gradients = True  # see Method.masks_gradients
-    model_needs = ("head",)  # masks the body's weights; task-IL: the current task's head rows
+    # masks the body's weights; task-IL: the current task's head rows. BatchNorm statistics
+    # would be shared by every task's weights (no per-task copies: pitfall 2): refused.
+    model_needs = ("head", "no_batch_norm")
 
     def __init__(self, params: PackNetParams | None = None) -> None:
         super().__init__(params)

@@ -23,6 +23,7 @@ import torch
 
 from engram.schema import opt
 from engram.methods.base import Context, Method, flat_grad, set_flat_grad
+from engram.models.protocol import batch_norm_statistics_frozen
 
 
 @dataclass
@@ -41,7 +42,10 @@ class SAM(Method):
         params = [p for p in model.parameters() if p.grad is not None]
 
         def loss_grad() -> torch.Tensor:
-            loss = ctx.loss_fn(model(batch.x, batch.task), batch.y)
+            # The runner's forward pass already counted this batch in any BatchNorm running
+            # statistics; these extra passes (one at perturbed weights) must not count it again.
+            with batch_norm_statistics_frozen(model):
+                loss = ctx.loss_fn(model(batch.x, batch.task), batch.y)
             return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
 
         total = flat_grad(params)

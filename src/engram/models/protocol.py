@@ -44,6 +44,8 @@ instead of failing deep inside it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -146,6 +148,10 @@ NEEDS: dict[str, str] = {
     "hidden_units": "hidden units of an mlp: an nn.Sequential body without Conv2d whose every "
                     "Linear is directly followed by a ReLU, Tanh, Sigmoid or LeakyReLU module, "
                     "then a Linear head (model.kind: mlp), or a ResidualNet",
+    "no_batch_norm": "a network without BatchNorm layers (their running statistics are "
+                     "updated in place by every forward pass in training mode and shared by "
+                     "every task; this method neither keeps them per task nor computes "
+                     "through them correctly)",
     "relu_mlp": "a ReLU mlp: a body of Flatten, Linear, ReLU and Dropout layers only, then a "
                 "Linear head (model.kind: mlp with model.activation: relu)",
 }
@@ -155,6 +161,25 @@ the network (read as "it needs ..."); see `unmet_need`."""
 UNIT_ACTIVATIONS = (nn.ReLU, nn.Tanh, nn.Sigmoid, nn.LeakyReLU)
 PARAMETRIC_LAYERS = (nn.Linear, nn.Conv2d)
 RELU_MLP_LAYERS = (nn.Flatten, nn.Linear, nn.ReLU, nn.Dropout)
+BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatchNorm
+
+
+@contextmanager
+def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
+    """Forward passes inside leave every BatchNorm layer's running mean and variance as
+    they were (momentum 0: running <- 1 * running + 0 * batch), while still normalising with
+    the batch's own statistics in training mode. For extra passes over a batch already
+    counted (SAM's gradient at the perturbed weights), which would otherwise be counted
+    again, at other weights."""
+    norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
 
 
 def residual_net(model: nn.Module) -> ResidualNet | None:
@@ -183,6 +208,9 @@ def structure_gap(model: nn.Module, need: str) -> str | None:
         if not all(callable(getattr(model, name, None)) for name in ("features", "output")):
             return f"this {type(model).__name__} has no features(x) and output(features, task)"
         return None
+    if need == "no_batch_norm":
+        norms = [type(m).__name__ for m in model.modules() if isinstance(m, BATCH_NORMS)]
+        return f"it has {len(norms)} {norms[0]} layers" if norms else None
     if need == "hidden_units" and residual_net(model) is not None:
         return None
     gap = _split_gap(model)
