@@ -81,6 +81,13 @@ def test_worker_processes_read_the_same_batches():
     assert measured_rows(workers) == measured_rows(in_memory)
 
 
+def test_moved_inputs_are_read_onto_the_new_device():
+    x = stream(in_memory=False).tasks[0].train.x
+    moved = x.to("meta")
+    assert moved.device == torch.device("meta") and x.device == torch.device("cpu")
+    assert moved[torch.tensor([0, 1])].device == torch.device("meta")
+
+
 def test_the_size_decides_when_not_told(monkeypatch):
     needed = 300 * 64 * 4  # every split's inputs as float32
     monkeypatch.setattr(user, "memory_budget", lambda device: needed - 1)
@@ -150,3 +157,11 @@ def test_a_streamed_run_resumes_under_its_own_id(tmp_path):
                        progress=False)
     assert again.run_id == first.run_id
     assert len(again.rows) == len(first.rows)
+
+
+def test_in_memory_examples_join_streamed_ones():
+    streamed = Pairs(*data(10, 3))
+    lazy = LazyInputs(streamed, torch.tensor([4, 2]), (1, 8, 8))
+    memory = torch.rand(3, 1, 8, 8)
+    joined = LazyInputs.concat([lazy, memory])
+    assert torch.equal(joined[:], torch.cat([streamed.x[[4, 2]], memory]))

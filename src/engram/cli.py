@@ -259,6 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help=argparse.SUPPRESS)  # the default now
     run.add_argument("--help-config", action="store_true",
                      help="list every config key with its default and meaning, then exit")
+    run.add_argument("--smoke", action="store_true",
+                     help="apply the config's smoke: overrides first, a quick CPU-sized run of "
+                          "the same pipeline (default --out runs/<config name>-smoke)")
     _add_workers(run)
 
     sweep = commands.add_parser(
@@ -463,10 +466,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None:
         raise SystemExit("engram run: error: a CONFIG file is required (see configs/)")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides, smoke=args.smoke)
     except ConfigError as err:
         raise ConfigError(f"{err}{_sweep_hint(args.config, args.overrides)}") from None
-    out = Path(args.out) if args.out else Path("runs") / Path(args.config).stem
+    default_out = Path(args.config).stem + ("-smoke" if args.smoke else "")
+    out = Path(args.out) if args.out else Path("runs") / default_out
     from engram.experiments.continual import run_experiment
 
     with _tracked(args, out) as options, _holding(out, "run"):  # summary, plots under the lock

@@ -281,21 +281,33 @@ def params_dict(params: Any) -> dict[str, Any]:
     return dataclasses.asdict(params) if params is not None else {}
 
 
-def load_config_dict(raw: Any, overrides: list[str] = (), source: str = "config") -> RunConfig:
-    """Validate a raw (YAML-decoded) config dict after applying dotted overrides."""
+def load_config_dict(raw: Any, overrides: list[str] = (), source: str = "config",
+                     smoke: bool = False) -> RunConfig:
+    """Validate a raw (YAML-decoded) config dict after applying dotted overrides. A config may
+    hold a `smoke:` list of overrides scaling it down to a quick CPU run of the same pipeline;
+    with smoke=True (`engram run --smoke`) they are applied before `overrides`."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
-    for override in overrides:
+    smoke_overrides = raw.pop("smoke", [])
+    if not (isinstance(smoke_overrides, list)
+            and all(isinstance(item, str) and "=" in item for item in smoke_overrides)):
+        raise ConfigError(f"{source}: smoke must be a list of KEY=VALUE overrides, e.g. "
+                          "[train.epochs=1, data.limit=500]")
+    if smoke and not smoke_overrides:
+        raise ConfigError(f"{source} has no smoke: list of overrides, so --smoke cannot scale "
+                          "it down (see configs/seq_cifar10.yaml)")
+    for override in (smoke_overrides if smoke else []) + list(overrides):
         apply_override(raw, override)
     return parse_dataclass(RunConfig, raw)
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (safe loader only), apply overrides, validate everything."""
+def load_config(path: str | Path, overrides: list[str] = (), smoke: bool = False) -> RunConfig:
+    """Read a YAML config (safe loader only), apply overrides (after its smoke: overrides
+    when smoke=True), validate everything."""
     raw = read_yaml_file(path)
-    return load_config_dict(raw, overrides, str(path))
+    return load_config_dict(raw, overrides, str(path), smoke)
 
 
 def config_to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -71,6 +71,19 @@ class _Inputs(torch.utils.data.Dataset):
         return x
 
 
+class _TensorItems(torch.utils.data.Dataset):
+    """(x[i], 0) items of a tensor: in-memory examples joining streamed ones (concat)."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.x = x
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.x[i], 0
+
+
 class LazyInputs:
     """The inputs x of a split, read from a map-style Dataset when needed (see the module
     docstring). Behaves like the (N, *item_shape) float32 tensor it stands for where engram
@@ -107,13 +120,15 @@ class LazyInputs:
     def element_size(self) -> int:
         return 4  # float32
 
-    def _like(self, items: torch.Tensor, dataset: Any = None) -> "LazyInputs":
+    def _like(self, items: torch.Tensor, dataset: Any = None,
+              device: torch.device | str | None = None) -> "LazyInputs":
         return LazyInputs(self.dataset if dataset is None else dataset, items, self.item_shape,
-                          self.split, self.device, self.workers)
+                          self.split, self.device if device is None else device, self.workers)
 
     def to(self, device: torch.device | str) -> "LazyInputs":
         """The same inputs, read onto `device`."""
-        return self._like(self.items) if torch.device(device) != self.device else self
+        return self._like(self.items, device=device) if torch.device(device) != self.device \
+            else self
 
     def subset(self, index: torch.Tensor | slice) -> "LazyInputs":
         """The inputs at `index` (positions, or a boolean mask), still unread."""
@@ -153,9 +168,15 @@ class LazyInputs:
         return described.encode() + self.items.numpy().tobytes()
 
     @staticmethod
-    def concat(parts: Sequence["LazyInputs"]) -> "LazyInputs":
-        """The inputs of `parts` one after another (the joint method's growing training set):
-        parts of one dataset share it; parts of several read from their ConcatDataset."""
+    def concat(parts: Sequence["LazyInputs | torch.Tensor"]) -> "LazyInputs":
+        """The inputs of `parts` one after another (the joint method's growing training set,
+        a task's data and iCaRL's exemplars): parts of one dataset share it; parts of several
+        read from their ConcatDataset; tensors among them (a memory) are read from a copy on
+        the CPU."""
+        first = next(part for part in parts if isinstance(part, LazyInputs))
+        parts = [part if isinstance(part, LazyInputs) else
+                 first._like(torch.arange(len(part)), _TensorItems(part.detach().cpu()))
+                 for part in parts]
         datasets: list[Any] = []
         for part in parts:
             if not any(part.dataset is known for known in datasets):

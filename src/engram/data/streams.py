@@ -32,7 +32,7 @@ from engram.errors import ConfigError
 class TensorSet(NamedTuple):
     """Examples of one split: x (N, C, H, W) float, y (N,) scenario targets, task (N,) task ids.
     x is LazyInputs (engram.data.lazy) for a Dataset streamed from disk: read it by `batches`."""
-    x: torch.Tensor | LazyInputs
+    x: torch.Tensor  # or LazyInputs (see above)
     y: torch.Tensor
     task: torch.Tensor
 

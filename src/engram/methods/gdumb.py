@@ -119,8 +119,9 @@ class GDumb(Method):
         old_parts = self.memory if self.memory is not None else data  # no old slot: unused
         filled = []
         for old, new in zip(old_parts, data):  # each part (M, ...) in slot order
-            part = new.new_empty((len(source),) + new.shape[1:])
-            part[is_new] = new[index[is_new]]
+            chosen = new[index[is_new]]  # read only these when the inputs are streamed
+            part = chosen.new_empty((len(source),) + chosen.shape[1:])
+            part[is_new] = chosen
             part[~is_new] = old[index[~is_new]]
             filled.append(part)
         return TensorSet(*filled)
