@@ -84,6 +84,53 @@ class _TensorItems(torch.utils.data.Dataset):
         return self.x[i], 0
 
 
+class _BatchList:
+    """A DataLoader batch sampler whose batches are set before each pass, so that one
+    DataLoader (and its worker processes) serves every pass over a dataset."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class _Reader:
+    """Reads the items of one dataset for every LazyInputs over it (a stream's tasks share
+    their dataset): with workers, one DataLoader whose processes persist from pass to pass
+    (starting them costs more than an epoch of a small task); without, in this process."""
+
+    def __init__(self, dataset: Any, item_shape: tuple[int, ...], split: str, workers: int):
+        self.inputs = _Inputs(dataset, item_shape, split)
+        self.workers = workers
+        self.loader: Any = None
+        self.sampler = _BatchList()
+        self.pinned = False
+        self.busy = False  # a pass is under way: another one gets a loader of its own
+
+    def read(self, item_batches: list[list[int]], pin: bool) -> Iterator[torch.Tensor]:
+        from torch.utils.data import DataLoader
+
+        if self.workers == 0 or self.busy:
+            yield from from_workers(DataLoader(self.inputs, batch_sampler=item_batches,
+                                               num_workers=self.workers, pin_memory=pin))
+            return
+        if self.loader is None or self.pinned != pin:
+            self.loader = DataLoader(self.inputs, batch_sampler=self.sampler,
+                                     num_workers=self.workers, pin_memory=pin,
+                                     persistent_workers=True)
+            self.pinned = pin
+        self.sampler.batches = item_batches
+        self.busy = True
+        try:
+            yield from from_workers(self.loader)
+        finally:
+            self.busy = False
+
+
 class LazyInputs:
     """The inputs x of a split, read from a map-style Dataset when needed (see the module
     docstring). Behaves like the (N, *item_shape) float32 tensor it stands for where engram
@@ -91,13 +138,15 @@ class LazyInputs:
 
     def __init__(self, dataset: Any, items: torch.Tensor, item_shape: Sequence[int],
                  split: str = "data", device: torch.device | str = "cpu",
-                 workers: int = 0) -> None:
+                 workers: int = 0, reader: _Reader | None = None) -> None:
         self.dataset = dataset
         self.items = torch.as_tensor(items, dtype=torch.long).cpu()  # (N,) dataset indices
         self.item_shape = tuple(int(d) for d in item_shape)
         self.split = split
         self.device = torch.device(device)
         self.workers = workers
+        # shared by the LazyInputs made from this one over the same dataset (subset, to)
+        self.reader = reader or _Reader(dataset, self.item_shape, split, workers)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -123,7 +172,8 @@ class LazyInputs:
     def _like(self, items: torch.Tensor, dataset: Any = None,
               device: torch.device | str | None = None) -> "LazyInputs":
         return LazyInputs(self.dataset if dataset is None else dataset, items, self.item_shape,
-                          self.split, self.device if device is None else device, self.workers)
+                          self.split, self.device if device is None else device, self.workers,
+                          self.reader if dataset is None else None)
 
     def to(self, device: torch.device | str) -> "LazyInputs":
         """The same inputs, read onto `device`."""
@@ -149,16 +199,12 @@ class LazyInputs:
 
     def read(self, batches: Sequence[torch.Tensor]) -> Iterator[torch.Tensor]:
         """The inputs of each batch of positions, in order, on the device: a DataLoader reads
-        ahead with `workers` processes (0: in this process), into pinned memory when the
-        device is CUDA, and each batch is copied without blocking."""
-        from torch.utils.data import DataLoader
-
+        ahead with `workers` processes (0: in this process; the processes are started once
+        per dataset and kept), into pinned memory when the device is CUDA, and each batch is
+        copied without blocking."""
         item_batches = [self.items[positions.cpu()].tolist() for positions in batches]
         cuda = self.device.type == "cuda"
-        loader = DataLoader(_Inputs(self.dataset, self.item_shape, self.split),
-                            batch_sampler=item_batches, num_workers=self.workers,
-                            pin_memory=cuda)
-        for x in from_workers(loader):
+        for x in self.reader.read(item_batches, pin=cuda):
             yield x.to(self.device, non_blocking=cuda)
 
     def identity(self) -> bytes:
