@@ -61,6 +61,20 @@ def test_a_failed_run_is_listed_with_its_seed_and_the_exit_status_is_1(tmp_path,
     assert {r["method"] for r in rows if r["metric"] == "run_complete"} == {"naive"}
 
 
+def test_runs_that_all_fail_before_training_list_why_and_draw_no_plots(tmp_path, capsys):
+    """Missing data files fail every run at its start: the failures are listed (naming the
+    file), not hidden behind an error about having nothing to plot."""
+    cfg = config_to_dict(tiny_config(seeds=[0], plots=True,
+                                     data={"source": "cifar10", "path": str(tmp_path / "nowhere")}))
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    status = main(["run", str(config), "--out", str(tmp_path / "out"), "-q"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert "1 of 1 runs failed" in err and "nowhere: no such folder" in err
+    assert "plot" not in err and not (tmp_path / "out" / "plots").exists()
+
+
 def test_python_dash_m_engram_lists_every_registry_entry():
     out = subprocess.run([sys.executable, "-m", "engram", "list"], capture_output=True, text=True,
                          check=True).stdout

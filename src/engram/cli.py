@@ -425,7 +425,9 @@ def _finish(out: Path, plots: bool) -> None:
     rows = read_rows(out / "results.csv")
     print(format_table(summary_table(rows)))
     print(f"\nresults: {out / 'results.csv'}")
-    if plots:
+    # No accuracy row yet (every run failed before its first evaluation): nothing to draw,
+    # and the failures, listed next, say why.
+    if plots and any(row["metric"] == "accuracy" for row in rows):
         from engram.reports.figures import write_plots
         written = write_plots(out)
         print(f"plots:   {out / 'plots'}/ ({len(written)} PNG files)")
