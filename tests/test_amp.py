@@ -83,8 +83,8 @@ class GradientSpy(Method):
 def _with_scaler(monkeypatch):
     """train.amp on the CPU with a loss scaler and no autocast: the scaler's code path, on
     float32 numbers (a power-of-two scale and its unscaling are exact)."""
-    monkeypatch.setattr(training, "mixed_precision", lambda amp, device: MixedPrecision(
-        None, torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)))
+    monkeypatch.setattr(training, "mixed_precision", lambda amp, device, scaler=None: MixedPrecision(
+        None, scaler or torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)))
 
 
 def test_the_scaler_unscales_before_the_hooks_and_changes_nothing_else(monkeypatch):
@@ -98,14 +98,53 @@ def test_the_scaler_unscales_before_the_hooks_and_changes_nothing_else(monkeypat
                                                  scaled.model.parameters()))
 
 
-def test_the_scaler_skips_the_step_when_a_gradient_is_inf(monkeypatch):
+def test_the_scaler_skips_the_step_and_its_hooks_when_a_gradient_is_inf(monkeypatch):
     _with_scaler(monkeypatch)
     spy = GradientSpy(inf=True)
     ctx, losses = _train({"amp": True}, method=spy)
-    assert spy.grads and all(torch.isfinite(torch.tensor(losses)))
-    assert not torch.isfinite(spy.grads[0][0]).all()  # the hooks saw the inf gradient
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert spy.grads == [] and ctx.step == 0  # no hook saw the inf gradient
     for before, after in zip(spy.initial, ctx.model.parameters()):
         assert torch.equal(before, after)  # and no step was taken
+
+
+@pytest.mark.parametrize("name", ["si", "rwalk", "gem"])
+def test_skipped_steps_leave_a_methods_state_finite(monkeypatch, name):
+    """Every third step overflows: the scaler skips it, and the method never sees it (SI's
+    path integral once multiplied its inf gradient by a zero update: NaN importances)."""
+    base = METHODS.get(name)
+
+    class SometimesInf(base):
+        calls = 0
+
+        def penalty(self, ctx):
+            self.calls += 1
+            penalty = super().penalty(ctx)
+            if self.calls % 3 == 1:
+                inf = sum(p.sum() for p in ctx.model.parameters()) * float("inf")
+                return inf if penalty is None else penalty + inf
+            return penalty
+
+    _with_scaler(monkeypatch)
+    cfg = tiny_config(data={"source": "digits", "limit": 120}, stream={"n_tasks": 2},
+                      train={"epochs": 1, "batch_size": 16, "amp": True})
+    stream = build_stream(DATASETS.get("digits")(None), cfg.data, cfg.stream, 0)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, stream.input_shape, stream.n_heads, stream.head_dim)
+    ctx = Context(model=model, stream=stream, train_cfg=cfg.train,
+                  generator=torch.Generator().manual_seed(0), device=torch.device("cpu"))
+    method = SometimesInf(base.Params())
+    steps = 0
+    for task in stream.tasks:
+        ctx.task = task
+        ctx.seen_tasks.append(task)
+        train_task(ctx, method, lambda e, loss: None)
+        steps += -(-len(task.train) // 16)
+    assert 0 < ctx.step < steps  # some steps were skipped, the others taken
+    state = [t for t in torch.utils._pytree.tree_leaves(method.state_dict())
+             if isinstance(t, torch.Tensor)]
+    assert state and all(torch.isfinite(t.float()).all() for t in state)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_channels_last_keeps_conv_weights_in_nhwc_and_the_same_numbers():

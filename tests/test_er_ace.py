@@ -25,10 +25,32 @@ from engram.methods.replay import ReplayParams
 from engram.models.nets import ContinualNet
 
 
-def make_ctx(scenario: str = "class", model=None, seed: int = 0, transform=None) -> Context:
+def make_ctx(scenario: str = "class", model=None, seed: int = 0, transform=None,
+             task_index: int = 1) -> Context:
+    """A Context in the second task (ER-ACE masks and replays from the second task on)."""
     return Context(model=model, stream=SimpleNamespace(scenario=scenario),
                    train_cfg=TrainConfig(batch_size=4), transform=transform,
-                   generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"))
+                   generator=torch.Generator().manual_seed(seed), device=torch.device("cpu"),
+                   task=SimpleNamespace(index=task_index))
+
+
+def test_the_first_task_neither_masks_nor_replays():
+    """As the authors' and Mammoth's code: masking and the memory loss start with task 2."""
+    ace, ctx = ERACE(ReplayParams(memory=20)), make_ctx(model=small_net(), task_index=0)
+    ace.after_step(labelled([0, 1, 0, 1]), ctx)
+    batch, outputs = labelled([1, 1]), torch.randn(2, 6)
+    assert torch.equal(ace.batch_loss(outputs, batch, ctx), F.cross_entropy(outputs, batch.y))
+    assert ace.penalty(ctx) is None
+    ctx.task = SimpleNamespace(index=1)
+    assert not torch.equal(ace.batch_loss(outputs, batch, ctx), F.cross_entropy(outputs, batch.y))
+    assert ace.penalty(ctx) is not None
+
+
+def test_the_largest_seen_class_is_never_masked():
+    ace, ctx = ERACE(ReplayParams(memory=20)), make_ctx()
+    ace.after_step(labelled([0, 1, 2, 3]), ctx)
+    assert ace.absent_classes(labelled([2, 2])).tolist() == [0, 1]  # 3 is the largest seen
+    assert ace.absent_classes(labelled([3])).tolist() == [0, 1, 2]
 
 
 def labelled(labels: list[int]) -> TensorSet:

@@ -175,3 +175,29 @@ def test_state_round_trips_and_regression_is_refused():
     assert "regression" in method.unusable_reason(ProblemInfo("p", 3, classification=False))
     assert "1 output" in method.unusable_reason(ProblemInfo("p", 1, classification=True))
     assert method.unusable_reason(ProblemInfo("p", 3, classification=True)) is None
+
+
+@pytest.mark.parametrize("method", ["naive", "icarl", "lwf", "sam"])
+def test_batch_norm_counts_each_trained_batch_once(method):
+    """Distillation (iCaRL, LwF) and SAM's second pass run over the batch the runner has
+    already forwarded: BatchNorm's running statistics must not count it twice."""
+    import engram
+    from torch import nn
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(96, 1, 6, 6, generator=g), torch.arange(96) % 4
+    stream = engram.stream_from((x, y), (x, y), classes_per_task=2)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(64, 4))
+    steps = []
+
+    class CountingSGD(torch.optim.SGD):
+        def step(self, closure=None):
+            steps.append(1)
+            return super().step(closure)
+
+    result = engram.fit(net, stream, method, epochs=2, batch_size=16, progress=False,
+                        optimizer=lambda params: CountingSGD(params, lr=0.05))
+    batch_norm = next(m for m in result.model.modules() if isinstance(m, nn.BatchNorm2d))
+    # SAM steps its optimizer once per batch too (its first pass only perturbs the weights)
+    assert int(batch_norm.num_batches_tracked) == len(steps) > 0

@@ -202,3 +202,11 @@ def test_run_ids_and_plan_are_those_of_the_folders_already_written():
         ("l2_init(strength=0.5)", 1, 4)]
     assert (plan.command, plan.growable, plan.unit) == ("plasticity", ("seeds",), "task")
     assert not {"threads", "device"} & set(plan.identity) and "seeds" in plan.identity
+
+
+def test_augmentation_is_refused_not_ignored():
+    from engram.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.augment: the plasticity problems are not "
+                                          "images"):
+        parse_dataclass(PlasticityConfig, {"train": {"augment": {"flip": True}}})

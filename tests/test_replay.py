@@ -274,3 +274,18 @@ def test_every_policy_trains_and_keeps_memory(policy, scenario, tmp_path):
     rows = read_rows(run_experiment(cfg, tmp_path, show_progress=False).results)
     memory = [float(r["value"]) for r in rows if r["metric"] == "extra_bytes"]
     assert memory[-1] > 0 and any(r["metric"] == "run_complete" for r in rows)
+
+
+def test_a_herding_memory_smaller_than_the_classes_seen_is_refused():
+    """memory // classes would be 0: every exemplar would be dropped without a word."""
+    from engram.errors import ConfigError
+    from engram.methods.replay import herding_memory
+
+    from engram.models.nets import ContinualNet
+
+    net = ContinualNet(torch.nn.Flatten(), 4, 1, 5)  # features: the flattened pixels
+    data = TensorSet(torch.rand(10, 1, 2, 2), torch.arange(10) % 5, torch.zeros(10, dtype=torch.long))
+    assert len(herding_memory(None, data, net, 5)) == 5  # one exemplar per class
+    with pytest.raises(ConfigError, match="memory of 4 examples cannot hold one exemplar for "
+                                          "each of the 5 classes"):
+        herding_memory(None, data, net, 4)

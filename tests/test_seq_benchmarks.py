@@ -62,3 +62,12 @@ def test_the_smoke_scale_runs_on_written_files(tmp_path, name):
                 and int(r["task_trained"]) == n_tasks]
     assert sorted({r["method"] for r in accuracy}) == ["derpp", "joint", "naive", "replay"]
     assert len(accuracy) == 4 * n_tasks  # every task evaluated after the last, per method
+
+
+def test_loading_leaves_the_callers_dict_alone():
+    from engram.config import load_config_dict
+
+    raw = {"seeds": [0], "smoke": ["seeds=[1]"], "train": {"epochs": 3}}
+    assert load_config_dict(raw, ["train.epochs=2"], smoke=True).seeds == [1]
+    assert raw == {"seeds": [0], "smoke": ["seeds=[1]"], "train": {"epochs": 3}}
+    assert load_config_dict(raw, smoke=True).seeds == [1]  # the smoke list is still there

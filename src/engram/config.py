@@ -11,6 +11,8 @@ and the allowed values.
 
 from __future__ import annotations
 
+import copy
+
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -290,6 +292,7 @@ def load_config_dict(raw: Any, overrides: list[str] = (), source: str = "config"
         raw = {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping of keys to values")
+    raw = copy.deepcopy(raw)  # the caller's dict stays as it was (overrides edit this one)
     smoke_overrides = raw.pop("smoke", [])
     if not (isinstance(smoke_overrides, list)
             and all(isinstance(item, str) and "=" in item for item in smoke_overrides)):

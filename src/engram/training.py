@@ -88,35 +88,44 @@ class MixedPrecision(NamedTuple):
         return torch.autocast(device_type=device.type, dtype=self.dtype)
 
 
-def mixed_precision(amp: bool, device: torch.device) -> MixedPrecision:
+def mixed_precision(amp: bool, device: torch.device,
+                    scaler: torch.amp.GradScaler | None = None) -> MixedPrecision:
     """train.amp on `device`: off -> full precision; CUDA -> float16 autocast with a
     GradScaler (float16's range is too small for small gradients without loss scaling,
-    Micikevicius et al. 2018, "Mixed Precision Training"); other devices -> bfloat16
-    autocast, whose range is float32's, so no scaler (on the CPU this is slow: for tests)."""
+    Micikevicius et al. 2018, "Mixed Precision Training"): `scaler`, the run's so far, or a
+    new one; other devices -> bfloat16 autocast, whose range is float32's, so no scaler (on
+    the CPU this is slow: for tests)."""
     if not amp:
         return MixedPrecision(None, None)
     if device.type == "cuda":
-        return MixedPrecision(torch.float16, torch.amp.GradScaler("cuda"))
+        return MixedPrecision(torch.float16, scaler or torch.amp.GradScaler("cuda"))
     return MixedPrecision(torch.bfloat16, None)
 
 
 def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
                  loss: torch.Tensor, batch: TensorSet, task_batch: TensorSet,
-                 scaler: torch.amp.GradScaler | None = None) -> None:
+                 precision: MixedPrecision | None = None) -> None:
     """One optimizer update from the training `loss` of `batch` (what make_batch returned),
     with the method's penalty and hooks in the order every method relies on. `task_batch` is
     what after_step is given: the examples the stream delivers at this step (train_task: the
     mini-batch; the sliding window: the points entering it for the first time, often none).
     Shared by train_task and the sliding-window experiment (engram.experiments.window).
 
-    With a gradient `scaler` (train.amp on CUDA) the backward pass runs on the scaled loss
-    and the gradients are unscaled before after_backward, so the hooks that read or project
-    gradients see their true values; scaler.step skips the update when it found an inf or
-    NaN gradient (the hooks after it still run, on the unchanged weights)."""
+    Under train.amp (`precision`) the penalty's forward passes (a replay method's memory
+    batches) run under the same autocast as the step's. With a gradient scaler (CUDA) the
+    backward pass runs on the scaled loss and the gradients are unscaled before
+    after_backward, so the hooks that read or project gradients see their true values. When
+    an unscaled gradient is inf or NaN the scaler skips the update, and so does this: no
+    hook after the backward pass runs (SI's path integral, a replay buffer's insertion, ...
+    would otherwise read a non-finite gradient or an update that was not made) and ctx.step
+    does not advance; the scaler lowers its scale for the next step."""
     ctx.batch = batch  # LwF distils on the batch being trained
-    penalty = method.penalty(ctx)  # EWC's quadratic anchor, ...
+    autocast = contextlib.nullcontext() if precision is None else precision.autocast(ctx.device)
+    with autocast:
+        penalty = method.penalty(ctx)  # EWC's quadratic anchor, DER's memory batches, ...
     total = loss if penalty is None else loss + penalty
     optimizer.zero_grad(set_to_none=True)
+    scaler = None if precision is None else precision.scaler
     if scaler is None:
         total.backward()
         method.after_backward(ctx)  # gradient projections
@@ -124,8 +133,14 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
     else:
         scaler.scale(total).backward()
         scaler.unscale_(optimizer)  # true gradients for the hooks; records inf/NaN
+        # The scaler's own record of inf/NaN in this optimizer's gradients (what its step()
+        # reads; a sync, as step() makes anyway).
+        if any(found.item() for found in scaler._found_inf_per_device(optimizer).values()):
+            scaler.step(optimizer)  # skips the update
+            scaler.update()  # and lowers the scale
+            return
         method.after_backward(ctx)
-        scaler.step(optimizer)  # skipped when an unscaled gradient was inf or NaN
+        scaler.step(optimizer)
         scaler.update()
     method.correct_update(ctx)  # OGD / A-GEM project the update the optimizer made
     method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
@@ -147,7 +162,10 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
     # train (progressive nets, PackNet).
     optimizer, scheduler = task_optimizer(ctx)
     per_step = scheduler is not None and cfg.scheduler_step == "step"
-    precision = mixed_precision(cfg.amp, ctx.device)
+    # One scaler for the run: a new one would start every task at 2**16 and skip steps
+    # until it had backed off again (it is not checkpointed: a resume starts afresh).
+    precision = mixed_precision(cfg.amp, ctx.device, ctx.grad_scaler)
+    ctx.grad_scaler = precision.scaler
     if cfg.channels_last:  # 4-d weights (convolutions) in NHWC order; the rest as they are
         model.to(memory_format=torch.channels_last)
     data = method.training_data(ctx.task.train, ctx)  # joint training widens this
@@ -178,7 +196,7 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
                              else loss.detach())
             if ctx.count_correct:
                 correct_sum += (own.argmax(1) == task_batch.y).sum()
-            apply_update(ctx, method, optimizer, loss, batch, task_batch, precision.scaler)
+            apply_update(ctx, method, optimizer, loss, batch, task_batch, precision)
             if per_step:
                 scheduler.step()
             loss_sum += loss.detach()

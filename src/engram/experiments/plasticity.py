@@ -47,7 +47,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from engram.config import DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, data_identity, params_dict, train_identity
+from engram.config import AugmentConfig, DataConfig, MethodSpec, ModelConfig, TrainConfig, parse_methods, check_device, check_name, check_seeds, data_identity, params_dict, train_identity
 from engram.schema import opt, parse_dataclass, read_config_tree
 from engram.data.streams import Stream, Task
 from engram.errors import ConfigError
@@ -77,6 +77,9 @@ class PlasticityConfig:
                                       metadata={"doc": "methods, as in `engram run`"})
 
     def __post_init__(self) -> None:
+        if self.train.augment != AugmentConfig():
+            raise ConfigError("train.augment: the plasticity problems are not images to crop "
+                              "or flip; leave train.augment out")
         if self.train.epochs != 1:
             raise ConfigError("train.epochs: plasticity problems are learned online, each "
                               "example once; leave train.epochs at 1")

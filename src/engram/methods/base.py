@@ -86,6 +86,8 @@ class Context:
     # keeps the raw examples, augmented again each time they are replayed). Its random
     # draws come from the run's generator, passed as its second argument.
     transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    # train.amp on CUDA: the run's gradient scaler, kept from task to task by the runner.
+    grad_scaler: Any = None
 
 
 @dataclass(frozen=True)

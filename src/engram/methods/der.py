@@ -24,7 +24,12 @@ no_grad: z is then the network's response to the stored example itself at storin
 update later than the paper's), with no dropout noise, no dependence on the other examples
 of the batch through batch-norm statistics, and no side effect on batch-norm running
 statistics. It costs a forward pass over the kept examples only (a fraction memory / seen of
-the stream once the memory is full).
+the stream once the memory is full). The price, with BatchNorm: the first examples are
+stored within a task's first steps, when the running statistics (which eval mode uses) have
+seen few batches, so their z can differ from the training-mode response the MSE term is
+later matched against. On an MLP (no dropout, no BatchNorm) z equals the paper's up to the
+one update: on Seq-MNIST storing the logits before the update gave the same accuracy
+(README, "Standard benchmarks").
 
 Memory examples are drawn uniformly with replacement, as engram's replay does (Mammoth draws
 without replacement; for batches much smaller than the memory the two agree).
@@ -45,7 +50,7 @@ import torch.nn.functional as F
 
 from engram.data.streams import TensorSet
 from engram.methods.base import Batch, Context, Method
-from engram.methods.replay import empty_memory, reservoir_slots
+from engram.methods.replay import empty_memory, memory_draw, reservoir_slots
 from engram.schema import opt
 
 
@@ -89,8 +94,7 @@ class DER(Method):
     def draw(self, ctx: Context) -> tuple[TensorSet, torch.Tensor]:
         """A batch of memory examples drawn uniformly with replacement, x augmented by
         ctx.transform when set, and their stored logits (B, L)."""
-        size = self.params.replay_batch_size or ctx.train_cfg.batch_size
-        pick = torch.randint(self.n_filled, (size,), generator=ctx.generator)
+        pick = memory_draw(self.n_filled, self.params.replay_batch_size, ctx)
         pick = pick.to(self.logits.device)
         x, y, task = (part[pick] for part in self.buffer)
         if ctx.transform is not None:

@@ -11,11 +11,12 @@ batch:
     CE_masked(z, y) = -z_y + log sum_{c not in A} exp z_c,   A = seen classes absent from the batch
 
 Masked here, as in the authors' code (pclucas14/AML, methods/er_ace.py; also Mammoth's
-er_ace.py), are the classes seen in earlier batches that are absent from this one; classes
-never seen yet stay in the softmax (the code keeps columns >= the largest seen class, which is
-the same set when classes arrive in index order, as in engram's split streams). The masked
-logits are set to the dtype's most negative value, so they get zero probability and zero
-gradient.
+er_ace.py): from the second task on, the classes seen so far (this batch's included) below
+the largest of them that are absent from this batch; the largest seen class and the classes
+after it (not seen yet, in engram's split streams where classes arrive in index order) stay in
+the softmax. In the first task nothing is masked and nothing is replayed, as in that code. The
+masked logits are set to the dtype's most negative value, so they get zero probability and
+zero gradient.
 
 The incoming loss replaces the runner's loss on the step's own forward pass (`batch_loss`);
 the memory is replay's (same `memory`, `replay_batch_size` and `policy`; reservoir by default,
@@ -53,19 +54,22 @@ class ERACE(Replay):
         return batch  # the memory batch is a separate term (penalty), not mixed in
 
     def absent_classes(self, batch: Batch) -> torch.Tensor:
-        """Classes seen in earlier batches that `batch` lacks, (k,) long."""
+        """The classes masked for `batch`, (k,) long: those seen so far (this batch's
+        included) below the largest of them, that `batch` lacks."""
         present = batch.y.unique().cpu()
-        return self.seen_classes[~torch.isin(self.seen_classes, present)]
+        seen = torch.cat([self.seen_classes, present]).unique()  # sorted
+        below_largest = seen[seen < seen.max()]
+        return below_largest[~torch.isin(below_largest, present)]
 
     def batch_loss(self, outputs: torch.Tensor, batch: Batch, ctx: Context) -> torch.Tensor:
-        if ctx.stream.scenario != "class":
+        if ctx.stream.scenario != "class" or ctx.task.index == 0:
             return ctx.loss_fn(outputs, batch.y)
         absent = self.absent_classes(batch).to(outputs.device)
         masked = outputs.index_fill(1, absent, torch.finfo(outputs.dtype).min)  # (B, K)
         return ctx.loss_fn(masked, batch.y)
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
-        if self.n_filled == 0:
+        if self.n_filled == 0 or ctx.task.index == 0:  # replay from the second task on
             return None
         memory = self.sample(ctx)
         x = memory.x if ctx.transform is None else ctx.transform(memory.x, ctx.generator)

@@ -148,8 +148,11 @@ class GEM(Method):
         if not self.memories:
             return
         params = [p for p in ctx.model.parameters() if p.grad is not None]  # the trainable ones
+        grad = flat_grad(params)
+        if not bool(torch.isfinite(grad).all()):
+            return  # a diverging step: no QP to solve; the runner's divergence check names it
         references = self.memory_gradients(ctx, params)
-        set_flat_grad(params, project_gem(flat_grad(params), references, self.params.margin,
+        set_flat_grad(params, project_gem(grad, references, self.params.margin,
                                           self.params.eps))
         if self.params.project == "update":
             self.references = references

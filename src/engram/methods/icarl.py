@@ -57,6 +57,7 @@ from engram.data.streams import TensorSet
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, ProblemInfo, task_ids_at_test
 from engram.methods.replay import class_keys, herding_memory
+from engram.models.protocol import batch_norm_statistics_frozen
 from engram.schema import opt
 
 NO_MEAN_SCORE = -5.0  # score of a class without exemplars: below -4, the lowest real score
@@ -180,7 +181,8 @@ class ICaRL(Method):
         columns = self.old_columns.to(x.device)
         with torch.no_grad():
             targets = torch.sigmoid(self.old_model.all_logits(x)[:, columns])  # (B, old)
-        logits = ctx.model.all_logits(x)[:, columns]
+        with batch_norm_statistics_frozen(ctx.model):  # the runner's pass counted x already
+            logits = ctx.model.all_logits(x)[:, columns]
         summed = F.binary_cross_entropy_with_logits(logits, targets, reduction="sum")
         return self.params.strength * summed / len(x)
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from engram.schema import opt
 from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores
+from engram.models.protocol import batch_norm_statistics_frozen
 
 
 @dataclass
@@ -85,7 +86,8 @@ class LwF(Method):
         x = self.distillation_inputs(ctx)
         with torch.no_grad():
             old = self._earlier_outputs(self.old_model, x, ctx)
-        new = self._earlier_outputs(ctx.model, x, ctx)
+        with batch_norm_statistics_frozen(ctx.model):  # x is (or holds) the trained batch
+            new = self._earlier_outputs(ctx.model, x, ctx)
         loss = sum(distillation(o, n, self.params.temperature) for o, n in zip(old, new)) / len(old)
         return self.params.strength * loss
 

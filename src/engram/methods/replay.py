@@ -33,8 +33,9 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from engram.schema import opt
 from engram.data.streams import TensorSet
+from engram.errors import ConfigError
+from engram.schema import opt
 from engram.methods.base import Batch, Context, Method, ProblemInfo
 
 
@@ -120,7 +121,12 @@ def herding_memory(memory: TensorSet | None, data: TensorSet, model: torch.nn.Mo
     old_keys = class_keys(memory) if memory is not None else new_keys[:0]
     old_classes = list(dict.fromkeys(old_keys.tolist()))  # in stored order
     new_classes = [k for k in dict.fromkeys(new_keys.tolist()) if k not in old_classes]
-    per_class = budget // (len(old_classes) + len(new_classes))
+    n_classes = len(old_classes) + len(new_classes)
+    per_class = budget // n_classes
+    if per_class == 0:
+        raise ConfigError(f"a memory of {budget} examples cannot hold one exemplar for each "
+                          f"of the {n_classes} classes seen so far: raise memory to at least "
+                          f"{n_classes} (or the number of classes of the whole stream)")
     parts = []
     for key in old_classes + new_classes:
         if key in old_classes:  # stored in chosen order: the first m stay (Alg. 5)
@@ -134,6 +140,14 @@ def herding_memory(memory: TensorSet | None, data: TensorSet, model: torch.nn.Mo
             parts.append(TensorSet(*(part[pick] for part in members)))
     model.train(was_training)
     return TensorSet.concat(parts)
+
+
+def memory_draw(n_filled: int, replay_batch_size: int | None, ctx: Context) -> torch.Tensor:
+    """(B,) slots of a memory holding `n_filled` examples, drawn uniformly with replacement
+    from the run's generator (on the CPU); B = replay_batch_size, default train.batch_size.
+    Replay's memory batches, and DER's."""
+    size = replay_batch_size or ctx.train_cfg.batch_size
+    return torch.randint(n_filled, (size,), generator=ctx.generator)
 
 
 class Replay(Method):
@@ -168,8 +182,7 @@ class Replay(Method):
     def sample(self, ctx: Context) -> TensorSet:
         """`replay_batch_size` (default train.batch_size) memory examples drawn uniformly
         with replacement; call only when n_filled > 0."""
-        size = self.params.replay_batch_size or ctx.train_cfg.batch_size
-        pick = torch.randint(self.n_filled, (size,), generator=ctx.generator)
+        pick = memory_draw(self.n_filled, self.params.replay_batch_size, ctx)
         return TensorSet(*(part[pick.to(part.device)] for part in self.buffer))
 
     def make_batch(self, batch: Batch, ctx: Context) -> Batch:

@@ -166,20 +166,26 @@ BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatch
 
 @contextmanager
 def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
-    """Forward passes inside leave every BatchNorm layer's running mean and variance as
-    they were (momentum 0: running <- 1 * running + 0 * batch), while still normalising with
-    the batch's own statistics in training mode. For extra passes over a batch already
-    counted (SAM's gradient at the perturbed weights), which would otherwise be counted
-    again, at other weights."""
+    """Forward passes inside leave every BatchNorm layer's running statistics as they were,
+    while still normalising with the batch's own statistics in training mode: momentum 0
+    (running <- 1 * running + 0 * batch; also for momentum=None, a cumulative average), and
+    the count of batches seen written back afterwards (the running mean and variance cannot
+    be: autograd keeps them for the backward pass). For extra passes over a batch already
+    counted (SAM's gradient at the perturbed weights, a distillation pass over the trained
+    batch), which would otherwise count it again."""
     norms = [m for m in model.modules() if isinstance(m, BATCH_NORMS)]
     momenta = [m.momentum for m in norms]
+    counts = [None if m.num_batches_tracked is None else m.num_batches_tracked.clone()
+              for m in norms]
     for m in norms:
         m.momentum = 0.0
     try:
         yield
     finally:
-        for m, momentum in zip(norms, momenta):
+        for m, momentum, count in zip(norms, momenta, counts):
             m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def residual_net(model: nn.Module) -> ResidualNet | None:
