@@ -22,15 +22,15 @@ import torch
 from engram.config import (MethodSpec, RunConfig, config_to_dict, data_identity, params_dict,
                            train_identity)
 from engram.data.streams import Stream
-from engram.errors import EngramError
+from engram.errors import ConfigError, EngramError
 from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
                                  refuse_unusable_model)
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
-from engram.results import COLUMNS, KEY, row_key
+from engram.results import COLUMNS, KEY, ResultWriter, row_key
 from engram.training import measure, restore_optimizer, train_task
 
 # Config keys that change how a run is carried out but not its numbers: --resume may differ.
-NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds", "batch_seeds")
 
 
 @dataclass
@@ -59,7 +59,7 @@ class RunIdentity:
             "scenario": self.scenario, "task_eval": "", "split": "", **fields}
 
 
-def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+def evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
                      epoch: int, metrics: Sequence[Callable] = ()) -> list[dict]:
     rows = []
     net = method.eval_model(ctx)  # the live model unless the method picks weights per task
@@ -75,6 +75,32 @@ def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trai
             rows.append(ident.row(metric="loss", value=found.loss, **common))
             rows += [ident.row(metric=name, value=value, **common)
                      for name, value in found.metrics.items()]
+    return rows
+
+
+def epoch_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int, epoch: int,
+               mean_loss: float, metrics: Sequence[Callable] = ()) -> list[dict]:
+    """The rows of one finished epoch: its train_loss, and the evaluations train.eval_every
+    asks for inside a task (the last epoch's come with the task's end, task_end_rows)."""
+    rows = [ident.row(task_trained=task_trained, epoch=epoch, step=ctx.step, split="train",
+                      metric="train_loss", value=mean_loss)]
+    every, epochs = ctx.train_cfg.eval_every, ctx.train_cfg.epochs
+    if every and epoch % every == 0 and epoch < epochs:
+        rows += evaluation_rows(ident, ctx, method, task_trained, epoch, metrics)
+    return rows
+
+
+def task_end_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+                  seconds: float, metrics: Sequence[Callable] = ()) -> list[dict]:
+    """The rows at the end of a task: the evaluations, the task's train_seconds and the
+    method's extra_bytes (the last row: task_end_recorded looks for it)."""
+    epochs = ctx.train_cfg.epochs
+    rows = evaluation_rows(ident, ctx, method, task_trained, epochs, metrics)
+    rows.append(ident.row(task_trained=task_trained, epoch=epochs, step=ctx.step, split="train",
+                          metric="train_seconds", value=seconds))
+    # What the method keeps beyond the live model after this task: the memory bill.
+    rows.append(ident.row(task_trained=task_trained, epoch=epochs, step=ctx.step,
+                          metric="extra_bytes", value=method.extra_bytes()))
     return rows
 
 
@@ -152,11 +178,11 @@ def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
 
-def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: JobSink,
-            device: torch.device) -> str:
-    """Train one method with one seed through the whole stream, handing rows to `sink` as
-    they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
-    tasks it covers are recorded. Return the run id."""
+def prepare_run(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream,
+                device: torch.device) -> tuple[RunIdentity, Method, Context]:
+    """One run's identity, method and Context, its network built (seeded), checked and
+    prepared, before any training: the start of run_one, shared with the seed-batched runs
+    (engram.experiments.batched), which build each seed's this same way."""
     from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
     from engram.models import build_model
     from engram.registry import METHODS
@@ -176,6 +202,19 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
                   generator=torch.Generator().manual_seed(seed), device=device,
                   transform=training_augmentation(augment))  # crop, flip: None without
     ctx.model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
+    return ident, method, ctx
+
+
+def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: JobSink,
+            device: torch.device) -> str:
+    """Train one method with one seed through the whole stream, handing rows to `sink` as
+    they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
+    tasks it covers are recorded. Return the run id."""
+    from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
+    from engram.models import build_model
+    from engram.registry import METHODS
+
+    ident, method, ctx = prepare_run(cfg, spec, seed, stream, device)
     run_through_stream(ident, method, ctx, sink, cfg.checkpoint_seconds)
     return ident.run_id
 
@@ -218,7 +257,7 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
                                         f"{' '.join(str(err).split())[:200]}") from None
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
-        sink.emit(_evaluation_rows(ident, ctx, method, 0, 0, metrics))  # the untrained baseline
+        sink.emit(evaluation_rows(ident, ctx, method, 0, 0, metrics))  # the untrained baseline
 
     epochs = train_cfg.epochs
     sink.report(tasks_done * epochs)  # progress is counted in epochs
@@ -231,21 +270,12 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
         number = task.index + 1
 
         def on_epoch(epoch: int, mean_loss: float) -> None:
-            sink.emit([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
-                                 metric="train_loss", value=mean_loss)])
-            if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < epochs:
-                sink.emit(_evaluation_rows(ident, ctx, method, number, epoch, metrics))
+            sink.emit(epoch_rows(ident, ctx, method, number, epoch, mean_loss, metrics))
             sink.report(1)
 
         train_task(ctx, method, on_epoch)
         seconds = time.perf_counter() - started
-        rows = _evaluation_rows(ident, ctx, method, number, epochs, metrics)
-        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
-                              metric="train_seconds", value=seconds))
-        # What the method keeps beyond the live model after this task: the memory bill.
-        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step,
-                              metric="extra_bytes", value=method.extra_bytes()))
-        sink.emit(rows)
+        sink.emit(task_end_rows(ident, ctx, method, number, seconds, metrics))
         # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
         # so save one only when enough work would otherwise be lost. A run killed without one
         # resumes from its previous checkpoint (or its start): the same numbers, re-measured.
@@ -270,7 +300,7 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
 # ----------------------------------------------------------------------------- the experiment
 
 # Config keys that change how a run is carried out but not its numbers.
-NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds", "batch_seeds")
 
 
 @dataclass
@@ -282,9 +312,15 @@ class RunPayload:
 
 def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
     """The runs of (grid point, config) pairs, each once (two points that differ only in
-    name share runs); each job reports its epochs to the progress bar."""
+    name share runs); each job reports its epochs to the progress bar. A config with
+    batch_seeds makes one job per method holding its seeds (engram.experiments.batched)."""
     jobs, seen = [], set()
     for point, cfg in points:
+        if cfg.batch_seeds:
+            from engram.experiments.batched import seed_group_jobs
+
+            jobs += seed_group_jobs(point, cfg, seen)
+            continue
         for seed in cfg.seeds:
             for spec in cfg.methods:
                 key = continual_run_id(cfg, spec, seed)
@@ -296,14 +332,38 @@ def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
 
 
 def execute_run(job: Job, sink: JobSink) -> None:
-    """The harness's `execute` for continual runs: build the seed's stream, run the method."""
+    """The harness's `execute` for continual runs: build the seed's stream, run the method
+    (a group of seeds batched: engram.experiments.batched.execute_seeds)."""
     from engram.data import build_stream, load_source
 
+    if not isinstance(job.payload, RunPayload):
+        from engram.experiments.batched import execute_seeds
+
+        execute_seeds(job, sink)
+        return
     cfg, spec = job.payload.cfg, job.payload.method
     device = resolve_device(cfg.device)
     source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
     stream = build_stream(source, cfg.data, cfg.stream, job.seed, device)
     run_one(cfg, spec, job.seed, stream, sink, device)
+
+
+def continual_finished(job: Job, writer: ResultWriter, out: Path) -> bool:
+    """The harness's `finished` for continual runs: the run's run_complete row is written
+    (for a group of batched seeds, every seed's)."""
+    if isinstance(job.payload, RunPayload):
+        return job.run_id in writer.completed_runs
+    from engram.experiments.batched import group_finished
+
+    return group_finished(job, writer)
+
+
+def refuse_trackers_with_batched_seeds(cfg: RunConfig, run_options: dict[str, Any]) -> None:
+    """ConfigError when --log trackers would watch batched seeds: they log one job as one
+    run, and a batched job holds several."""
+    if cfg.batch_seeds and run_options.get("trackers"):
+        raise ConfigError("--log follows one run per job; with batch_seeds a job trains "
+                          "several seeds: drop --log or set batch_seeds: false")
 
 
 def run_plan_of(cfg: RunConfig) -> Plan:
@@ -316,7 +376,7 @@ def run_plan_of(cfg: RunConfig) -> Plan:
     return Plan(command="run", identity=identity,
                 growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
                 jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),
-                threads=cfg.threads, unit="epoch")
+                threads=cfg.threads, unit="epoch", finished=continual_finished)
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Report:
@@ -324,4 +384,5 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
     the folder is locked, finished runs are skipped, an interrupted one resumes from its
     last checkpoint. run_options: run_plan's (workers, backend, address, trackers,
     show_progress, raise_failures; engram.experiments.harness)."""
+    refuse_trackers_with_batched_seeds(cfg, run_options)
     return run_plan(run_plan_of(cfg), out, **run_options)
