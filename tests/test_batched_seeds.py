@@ -4,12 +4,13 @@ engram.batched_training)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 
-from engram.batched_training import StackedNetwork, stack_padded
+from engram.batched_training import SeedGroup, stack_padded
 from engram.cli import main
 from engram.errors import ConfigError
 from engram.experiments.continual import run_experiment
@@ -91,6 +92,19 @@ def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_
     assert_same_rows(one, batched)
 
 
+@pytest.mark.parametrize("train", [
+    {"scheduler": "steplr", "scheduler_args": {"step_size": 4, "gamma": 0.5},
+     "scheduler_step": "step", "momentum": 0.9},  # per step: each seed its own optimizer
+    {"scheduler": "steplr", "scheduler_args": {"step_size": 1, "gamma": 0.5},
+     "optimizer_policy": "carry", "momentum": 0.9, "epochs": 3},  # one optimizer, kept
+], ids=["per-step-schedule", "carried-epoch-schedule"])
+def test_batched_schedules_write_the_rows_of_one_seed_runs(tmp_path, train):
+    """A schedule stepped per optimizer step differs between seeds taking different numbers
+    of steps (each seed then keeps its own optimizer); an epoch schedule is shared."""
+    one, batched = one_by_one_and_batched(tmp_path, train=train)
+    assert_same_rows(one, batched)
+
+
 def test_seeds_batched_with_their_neighbours_keep_their_own_numbers(tmp_path):
     """A seed's rows do not depend on which seeds train beside it: seed 2 alone (one-seed
     path) equals seed 2 batched with seeds 0 to 3 (catches seeds sharing a generator or
@@ -145,21 +159,31 @@ def test_list_params_says_which_methods_batch(capsys):
         not METHODS.get(name).batchable for name in METHODS.names())
 
 
-def test_stacked_network_matches_each_network_and_pads():
-    """The stacked forward pass is each network's own on its own rows (padded rows ignored),
-    and gradients reach each network's own parameters."""
+def test_seed_group_runs_each_network_on_its_own_rows_and_hands_each_its_gradient():
+    """The stacked forward pass is each network's own on its own rows (padded rows and a
+    seed sitting out ignored); each network's parameters are views of its row (an update
+    to one shows in the stack), and gets its own gradient, none when it sat out."""
     torch.manual_seed(0)
     from engram.config import ModelConfig
     from engram.models import build_model
 
     nets = [build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 1, 4) for _ in range(3)]
+    copies = [copy.deepcopy(net) for net in nets]  # untouched networks, to compare with
+    group = SeedGroup(nets)
     xs = [torch.randn(5, 1, 8, 8), None, torch.randn(3, 1, 8, 8)]
     tasks = [torch.zeros(5, dtype=torch.long), None, torch.zeros(3, dtype=torch.long)]
-    out = StackedNetwork(nets)(stack_padded(xs), stack_padded(tasks))
+    out = group(stack_padded(xs), stack_padded(tasks))
     assert out.shape == (3, 5, 4)
     for s in (0, 2):
-        expected = nets[s](xs[s], tasks[s])
-        torch.testing.assert_close(out[s, :len(xs[s])], expected)
-    out[2, :3].sum().backward()
-    assert all(p.grad is None or not p.grad.any() for p in nets[0].parameters())
-    assert all(p.grad is not None and p.grad.any() for p in nets[2].parameters())
+        torch.testing.assert_close(out[s, :len(xs[s])], copies[s](xs[s], tasks[s]))
+        torch.testing.assert_close(nets[s](xs[s], tasks[s]), copies[s](xs[s], tasks[s]))
+    (out[0, :5].sum() * 2 + out[2, :3].sum()).backward()
+    group.hand_out_gradients([0, 2])
+    for s, scale in ((0, 2.0), (2, 1.0)):
+        copies[s](xs[s], tasks[s]).sum().mul(scale).backward()
+        for mine, theirs in zip(nets[s].parameters(), copies[s].parameters()):
+            torch.testing.assert_close(mine.grad, theirs.grad)
+    assert all(p.grad is None for p in nets[1].parameters())
+    with torch.no_grad():
+        nets[2].head.weight.add_(1.0)  # as an optimizer's step does
+    torch.testing.assert_close(group.stacked["head.weight"][2], nets[2].head.weight)

@@ -30,20 +30,32 @@ from torch import nn
 
 from engram.data.streams import TensorSet, batches
 from engram.methods.base import Context, Method
+from engram.optimizers import build_optimizer, build_scheduler
 from engram.training import finish_epoch, finish_update, own_loss, task_optimizer
 
 
-class StackedNetwork:
-    """The forward pass of S networks of one architecture at once: `__call__(x, task)` with
-    x (S, B, ...) and task (S, B) gives (S, B, K), row s from network s's own parameters.
-    The parameters are re-stacked from the networks' own tensors at every call, so gradients
-    reach those (each seed's optimizer steps them) and updates are seen at the next call."""
+class SeedGroup:
+    """S networks of one architecture whose parameters live in one stacked tensor per
+    parameter name, (S, *shape): network s's parameters become views of row s, so the
+    seeds' optimizers, hooks and evaluations keep using each network as it is, and one
+    forward pass runs all of them (`__call__`, vmap over functional_call). Gradients of the
+    stacked forward land on the stacked tensors; `hand_out_gradients` passes each row to its
+    network's parameter, where a penalty's gradient (EWC's, taken on the network itself) is
+    already. Made once per run: optimizers kept across tasks refer to these parameters."""
 
     def __init__(self, networks: Sequence[nn.Module]) -> None:
         from torch.func import functional_call, vmap
 
+        self.networks = list(networks)
         self.names = [name for name, _ in networks[0].named_parameters()]
-        self.per_network = [dict(net.named_parameters()) for net in networks]
+        self.stacked = {name: torch.stack([net.get_parameter(name).detach() for net in networks])
+                        .requires_grad_() for name in self.names}  # (S, *shape) leaves
+        for s, net in enumerate(networks):
+            for name in self.names:
+                old = net.get_parameter(name)
+                owner, _, attr = name.rpartition(".")
+                view = nn.Parameter(self.stacked[name].detach()[s], requires_grad=old.requires_grad)
+                setattr(net.get_submodule(owner), attr, view)  # shares row s's storage
         template = copy.deepcopy(networks[0]).to("meta")  # the architecture, no storage
 
         def one(params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -51,11 +63,32 @@ class StackedNetwork:
             return functional_call(template, params, (x, task))
 
         self.forward = vmap(one)
+        # the one optimizer (and LR scheduler) of all seeds, when shares_one_optimizer
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler = None
 
     def __call__(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
-        stacked = {name: torch.stack([params[name] for params in self.per_network])
-                   for name in self.names}  # (S, *shape) each
-        return self.forward(stacked, x, task)
+        """x (S, B, ...), task (S, B) -> (S, B, K): row s from network s's parameters."""
+        return self.forward(self.stacked, x, task)
+
+    def hand_out_gradients(self, active: Sequence[int]) -> None:
+        """Add row s of each stacked gradient to network s's parameter for the `active`
+        seeds; the others' gradients become None, so no optimizer moves them (a seed whose
+        epoch has ended sits the step out). Clears the stacked gradients."""
+        active_set = set(active)
+        for name in self.names:
+            grad = self.stacked[name].grad  # (S, *shape), or None: the name took no gradient
+            self.stacked[name].grad = None
+            for s, net in enumerate(self.networks):
+                param = net.get_parameter(name)
+                if s not in active_set:
+                    param.grad = None
+                elif grad is not None:
+                    param.grad = grad[s] if param.grad is None else param.grad + grad[s]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Every network's parameters, network after network."""
+        return [p for net in self.networks for p in net.parameters()]
 
 
 def stack_padded(parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
@@ -72,26 +105,50 @@ def stack_padded(parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
     return out
 
 
-def train_task_seeds(ctxs: Sequence[Context], methods: Sequence[Method],
+def shares_one_optimizer(ctxs: Sequence[Context]) -> bool:
+    """Whether one optimizer over every seed's parameters is exact: torch's optimizers keep
+    state per parameter (Adam's step count too) and skip parameters without a gradient, so
+    yes, unless the LR schedule could differ between seeds: a scheduler stepped per
+    optimizer step (seeds take different numbers of steps) or on the loss (plateau), or
+    the user's own factories (engram.fit)."""
+    cfg = ctxs[0].train_cfg
+    if any(ctx.make_optimizer is not None or ctx.make_scheduler is not None for ctx in ctxs):
+        return False
+    return cfg.scheduler is None or (cfg.scheduler_step == "epoch"
+                                     and cfg.scheduler != "reducelronplateau")
+
+
+def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequence[Method],
                      on_epoch: Callable[[int, int, float], None]) -> None:
-    """Train each ctxs[s].model on ctxs[s].task with methods[s] for train.epochs epochs, all
-    seeds in one stacked forward and backward pass per step (see the module docstring):
-    engram.training.train_task for S seeds at once. `on_epoch(s, epoch, loss)` gets what
-    train_task's on_epoch gets, per seed. Assumes full precision (no train.amp) and networks
-    without buffers or random layers (no batch norm, no dropout): the caller checks."""
+    """Train each ctxs[s].model (the networks of `group`) on ctxs[s].task with methods[s] for
+    train.epochs epochs, all seeds in one stacked forward and backward pass per step (see
+    the module docstring): engram.training.train_task for S seeds at once. `on_epoch(s,
+    epoch, loss)` gets what train_task's on_epoch gets, per seed. Assumes full precision (no
+    train.amp) and networks without buffers or random layers (no batch norm, no dropout):
+    the caller checks."""
     cfg = ctxs[0].train_cfg
     for ctx, method in zip(ctxs, methods):
         ctx.model.train()
         method.before_task(ctx)
-    pairs = [task_optimizer(ctx) for ctx in ctxs]  # after before_task, as in train_task
-    per_step = pairs[0][1] is not None and cfg.scheduler_step == "step"
+    # after before_task, as in train_task; one optimizer for all seeds where that is exact
+    # (fewer, larger updates: foreach over every seed's tensors), else each seed's own
+    one_for_all = shares_one_optimizer(ctxs)
+    if one_for_all:
+        if group.optimizer is None or cfg.optimizer_policy == "fresh":
+            group.optimizer = build_optimizer(group.parameters(), cfg, foreach=True)
+            group.scheduler = build_scheduler(group.optimizer, cfg)
+        # optimizers[0] steps every seed; the schedule is stepped once per epoch, below
+        optimizers, schedulers = [group.optimizer] * len(ctxs), [None] * len(ctxs)
+    else:
+        pairs = [task_optimizer(ctx) for ctx in ctxs]
+        optimizers, schedulers = [o for o, _ in pairs], [sched for _, sched in pairs]
+    per_step = cfg.scheduler is not None and cfg.scheduler_step == "step"
     data = [method.training_data(ctx.task.train, ctx) for ctx, method in zip(ctxs, methods)]
-    network = StackedNetwork([ctx.model for ctx in ctxs])
     seeds = range(len(ctxs))
+    device = ctxs[0].device
     for epoch in range(1, cfg.epochs + 1):
         orders = [torch.randperm(len(d), generator=ctx.generator) for d, ctx in zip(data, ctxs)]
         streams = [batches(d, order, cfg.batch_size) for d, order in zip(data, orders)]
-        device = ctxs[0].device
         loss_sums = [torch.zeros((), device=device) for _ in seeds]  # trained, for divergence
         own_sums = [torch.zeros((), device=device) for _ in seeds]   # recorded (train_task)
         correct_sums = [torch.zeros((), device=device) for _ in seeds]
@@ -106,8 +163,8 @@ def train_task_seeds(ctxs: Sequence[Context], methods: Sequence[Method],
                 if ctx.transform is not None:  # augmentation, from the seed's own generator
                     batch = TensorSet(ctx.transform(batch.x, ctx.generator), batch.y, batch.task)
                 trained[s] = batch
-            outputs = network(stack_padded([b and b.x for b in trained]),
-                              stack_padded([b and b.task for b in trained]))  # (S, B, K)
+            outputs = group(stack_padded([b and b.x for b in trained]),
+                            stack_padded([b and b.task for b in trained]))  # (S, B, K)
             total = torch.zeros((), device=device)
             losses = {}
             for s in active:
@@ -122,20 +179,23 @@ def train_task_seeds(ctxs: Sequence[Context], methods: Sequence[Method],
                 ctx.batch = batch  # as apply_update: penalties may read it
                 penalty = method.penalty(ctx)
                 total = total + (loss if penalty is None else loss + penalty)
-            for optimizer, _ in pairs:
+            for optimizer in optimizers[:1] if one_for_all else optimizers:
                 optimizer.zero_grad(set_to_none=True)
-            total.backward()  # each seed's parameters get the gradient of its own loss
+            total.backward()  # each seed's rows of the stack get the gradient of its own loss
+            group.hand_out_gradients(active)
             for s in active:
-                ctx, method, (optimizer, scheduler) = ctxs[s], methods[s], pairs[s]
-                method.after_backward(ctx)
-                optimizer.step()
-                finish_update(ctx, method, task_batches[s])
-                if per_step:
-                    scheduler.step()
+                methods[s].after_backward(ctxs[s])
+            for s in (active[:1] if one_for_all else active):  # seeds sitting out: no step
+                optimizers[s].step()
+            for s in active:
+                finish_update(ctxs[s], methods[s], task_batches[s])
                 loss_sums[s] += losses[s].detach()
+                if per_step:  # never with one_for_all (shares_one_optimizer)
+                    schedulers[s].step()
         for s in seeds:
-            optimizer, scheduler = pairs[s]
-            on_epoch(s, epoch, finish_epoch(ctxs[s], scheduler, per_step, epoch, len(data[s]),
+            on_epoch(s, epoch, finish_epoch(ctxs[s], schedulers[s], per_step, epoch, len(data[s]),
                                             loss_sums[s], own_sums[s], correct_sums[s]))
+        if one_for_all and group.scheduler is not None:
+            group.scheduler.step()  # the shared schedule: the epoch step each seed's would take
     for ctx, method in zip(ctxs, methods):
         method.after_task(ctx)

@@ -482,8 +482,9 @@ def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
     """The body of a seed group: run_through_stream's rows for every seed (the untrained
     baseline, each epoch's train loss, the evaluations, each task's train_seconds and
     extra_bytes, run_complete), the training batched (train_task_seeds)."""
-    from engram.batched_training import train_task_seeds
+    from engram.batched_training import SeedGroup, train_task_seeds
 
+    group = SeedGroup([ctx.model for ctx in ctxs])  # the parameters stacked, once per run
     for ident, method, ctx in zip(idents, methods, ctxs):
         sink.emit(evaluation_rows(ident, ctx, method, 0, 0))  # the untrained baseline
     stream = ctxs[0].stream  # every seed's stream has the same tasks, in the same order
@@ -498,7 +499,7 @@ def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
             sink.emit(epoch_rows(idents[s], ctxs[s], methods[s], number, epoch, mean_loss))
             sink.report(1)
 
-        train_task_seeds(ctxs, methods, on_epoch)
+        train_task_seeds(group, ctxs, methods, on_epoch)
         share = (time.perf_counter() - started) / len(ctxs)  # the task's time, per seed
         for ident, method, ctx in zip(idents, methods, ctxs):
             sink.emit(task_end_rows(ident, ctx, method, number, share))
