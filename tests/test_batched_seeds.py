@@ -186,4 +186,5 @@ def test_seed_group_runs_each_network_on_its_own_rows_and_hands_each_its_gradien
     assert all(p.grad is None for p in nets[1].parameters())
     with torch.no_grad():
         nets[2].head.weight.add_(1.0)  # as an optimizer's step does
-    torch.testing.assert_close(group.stacked["head.weight"][2], nets[2].head.weight)
+    torch.testing.assert_close(group.row("head.weight", group.stacked["head.weight"], 2),
+                               nets[2].head.weight)

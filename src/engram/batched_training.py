@@ -48,14 +48,25 @@ class SeedGroup:
 
         self.networks = list(networks)
         self.names = [name for name, _ in networks[0].named_parameters()]
-        self.stacked = {name: torch.stack([net.get_parameter(name).detach() for net in networks])
-                        .requires_grad_() for name in self.names}  # (S, *shape) leaves
+        # Matrices (Linear weights, (out, in)) are stored transposed, (S, in, out): the stacked
+        # forward then multiplies by a contiguous matrix and the backward writes the weight
+        # gradient in that layout, where in the (S, out, in) layout vmap's backward copies
+        # every weight gradient into place (measured on the CPU: 1.4x slower steps).
+        self.transposed = {name for name in self.names
+                           if networks[0].get_parameter(name).ndim == 2}
+        self.stacked = {}  # name -> (S, *shape) leaf, or (S, in, out) for a matrix
+        for name in self.names:
+            rows = [net.get_parameter(name).detach() for net in networks]
+            if name in self.transposed:
+                rows = [row.t() for row in rows]
+            self.stacked[name] = torch.stack(rows).requires_grad_()
         for s, net in enumerate(networks):
             for name in self.names:
                 old = net.get_parameter(name)
                 owner, _, attr = name.rpartition(".")
-                view = nn.Parameter(self.stacked[name].detach()[s], requires_grad=old.requires_grad)
-                setattr(net.get_submodule(owner), attr, view)  # shares row s's storage
+                setattr(net.get_submodule(owner), attr, nn.Parameter(
+                    self.row(name, self.stacked[name].detach(), s),
+                    requires_grad=old.requires_grad))  # shares row s's storage
         template = copy.deepcopy(networks[0]).to("meta")  # the architecture, no storage
 
         def one(params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -67,9 +78,16 @@ class SeedGroup:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler = None
 
+    def row(self, name: str, stacked: torch.Tensor, s: int) -> torch.Tensor:
+        """Network s's `name` (a parameter or its gradient) as a view of `stacked`, in the
+        parameter's own shape."""
+        return stacked[s].t() if name in self.transposed else stacked[s]
+
     def __call__(self, x: torch.Tensor, task: torch.Tensor) -> torch.Tensor:
         """x (S, B, ...), task (S, B) -> (S, B, K): row s from network s's parameters."""
-        return self.forward(self.stacked, x, task)
+        params = {name: stacked.transpose(1, 2) if name in self.transposed else stacked
+                  for name, stacked in self.stacked.items()}  # (S, *shape) each
+        return self.forward(params, x, task)
 
     def hand_out_gradients(self, active: Sequence[int]) -> None:
         """Add row s of each stacked gradient to network s's parameter for the `active`
@@ -84,7 +102,8 @@ class SeedGroup:
                 if s not in active_set:
                     param.grad = None
                 elif grad is not None:
-                    param.grad = grad[s] if param.grad is None else param.grad + grad[s]
+                    mine = self.row(name, grad, s)
+                    param.grad = mine if param.grad is None else param.grad + mine
 
     def parameters(self) -> list[nn.Parameter]:
         """Every network's parameters, network after network."""
