@@ -67,6 +67,8 @@ class SeedGroup:
                 setattr(net.get_submodule(owner), attr, nn.Parameter(
                     self.row(name, self.stacked[name].detach(), s),
                     requires_grad=old.requires_grad))  # shares row s's storage
+        self.params = [{name: net.get_parameter(name) for name in self.names}
+                       for net in networks]  # the new parameters, network by network
         template = copy.deepcopy(networks[0]).to("meta")  # the architecture, no storage
 
         def one(params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -97,8 +99,8 @@ class SeedGroup:
         for name in self.names:
             grad = self.stacked[name].grad  # (S, *shape), or None: the name took no gradient
             self.stacked[name].grad = None
-            for s, net in enumerate(self.networks):
-                param = net.get_parameter(name)
+            for s, params in enumerate(self.params):
+                param = params[name]
                 if s not in active_set:
                     param.grad = None
                 elif grad is not None:
@@ -107,7 +109,7 @@ class SeedGroup:
 
     def parameters(self) -> list[nn.Parameter]:
         """Every network's parameters, network after network."""
-        return [p for net in self.networks for p in net.parameters()]
+        return [p for params in self.params for p in params.values()]
 
 
 def stack_padded(parts: Sequence[torch.Tensor | None]) -> torch.Tensor:
