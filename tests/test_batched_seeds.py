@@ -43,8 +43,12 @@ def one_by_one_and_batched(tmp_path, **sections):
 
 
 def assert_same_rows(one, batched):
+    assert_same_rows_of_runs(one, batched, len(SEEDS))
+
+
+def assert_same_rows_of_runs(one, batched, runs):
     assert one.keys() == batched.keys()  # the same runs (run ids), rows and keys
-    assert {row["run_id"] for row in one.values()} and len({r["seed"] for r in one.values()}) == 4
+    assert len({row["run_id"] for row in one.values()}) == runs
     for key, row in one.items():
         other = batched[key]
         assert {c: v for c, v in row.items() if c != "value"} == \
@@ -105,6 +109,15 @@ def test_batched_schedules_write_the_rows_of_one_seed_runs(tmp_path, train):
     assert_same_rows(one, batched)
 
 
+def test_batched_multi_head_cnn_writes_the_rows_of_one_seed_runs(tmp_path):
+    """Task-incremental learning (each example's own head, picked inside the stacked
+    forward pass) on a convolutional network (4-d weights, stored as they are)."""
+    one, batched = one_by_one_and_batched(
+        tmp_path, stream={"scenario": "task"}, model={"kind": "cnn", "channels": [4, 8]},
+        train={"epochs": 1})
+    assert_same_rows(one, batched)
+
+
 def test_seeds_batched_with_their_neighbours_keep_their_own_numbers(tmp_path):
     """A seed's rows do not depend on which seeds train beside it: seed 2 alone (one-seed
     path) equals seed 2 batched with seeds 0 to 3 (catches seeds sharing a generator or
@@ -136,6 +149,28 @@ def test_a_folder_with_a_finished_seed_is_completed_by_a_batched_rerun(tmp_path)
     assert rerun.skipped == rerun.total == 1  # one group job, already finished
 
 
+def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
+    """Workers run the groups (one per grid point and method); the run ids and rows are
+    the unbatched sweep's."""
+    import yaml
+
+    from engram.config import config_to_dict
+    from engram.experiments.sweep import load_sweep, run_sweep
+
+    raw = config_to_dict(tiny_config(seeds=[0, 1], train={"epochs": 1},
+                                     methods=["naive", {"name": "ewc", "strength": 10.0}]))
+    raw["train"]["lr"] = [0.05, 0.1]  # an axis: two grid points
+    plain, batched = tmp_path / "plain.yaml", tmp_path / "batched.yaml"
+    plain.write_text(yaml.safe_dump(raw))
+    batched.write_text(yaml.safe_dump({**raw, "batch_seeds": True}))
+    _, jobs = load_sweep(batched)
+    assert len(jobs) == 4 and all(len(job.payload.seeds) == 2 for job in jobs)
+    run_sweep(plain, tmp_path / "one", show_progress=False)
+    report = run_sweep(batched, tmp_path / "group", show_progress=False, workers=2)
+    assert report.ok and report.total == 4
+    assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "group"), 8)
+
+
 def test_methods_that_cannot_batch_are_refused_in_one_line(tmp_path):
     assert not METHODS.get("si").batchable
     with pytest.raises(ConfigError, match="method si cannot train its seeds as one batch"):
@@ -146,6 +181,27 @@ def test_methods_that_cannot_batch_are_refused_in_one_line(tmp_path):
                                    model={"kind": "mlp", "hidden": [8], "dropout": 0.1}),
                        tmp_path / "b", show_progress=False)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_engram_run_batch_seeds_flag_writes_every_seed(tmp_path, capsys):
+    import yaml
+
+    from engram.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(train={"epochs": 1}))))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "seeds=[0,1]", "--batch-seeds", "--out", str(out), "-q"]) == 0
+    rows = read_rows(out / "results.csv")
+    assert {r["seed"] for r in rows if r["metric"] == "run_complete"} == {"0", "1"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["batch_seeds"] is True
+
+
+def test_trackers_are_refused_with_batched_seeds(tmp_path):
+    with pytest.raises(ConfigError, match="--log follows one run per job"):
+        run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True), tmp_path / "a",
+                       show_progress=False, trackers=[object()])
+    assert not (tmp_path / "a").exists()
 
 
 def test_list_params_says_which_methods_batch(capsys):
