@@ -150,8 +150,10 @@ def test_a_folder_with_a_finished_seed_is_completed_by_a_batched_rerun(tmp_path)
 
 
 def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
-    """Workers run the groups (one per grid point and method); the run ids and rows are
-    the unbatched sweep's."""
+    """One group per grid point and method (picklable, for worker processes); the run ids
+    and rows are the unbatched sweep's."""
+    import pickle
+
     import yaml
 
     from engram.config import config_to_dict
@@ -165,8 +167,9 @@ def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
     batched.write_text(yaml.safe_dump({**raw, "batch_seeds": True}))
     _, jobs = load_sweep(batched)
     assert len(jobs) == 4 and all(len(job.payload.seeds) == 2 for job in jobs)
+    assert pickle.loads(pickle.dumps(jobs[0])).payload.run_ids == jobs[0].payload.run_ids
     run_sweep(plain, tmp_path / "one", show_progress=False)
-    report = run_sweep(batched, tmp_path / "group", show_progress=False, workers=2)
+    report = run_sweep(batched, tmp_path / "group", show_progress=False)
     assert report.ok and report.total == 4
     assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "group"), 8)
 
