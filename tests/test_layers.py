@@ -3,7 +3,8 @@
 Layers, bottom up (README, Development):
     ground floor  errors, registry, schema, config, stats, results,  imports nothing above it
                   frames, optimizers, plugins
-    libraries     data, models, metrics, importance, methods, training
+    libraries     data, models, metrics, importance, methods, training,
+                  batched_training
     experiments   engram.experiments.*                               the harness and the experiments
     reports       engram.reports.*                                   tables, figures, summaries
     cli           engram.cli, engram.__main__, engram.api        the entry points
@@ -25,7 +26,7 @@ GROUND = {"engram", "engram.errors", "engram.registry", "engram.schema", "engram
           "engram.stats", "engram.results", "engram.frames", "engram.optimizers",
           "engram.plugins", "engram.version"}
 LIBRARIES = ("engram.data", "engram.models", "engram.metrics", "engram.importance",
-             "engram.methods", "engram.training")
+             "engram.methods", "engram.training", "engram.batched_training")
 RANK = {"ground": 0, "library": 1, "experiments": 2, "reports": 3, "cli": 4}
 ROOT_REEXPORTS = {"engram.data.user", "engram.api"}  # engram.stream_from, engram.fit: imported
 # in engram.__getattr__

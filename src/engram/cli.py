@@ -262,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smoke", action="store_true",
                      help="apply the config's smoke: overrides first, a quick CPU-sized run of "
                           "the same pipeline (default --out runs/<config name>-smoke)")
+    run.add_argument("--batch-seeds", action="store_true",
+                     help="train the seeds of each method together as one stacked network "
+                          "(the config's batch_seeds: true; same rows and run ids)")
     _add_workers(run)
 
     sweep = commands.add_parser(
@@ -415,6 +418,11 @@ def cmd_list(args: argparse.Namespace) -> None:
                     default = getattr(entry.obj, "default_methods", None) \
                         if f.default is dataclasses.MISSING else f.default
                     print(f"      {f.name} = {default!r}: {f.metadata.get('doc', '')}")
+                if args.params and registry is METHODS:  # batch_seeds: which may, which not
+                    batched = ("yes: its seeds may train as one stacked network"
+                               if getattr(entry.obj, "batchable", False)
+                               else "no: its seeds run one at a time")
+                    print(f"      (batch_seeds: {batched})")
 
 
 def _finish(out: Path, plots: bool) -> None:
@@ -468,7 +476,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.config is None:
         raise SystemExit("engram run: error: a CONFIG file is required (see configs/)")
     try:
-        cfg = load_config(args.config, args.overrides, smoke=args.smoke)
+        overrides = list(args.overrides) + ["batch_seeds=true"] * args.batch_seeds
+        cfg = load_config(args.config, overrides, smoke=args.smoke)
     except ConfigError as err:
         raise ConfigError(f"{err}{_sweep_hint(args.config, args.overrides)}") from None
     default_out = Path(args.config).stem + ("-smoke" if args.smoke else "")

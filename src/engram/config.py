@@ -221,6 +221,9 @@ class RunConfig:
     checkpoint_seconds: float = opt(
         10.0, "at a task's end, save a resume checkpoint if this many seconds passed since the "
         "last one (0: after every task)", low=0.0)
+    batch_seeds: bool = opt(
+        False, "train the seeds of each method together as one stacked network (same rows "
+        "and run ids, up to float rounding; naive, ewc and replay, see `engram list --params`)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "where examples come from"})
     stream: StreamConfig = field(default_factory=StreamConfig, metadata={"doc": "the task sequence"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the network"})

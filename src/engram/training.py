@@ -142,9 +142,51 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
         method.after_backward(ctx)
         scaler.step(optimizer)
         scaler.update()
+    finish_update(ctx, method, task_batch)
+
+
+def finish_update(ctx: Context, method: Method, task_batch: TensorSet) -> None:
+    """The hooks after the optimizer's step, and the step count: the end of apply_update
+    (shared with the seed-batched loop, engram.batched_training)."""
     method.correct_update(ctx)  # OGD / A-GEM project the update the optimizer made
     method.after_step(task_batch, ctx)  # buffer updates, path integrals, unit resets
     ctx.step += 1
+
+
+def own_loss(ctx: Context, method: Method, outputs: torch.Tensor, loss: torch.Tensor,
+             task_batch: TensorSet, mixed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(the loss of the step's own examples, how many of them the network classified right,
+    or None unless ctx.count_correct), from the step's `outputs` (B, K) before its update.
+    The own examples are the first len(task_batch) of the batch (make_batch's contract); the
+    loss is the problem's whatever a method trains on (in float32 also under train.amp;
+    .float() is a no-op otherwise): the trained `loss` itself when nothing was mixed in."""
+    own = outputs[:len(task_batch)].detach().float()
+    value = (ctx.loss_fn(own, task_batch.y) if mixed or method.replaces_loss
+             else loss.detach())
+    correct = (own.argmax(1) == task_batch.y).sum() if ctx.count_correct else None
+    return value, correct
+
+
+def finish_epoch(ctx: Context, scheduler: Any, per_step: bool, epoch: int, n: int,
+                 loss_sum: torch.Tensor, own_loss_sum: torch.Tensor,
+                 correct_sum: torch.Tensor) -> float:
+    """The end of one epoch over `n` examples: ctx.epoch_accuracy, the divergence check on
+    the trained loss, the LR scheduler's epoch step; returns the epoch's recorded loss (the
+    mean over mini-batches of the own examples' loss, see train_task)."""
+    cfg = ctx.train_cfg
+    n_batches = -(-n // cfg.batch_size)
+    mean_loss = float(loss_sum) / n_batches  # one sync per epoch
+    ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
+    if not math.isfinite(mean_loss):
+        raise DivergenceError(
+            f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
+            f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
+    if scheduler is not None and not per_step:
+        if is_plateau(scheduler):  # it watches the epoch's trained loss
+            scheduler.step(mean_loss)
+        else:
+            scheduler.step()
+    return float(own_loss_sum) / n_batches
 
 
 def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], None]) -> None:
@@ -187,32 +229,17 @@ def train_task(ctx: Context, method: Method, on_epoch: Callable[[int, float], No
                 outputs = model(x, batch.task)
                 # cross-entropy unless a problem says else (or a method: ER-ACE's masked one)
                 loss = method.batch_loss(outputs, batch, ctx)
-            # This step's own examples are the first len(task_batch) of the batch (make_batch's
-            # contract), measured before the update: the online loss and accuracy, in the
-            # problem's loss whatever a method trains on (in float32 also under train.amp;
-            # .float() is a no-op otherwise).
-            own = outputs[:len(task_batch)].detach().float()
-            own_loss_sum += (ctx.loss_fn(own, task_batch.y) if mixed or method.replaces_loss
-                             else loss.detach())
-            if ctx.count_correct:
-                correct_sum += (own.argmax(1) == task_batch.y).sum()
+            # the online loss and accuracy of the step's own examples, before the update
+            own, correct = own_loss(ctx, method, outputs, loss, task_batch, mixed)
+            own_loss_sum += own
+            if correct is not None:
+                correct_sum += correct
             apply_update(ctx, method, optimizer, loss, batch, task_batch, precision)
             if per_step:
                 scheduler.step()
             loss_sum += loss.detach()
-        n_batches = -(-n // cfg.batch_size)
-        mean_loss = float(loss_sum) / n_batches  # one sync per epoch
-        ctx.epoch_accuracy = float(correct_sum) / n if ctx.count_correct else None
-        if not math.isfinite(mean_loss):
-            raise DivergenceError(
-                f"training diverged on task {ctx.task.index + 1} ({ctx.task.name}), epoch {epoch}: "
-                f"the mean loss is {mean_loss}; lower train.lr (now {cfg.lr}) or the method's strength")
-        if scheduler is not None and not per_step:
-            if is_plateau(scheduler):  # it watches the epoch's trained loss
-                scheduler.step(mean_loss)
-            else:
-                scheduler.step()
-        on_epoch(epoch, float(own_loss_sum) / n_batches)
+        on_epoch(epoch, finish_epoch(ctx, scheduler, per_step, epoch, n, loss_sum,
+                                     own_loss_sum, correct_sum))
     method.after_task(ctx)
 
 

@@ -4,7 +4,9 @@ The optimisation itself is engram.training.train_task; this module is the bookke
 it: building data and models, evaluating, writing rows, checkpointing at task
 boundaries so that rerunning the command continues a killed run exactly where its last
 finished task left off (same tensors, same random states: the run's generator and torch's global RNG that
-draws dropout masks, so the same numbers).
+draws dropout masks, so the same numbers). With `batch_seeds: true` the seeds of a method
+train together as one stacked network (execute_seeds, at the end; engram.batched_training)
+and write the same rows.
 """
 
 from __future__ import annotations
@@ -22,15 +24,15 @@ import torch
 from engram.config import (MethodSpec, RunConfig, config_to_dict, data_identity, params_dict,
                            train_identity)
 from engram.data.streams import Stream
-from engram.errors import EngramError
+from engram.errors import ConfigError, EngramError
 from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
                                  refuse_unusable_model)
 from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
-from engram.results import COLUMNS, KEY, row_key
+from engram.results import COLUMNS, KEY, ResultWriter, row_key
 from engram.training import measure, restore_optimizer, train_task
 
 # Config keys that change how a run is carried out but not its numbers: --resume may differ.
-NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds", "batch_seeds")
 
 
 @dataclass
@@ -59,7 +61,7 @@ class RunIdentity:
             "scenario": self.scenario, "task_eval": "", "split": "", **fields}
 
 
-def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+def evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
                      epoch: int, metrics: Sequence[Callable] = ()) -> list[dict]:
     rows = []
     net = method.eval_model(ctx)  # the live model unless the method picks weights per task
@@ -75,6 +77,32 @@ def _evaluation_rows(ident: RunIdentity, ctx: Context, method: Method, task_trai
             rows.append(ident.row(metric="loss", value=found.loss, **common))
             rows += [ident.row(metric=name, value=value, **common)
                      for name, value in found.metrics.items()]
+    return rows
+
+
+def epoch_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int, epoch: int,
+               mean_loss: float, metrics: Sequence[Callable] = ()) -> list[dict]:
+    """The rows of one finished epoch: its train_loss, and the evaluations train.eval_every
+    asks for inside a task (the last epoch's come with the task's end, task_end_rows)."""
+    rows = [ident.row(task_trained=task_trained, epoch=epoch, step=ctx.step, split="train",
+                      metric="train_loss", value=mean_loss)]
+    every, epochs = ctx.train_cfg.eval_every, ctx.train_cfg.epochs
+    if every and epoch % every == 0 and epoch < epochs:
+        rows += evaluation_rows(ident, ctx, method, task_trained, epoch, metrics)
+    return rows
+
+
+def task_end_rows(ident: RunIdentity, ctx: Context, method: Method, task_trained: int,
+                  seconds: float, metrics: Sequence[Callable] = ()) -> list[dict]:
+    """The rows at the end of a task: the evaluations, the task's train_seconds and the
+    method's extra_bytes (the last row: task_end_recorded looks for it)."""
+    epochs = ctx.train_cfg.epochs
+    rows = evaluation_rows(ident, ctx, method, task_trained, epochs, metrics)
+    rows.append(ident.row(task_trained=task_trained, epoch=epochs, step=ctx.step, split="train",
+                          metric="train_seconds", value=seconds))
+    # What the method keeps beyond the live model after this task: the memory bill.
+    rows.append(ident.row(task_trained=task_trained, epoch=epochs, step=ctx.step,
+                          metric="extra_bytes", value=method.extra_bytes()))
     return rows
 
 
@@ -152,11 +180,11 @@ def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
         "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
 
 
-def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: JobSink,
-            device: torch.device) -> str:
-    """Train one method with one seed through the whole stream, handing rows to `sink` as
-    they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
-    tasks it covers are recorded. Return the run id."""
+def prepare_run(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream,
+                device: torch.device) -> tuple[RunIdentity, Method, Context]:
+    """One run's identity, method and Context, its network built (seeded), checked and
+    prepared, before any training: the start of run_one, shared with the seed-batched runs
+    (execute_seeds, below), which build each seed's run this same way."""
     from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
     from engram.models import build_model
     from engram.registry import METHODS
@@ -176,6 +204,19 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
                   generator=torch.Generator().manual_seed(seed), device=device,
                   transform=training_augmentation(augment))  # crop, flip: None without
     ctx.model = method.prepare_model(model, ctx).to(device)  # e.g. a progressive net
+    return ident, method, ctx
+
+
+def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: JobSink,
+            device: torch.device) -> str:
+    """Train one method with one seed through the whole stream, handing rows to `sink` as
+    they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
+    tasks it covers are recorded. Return the run id."""
+    from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
+    from engram.models import build_model
+    from engram.registry import METHODS
+
+    ident, method, ctx = prepare_run(cfg, spec, seed, stream, device)
     run_through_stream(ident, method, ctx, sink, cfg.checkpoint_seconds)
     return ident.run_id
 
@@ -218,7 +259,7 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
                                         f"{' '.join(str(err).split())[:200]}") from None
         ctx.step, tasks_done = state["step"], state["tasks_done"]
     else:
-        sink.emit(_evaluation_rows(ident, ctx, method, 0, 0, metrics))  # the untrained baseline
+        sink.emit(evaluation_rows(ident, ctx, method, 0, 0, metrics))  # the untrained baseline
 
     epochs = train_cfg.epochs
     sink.report(tasks_done * epochs)  # progress is counted in epochs
@@ -231,21 +272,12 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
         number = task.index + 1
 
         def on_epoch(epoch: int, mean_loss: float) -> None:
-            sink.emit([ident.row(task_trained=number, epoch=epoch, step=ctx.step, split="train",
-                                 metric="train_loss", value=mean_loss)])
-            if train_cfg.eval_every and epoch % train_cfg.eval_every == 0 and epoch < epochs:
-                sink.emit(_evaluation_rows(ident, ctx, method, number, epoch, metrics))
+            sink.emit(epoch_rows(ident, ctx, method, number, epoch, mean_loss, metrics))
             sink.report(1)
 
         train_task(ctx, method, on_epoch)
         seconds = time.perf_counter() - started
-        rows = _evaluation_rows(ident, ctx, method, number, epochs, metrics)
-        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step, split="train",
-                              metric="train_seconds", value=seconds))
-        # What the method keeps beyond the live model after this task: the memory bill.
-        rows.append(ident.row(task_trained=number, epoch=epochs, step=ctx.step,
-                              metric="extra_bytes", value=method.extra_bytes()))
-        sink.emit(rows)
+        sink.emit(task_end_rows(ident, ctx, method, number, seconds, metrics))
         # A checkpoint costs milliseconds; on short tasks that is a visible share of the run,
         # so save one only when enough work would otherwise be lost. A run killed without one
         # resumes from its previous checkpoint (or its start): the same numbers, re-measured.
@@ -270,7 +302,7 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
 # ----------------------------------------------------------------------------- the experiment
 
 # Config keys that change how a run is carried out but not its numbers.
-NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds")
+NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds", "batch_seeds")
 
 
 @dataclass
@@ -282,9 +314,13 @@ class RunPayload:
 
 def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
     """The runs of (grid point, config) pairs, each once (two points that differ only in
-    name share runs); each job reports its epochs to the progress bar."""
+    name share runs); each job reports its epochs to the progress bar. A config with
+    batch_seeds makes one job per method holding its seeds (execute_seeds, below)."""
     jobs, seen = [], set()
     for point, cfg in points:
+        if cfg.batch_seeds:
+            jobs += seed_group_jobs(point, cfg, seen)
+            continue
         for seed in cfg.seeds:
             for spec in cfg.methods:
                 key = continual_run_id(cfg, spec, seed)
@@ -296,14 +332,34 @@ def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
 
 
 def execute_run(job: Job, sink: JobSink) -> None:
-    """The harness's `execute` for continual runs: build the seed's stream, run the method."""
+    """The harness's `execute` for continual runs: build the seed's stream, run the method
+    (a group of seeds batched: execute_seeds)."""
     from engram.data import build_stream, load_source
 
+    if isinstance(job.payload, SeedsPayload):
+        execute_seeds(job, sink)
+        return
     cfg, spec = job.payload.cfg, job.payload.method
     device = resolve_device(cfg.device)
     source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
     stream = build_stream(source, cfg.data, cfg.stream, job.seed, device)
     run_one(cfg, spec, job.seed, stream, sink, device)
+
+
+def continual_finished(job: Job, writer: ResultWriter, out: Path) -> bool:
+    """The harness's `finished` for continual runs: the run's run_complete row is written
+    (for a group of batched seeds, every seed's)."""
+    if isinstance(job.payload, SeedsPayload):
+        return group_finished(job, writer)
+    return job.run_id in writer.completed_runs
+
+
+def refuse_trackers_with_batched_seeds(cfg: RunConfig, run_options: dict[str, Any]) -> None:
+    """ConfigError when --log trackers would watch batched seeds: they log one job as one
+    run, and a batched job holds several."""
+    if cfg.batch_seeds and run_options.get("trackers"):
+        raise ConfigError("--log follows one run per job; with batch_seeds a job trains "
+                          "several seeds: drop --log or set batch_seeds: false")
 
 
 def run_plan_of(cfg: RunConfig) -> Plan:
@@ -316,7 +372,7 @@ def run_plan_of(cfg: RunConfig) -> Plan:
     return Plan(command="run", identity=identity,
                 growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
                 jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),
-                threads=cfg.threads, unit="epoch")
+                threads=cfg.threads, unit="epoch", finished=continual_finished)
 
 
 def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Report:
@@ -324,4 +380,129 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
     the folder is locked, finished runs are skipped, an interrupted one resumes from its
     last checkpoint. run_options: run_plan's (workers, backend, address, trackers,
     show_progress, raise_failures; engram.experiments.harness)."""
+    refuse_trackers_with_batched_seeds(cfg, run_options)
     return run_plan(run_plan_of(cfg), out, **run_options)
+
+
+# ----------------------------------------------------------------------------- batched seeds
+# `batch_seeds: true`: the seeds of one method run as one job, trained as one stacked network.
+#
+# The harness job of a continual run is one (method, seed); with batch_seeds the seeds of one
+# method (at one sweep point) become one job (`seed_group_jobs`), which builds every seed's
+# run exactly as run_one does (prepare_run: its stream, its
+# seeded initial weights, its generator) and trains them together with
+# engram.batched_training.train_task_seeds. Each seed's rows are the one-seed path's rows,
+# under the same run ids, with the same values up to float rounding, except train_seconds:
+# the task's wall time shared by all the seeds, divided by their number (so that summing over
+# runs still gives the wall time spent).
+#
+# What it does not do (yet): resume a killed group from a checkpoint (a rerun trains the
+# group's seeds from their first task again; rows already written are skipped, re-measured
+# alike), and run methods that are not `Method.batchable`, networks with buffers or dropout,
+# train.amp or train.channels_last: `check_batchable` refuses those before anything runs. A
+# seed that diverges fails its whole group.
+
+
+@dataclass
+class SeedsPayload:
+    """What a worker needs to run one group: the grid point's config, the method, its seeds
+    and their run ids (in the seeds' order)."""
+    cfg: RunConfig
+    method: MethodSpec
+    seeds: list[int]
+    run_ids: list[str]
+
+
+def check_batchable(cfg: RunConfig) -> None:
+    """ConfigError naming what stops `batch_seeds` for this config: a method whose hooks are
+    not known to stay exact when its seeds train together (Method.batchable; see `engram
+    list --params`), dropout (masks come from torch's one global RNG, drawn per run),
+    train.amp or train.channels_last."""
+    from engram.registry import METHODS
+
+    refused = [spec.label() for spec in cfg.methods if not METHODS.get(spec.name).batchable]
+    if refused:
+        raise ConfigError(f"batch_seeds: method {', '.join(refused)} cannot train its seeds "
+                          "as one batch (`engram list --params` says which can); set "
+                          "batch_seeds: false")
+    if cfg.model.dropout > 0:
+        raise ConfigError("batch_seeds: model.dropout draws its masks from torch's global RNG, "
+                          "one run at a time; set model.dropout: 0 or batch_seeds: false")
+    for key in ("amp", "channels_last"):
+        if getattr(cfg.train, key):
+            raise ConfigError(f"batch_seeds: train.{key} is not supported with batched seeds; "
+                              "set one of them to false")
+
+
+def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> list[Job]:
+    """One job per method of `cfg` (a sweep point's config) holding all its seeds whose run
+    ids are not in `seen` (which gains them); the job's own run id names the group."""
+    check_batchable(cfg)
+    jobs = []
+    for spec in cfg.methods:
+        seeds = [seed for seed in cfg.seeds if continual_run_id(cfg, spec, seed) not in seen]
+        ids = [continual_run_id(cfg, spec, seed) for seed in seeds]
+        seen.update(ids)
+        if seeds:
+            jobs.append(Job(run_id({"seed_group": ids}), seeds[0], f"{spec.label()} (seeds "
+                            f"{','.join(map(str, seeds))} batched)",
+                            SeedsPayload(cfg, spec, seeds, ids), point,
+                            size=len(seeds) * cfg.stream.n_tasks * cfg.train.epochs))
+    return jobs
+
+
+def group_finished(job: Job, writer: ResultWriter) -> bool:
+    """Whether every run of a seed group has its run_complete row."""
+    return all(rid in writer.completed_runs for rid in job.payload.run_ids)
+
+
+def execute_seeds(job: Job, sink: JobSink) -> None:
+    """Run one seed group (the harness's execute, through execute_run): build each
+    seed's stream and run as run_one would, train them together, emit each seed's rows."""
+    from engram.data import build_stream, load_source
+
+    payload: SeedsPayload = job.payload
+    cfg, spec = payload.cfg, payload.method
+    device = resolve_device(cfg.device)
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    runs = [prepare_run(cfg, spec, seed, build_stream(source, cfg.data, cfg.stream, seed, device),
+                        device) for seed in payload.seeds]
+    for ident, method, ctx in runs:
+        if any(True for _ in ctx.model.buffers()):
+            raise ConfigError("batch_seeds: the network keeps buffers (batch norm's running "
+                              "statistics), which a stacked forward pass does not update; "
+                              "set batch_seeds: false")
+    idents, methods, ctxs = map(list, zip(*runs))
+    train_seeds(idents, methods, ctxs, sink)
+    for ident in idents:  # a checkpoint left by an earlier one-seed attempt is stale now
+        (Path(sink.folder) / "checkpoints" / f"{ident.run_id}.pt").unlink(missing_ok=True)
+
+
+def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
+    """The body of a seed group: run_through_stream's rows for every seed (the untrained
+    baseline, each epoch's train loss, the evaluations, each task's train_seconds and
+    extra_bytes, run_complete), the training batched (train_task_seeds)."""
+    from engram.batched_training import SeedGroup, train_task_seeds
+
+    group = SeedGroup([ctx.model for ctx in ctxs])  # the parameters stacked, once per run
+    for ident, method, ctx in zip(idents, methods, ctxs):
+        sink.emit(evaluation_rows(ident, ctx, method, 0, 0))  # the untrained baseline
+    stream = ctxs[0].stream  # every seed's stream has the same tasks, in the same order
+    for index in range(len(stream)):
+        number = index + 1
+        for ctx in ctxs:
+            ctx.task = ctx.stream.tasks[index]
+            ctx.seen_tasks.append(ctx.task)
+        started = time.perf_counter()
+
+        def on_epoch(s: int, epoch: int, mean_loss: float) -> None:
+            sink.emit(epoch_rows(idents[s], ctxs[s], methods[s], number, epoch, mean_loss))
+            sink.report(1)
+
+        train_task_seeds(group, ctxs, methods, on_epoch)
+        share = (time.perf_counter() - started) / len(ctxs)  # the task's time, per seed
+        for ident, method, ctx in zip(idents, methods, ctxs):
+            sink.emit(task_end_rows(ident, ctx, method, number, share))
+    for ident, ctx in zip(idents, ctxs):
+        sink.emit([ident.row(task_trained=len(stream), epoch=ctx.train_cfg.epochs, step=ctx.step,
+                             metric="run_complete", value=1)])

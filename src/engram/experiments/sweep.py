@@ -32,12 +32,13 @@ from typing import Any
 
 from engram.config import RunConfig, load_config_dict
 from engram.errors import ConfigError
-from engram.experiments.continual import continual_jobs, execute_run
+from engram.experiments.continual import (continual_finished, continual_jobs, execute_run,
+                                          refuse_trackers_with_batched_seeds)
 from engram.experiments.harness import Job, Plan, Report, resolve_device, run_plan
 from engram.results import COLUMNS, KEY
 
 # Keys whose alternatives would not change a run's numbers, so they cannot be grid axes.
-NOT_AXES = ("name", "threads", "plots", "device", "checkpoint_seconds")
+NOT_AXES = ("name", "threads", "plots", "device", "checkpoint_seconds", "batch_seeds")
 
 
 # ----------------------------------------------------------------------------- the grid
@@ -165,8 +166,10 @@ def run_sweep(path: str | Path, out: str | Path, *, overrides: list[str] = (),
     raw, jobs = load_sweep(path, overrides)
     identity, extensible = sweep_identity(raw, str(path))
     first = jobs[0].payload.cfg if jobs else RunConfig()
+    refuse_trackers_with_batched_seeds(first, run_options)
     plan = Plan(command="sweep", identity=identity, growable=tuple(extensible), config=raw,
                 columns=COLUMNS, key=KEY, jobs=jobs, execute=execute_run,
+                finished=continual_finished,
                 device=str(resolve_device(first.device)), threads=first.threads, unit="epoch",
                 config_name="sweep.yaml")
     return run_plan(plan, out, raise_failures=raise_failures, **run_options)

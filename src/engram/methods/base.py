@@ -187,6 +187,11 @@ class Method:
     # parameters: names of engram.models.protocol.NEEDS (a property where it depends on the
     # params). The runner refuses the method on a network lacking one (refuse_unusable_model).
     model_needs: ClassVar[tuple[str, ...]] = ()
+    # Whether the seeds of a run may train together as one stacked network (`batch_seeds`,
+    # engram.batched_training): every hook then runs per seed on that seed's own network,
+    # generator and state, so a method qualifies once a test shows its batched rows equal
+    # its one-seed rows (tests/test_batched_seeds.py); the others run one seed at a time.
+    batchable: ClassVar[bool] = False
 
     def __init__(self, params: Any = None) -> None:
         self.params = params if params is not None else self.Params()

@@ -53,6 +53,7 @@ class EWC(Method):
     """Offline EWC with a named Fisher estimator (see the module docstring)."""
 
     Params = EWCParams
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)
 
     def __init__(self, params: EWCParams | None = None) -> None:
         super().__init__(params)

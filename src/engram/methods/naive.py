@@ -9,3 +9,4 @@ from engram.methods.base import Method
 
 class Naive(Method):
     """Plain sequential training; every hook is the base class's no-op."""
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)

@@ -154,6 +154,7 @@ class Replay(Method):
     """Reservoir-sampled replay buffer mixed into every mini-batch."""
 
     Params = ReplayParams
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)
 
     def __init__(self, params: ReplayParams | None = None) -> None:
         super().__init__(params)

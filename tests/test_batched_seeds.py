@@ -1,0 +1,249 @@
+"""batch_seeds: the seeds of a method trained as one stacked network write the rows, under
+the same run ids, that running them one at a time writes (engram.experiments.continual: execute_seeds;
+engram.batched_training)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+
+from engram.batched_training import SeedGroup, stack_padded
+from engram.cli import main
+from engram.errors import ConfigError
+from engram.experiments.continual import run_experiment
+from engram.registry import METHODS
+from engram.results import KEY, read_rows, row_key
+from tests.conftest import tiny_config as tiny
+
+SEEDS = [0, 1, 2, 3]
+TOLERANCE = 1e-5  # float rounding: a batched matrix product sums in another order
+# (relative too: train_loss sums float32 losses, about 9 at most here, whose spacing is 1e-6)
+BATCH = 16  # the seeds' tasks then have different numbers of mini-batches (test below)
+
+
+def tiny_config(**sections):
+    """conftest's tiny config with mini-batches of BATCH examples."""
+    return tiny(**{**sections, "train": {"batch_size": BATCH, **sections.get("train", {})}})
+
+
+def rows_by_key(folder):
+    return {row_key(row, KEY): row for row in read_rows(folder / "results.csv")}
+
+
+def one_by_one_and_batched(tmp_path, **sections):
+    """The rows of SEEDS run one at a time and batched, by row key."""
+    cfg = tiny_config(seeds=SEEDS, **sections)
+    run_experiment(cfg, tmp_path / "one", show_progress=False)
+    run_experiment(dataclasses.replace(cfg, batch_seeds=True), tmp_path / "batched",
+                   show_progress=False)
+    return rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "batched")
+
+
+def assert_same_rows(one, batched):
+    assert_same_rows_of_runs(one, batched, len(SEEDS))
+
+
+def assert_same_rows_of_runs(one, batched, runs):
+    assert one.keys() == batched.keys()  # the same runs (run ids), rows and keys
+    assert len({row["run_id"] for row in one.values()}) == runs
+    for key, row in one.items():
+        other = batched[key]
+        assert {c: v for c, v in row.items() if c != "value"} == \
+            {c: v for c, v in other.items() if c != "value"}, key
+        if row["metric"] != "train_seconds":  # a wall time, the only number not reproduced
+            assert float(other["value"]) == pytest.approx(float(row["value"]), rel=TOLERANCE, abs=TOLERANCE), key
+
+
+def test_the_seeds_of_a_tiny_config_have_different_numbers_of_mini_batches():
+    """The premise of the tests below: each seed splits the data its own way, so its tasks
+    have other sizes, and the batched loop must pad and let seeds sit out steps."""
+    from engram.data import build_stream, load_source
+
+    cfg = tiny_config()
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    sizes = {tuple(len(t.train) for t in build_stream(source, cfg.data, cfg.stream, seed).tasks)
+             for seed in SEEDS}
+    batches = {tuple(-(-n // BATCH) for n in per_task) for per_task in sizes}
+    assert len(sizes) == len(SEEDS) and len(batches) > 1
+
+
+def test_batched_naive_writes_the_rows_of_four_one_seed_runs(tmp_path):
+    one, batched = one_by_one_and_batched(tmp_path, train={"eval_every": 1, "epochs": 2})
+    assert_same_rows(one, batched)
+
+
+def test_batched_ewc_with_adam_writes_the_rows_of_four_one_seed_runs(tmp_path):
+    """EWC's penalty and Fisher per seed; Adam: a seed sitting out a step must not step
+    (its moments and step count would move). Adam's eps is raised from 1e-8: with it, a
+    weight whose gradient is near 0 moves by about lr whatever the gradient's size, so
+    rounding-level differences there became loss differences of up to 8e-4 (found; with
+    eps 1e-3 the largest is 5e-7, so the paths agree, and Adam is elementwise per seed)."""
+    one, batched = one_by_one_and_batched(
+        tmp_path, methods=[{"name": "ewc", "strength": 1000.0}],
+        train={"optimizer": "adam", "lr": 0.01, "epochs": 2, "optimizer_args": {"eps": 1e-3}})
+    assert_same_rows(one, batched)
+
+
+def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_path):
+    """Replay's memory, sampling and reservoir draws per seed (its own generator); the mixed
+    batches are longer than the task's."""
+    one, batched = one_by_one_and_batched(
+        tmp_path, methods=[{"name": "replay", "memory": 50}],
+        train={"momentum": 0.9, "epochs": 2})
+    assert_same_rows(one, batched)
+
+
+@pytest.mark.parametrize("train", [
+    {"scheduler": "steplr", "scheduler_args": {"step_size": 4, "gamma": 0.5},
+     "scheduler_step": "step", "momentum": 0.9},  # per step: each seed its own optimizer
+    {"scheduler": "steplr", "scheduler_args": {"step_size": 1, "gamma": 0.5},
+     "optimizer_policy": "carry", "momentum": 0.9, "epochs": 3},  # one optimizer, kept
+], ids=["per-step-schedule", "carried-epoch-schedule"])
+def test_batched_schedules_write_the_rows_of_one_seed_runs(tmp_path, train):
+    """A schedule stepped per optimizer step differs between seeds taking different numbers
+    of steps (each seed then keeps its own optimizer); an epoch schedule is shared."""
+    one, batched = one_by_one_and_batched(tmp_path, train=train)
+    assert_same_rows(one, batched)
+
+
+def test_batched_multi_head_cnn_writes_the_rows_of_one_seed_runs(tmp_path):
+    """Task-incremental learning (each example's own head, picked inside the stacked
+    forward pass) on a convolutional network (4-d weights, stored as they are)."""
+    one, batched = one_by_one_and_batched(
+        tmp_path, stream={"scenario": "task"}, model={"kind": "cnn", "channels": [4, 8]},
+        train={"epochs": 1})
+    assert_same_rows(one, batched)
+
+
+def test_seeds_batched_with_their_neighbours_keep_their_own_numbers(tmp_path):
+    """A seed's rows do not depend on which seeds train beside it: seed 2 alone (one-seed
+    path) equals seed 2 batched with seeds 0 to 3 (catches seeds sharing a generator or
+    parameters)."""
+    run_experiment(tiny_config(seeds=[2]), tmp_path / "alone", show_progress=False)
+    run_experiment(tiny_config(seeds=SEEDS, batch_seeds=True), tmp_path / "group",
+                   show_progress=False)
+    alone, group = rows_by_key(tmp_path / "alone"), rows_by_key(tmp_path / "group")
+    assert set(alone) < set(group)
+    differences = [abs(float(row["value"]) - float(group[key]["value"]))
+                   for key, row in alone.items() if row["metric"] != "train_seconds"]
+    assert max(differences) < TOLERANCE
+
+
+def test_a_folder_with_a_finished_seed_is_completed_by_a_batched_rerun(tmp_path):
+    """Seed 0 done one-seed; the batched rerun with seeds 0 and 1 adds seed 1's rows (seed
+    0's re-measured rows are duplicates, skipped) and the folder identity is unchanged."""
+    run_experiment(tiny_config(seeds=[0]), tmp_path, show_progress=False)
+    first = rows_by_key(tmp_path)
+    report = run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True), tmp_path,
+                            show_progress=False)
+    assert report.ok
+    rows = list(read_rows(tmp_path / "results.csv"))
+    assert len({row_key(row, KEY) for row in rows}) == len(rows)  # no duplicates
+    assert {r["seed"] for r in rows if r["metric"] == "run_complete"} == {"0", "1"}
+    assert set(first) < {row_key(row, KEY) for row in rows}
+    rerun = run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True), tmp_path,
+                           show_progress=False)
+    assert rerun.skipped == rerun.total == 1  # one group job, already finished
+
+
+def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
+    """One group per grid point and method (picklable, for worker processes); the run ids
+    and rows are the unbatched sweep's."""
+    import pickle
+
+    import yaml
+
+    from engram.config import config_to_dict
+    from engram.experiments.sweep import load_sweep, run_sweep
+
+    raw = config_to_dict(tiny_config(seeds=[0, 1], train={"epochs": 1},
+                                     methods=["naive", {"name": "ewc", "strength": 10.0}]))
+    raw["train"]["lr"] = [0.05, 0.1]  # an axis: two grid points
+    plain, batched = tmp_path / "plain.yaml", tmp_path / "batched.yaml"
+    plain.write_text(yaml.safe_dump(raw))
+    batched.write_text(yaml.safe_dump({**raw, "batch_seeds": True}))
+    _, jobs = load_sweep(batched)
+    assert len(jobs) == 4 and all(len(job.payload.seeds) == 2 for job in jobs)
+    assert pickle.loads(pickle.dumps(jobs[0])).payload.run_ids == jobs[0].payload.run_ids
+    run_sweep(plain, tmp_path / "one", show_progress=False)
+    report = run_sweep(batched, tmp_path / "group", show_progress=False)
+    assert report.ok and report.total == 4
+    assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "group"), 8)
+
+
+def test_methods_that_cannot_batch_are_refused_in_one_line(tmp_path):
+    assert not METHODS.get("si").batchable
+    with pytest.raises(ConfigError, match="method si cannot train its seeds as one batch"):
+        run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True, methods=["naive", "si"]),
+                       tmp_path / "a", show_progress=False)
+    with pytest.raises(ConfigError, match="model.dropout"):
+        run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True,
+                                   model={"kind": "mlp", "hidden": [8], "dropout": 0.1}),
+                       tmp_path / "b", show_progress=False)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_engram_run_batch_seeds_flag_writes_every_seed(tmp_path, capsys):
+    import yaml
+
+    from engram.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(train={"epochs": 1}))))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "seeds=[0,1]", "--batch-seeds", "--out", str(out), "-q"]) == 0
+    rows = read_rows(out / "results.csv")
+    assert {r["seed"] for r in rows if r["metric"] == "run_complete"} == {"0", "1"}
+    assert yaml.safe_load((out / "config.yaml").read_text())["batch_seeds"] is True
+
+
+def test_trackers_are_refused_with_batched_seeds(tmp_path):
+    with pytest.raises(ConfigError, match="--log follows one run per job"):
+        run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True), tmp_path / "a",
+                       show_progress=False, trackers=[object()])
+    assert not (tmp_path / "a").exists()
+
+
+def test_list_params_says_which_methods_batch(capsys):
+    assert main(["list", "--params"]) == 0
+    out = capsys.readouterr().out
+    for name in ("naive", "ewc", "replay"):
+        assert METHODS.get(name).batchable
+    assert out.count("(batch_seeds: yes") == sum(
+        METHODS.get(name).batchable for name in METHODS.names())
+    assert out.count("(batch_seeds: no") == sum(
+        not METHODS.get(name).batchable for name in METHODS.names())
+
+
+def test_seed_group_runs_each_network_on_its_own_rows_and_hands_each_its_gradient():
+    """The stacked forward pass is each network's own on its own rows (padded rows and a
+    seed sitting out ignored); each network's parameters are views of its row (an update
+    to one shows in the stack), and gets its own gradient, none when it sat out."""
+    torch.manual_seed(0)
+    from engram.config import ModelConfig
+    from engram.models import build_model
+
+    nets = [build_model(ModelConfig(kind="mlp", hidden=[16]), (1, 8, 8), 1, 4) for _ in range(3)]
+    copies = [copy.deepcopy(net) for net in nets]  # untouched networks, to compare with
+    group = SeedGroup(nets)
+    xs = [torch.randn(5, 1, 8, 8), None, torch.randn(3, 1, 8, 8)]
+    tasks = [torch.zeros(5, dtype=torch.long), None, torch.zeros(3, dtype=torch.long)]
+    out = group(stack_padded(xs), stack_padded(tasks))
+    assert out.shape == (3, 5, 4)
+    for s in (0, 2):
+        torch.testing.assert_close(out[s, :len(xs[s])], copies[s](xs[s], tasks[s]))
+        torch.testing.assert_close(nets[s](xs[s], tasks[s]), copies[s](xs[s], tasks[s]))
+    (out[0, :5].sum() * 2 + out[2, :3].sum()).backward()
+    group.hand_out_gradients([0, 2])
+    for s, scale in ((0, 2.0), (2, 1.0)):
+        copies[s](xs[s], tasks[s]).sum().mul(scale).backward()
+        for mine, theirs in zip(nets[s].parameters(), copies[s].parameters()):
+            torch.testing.assert_close(mine.grad, theirs.grad)
+    assert all(p.grad is None for p in nets[1].parameters())
+    with torch.no_grad():
+        nets[2].head.weight.add_(1.0)  # as an optimizer's step does
+    torch.testing.assert_close(group.row("head.weight", group.stacked["head.weight"], 2),
+                               nets[2].head.weight)
