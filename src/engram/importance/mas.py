@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
 from engram.importance.fisher import CHUNK_BUDGET_FLOATS
 from engram.importance.per_example import per_example_statistic
 

@@ -31,8 +31,9 @@ forward, and examples do not interact (eval mode; BatchNorm in eval mode is fine
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ def _accumulate(module: nn.Module, calls: list, grads: list[torch.Tensor], weigh
     a = calls[0][0]
     if len(calls) == 1 and isinstance(module, nn.Linear) and a.dim() == 2:
         # closed form: (w * r(g))^T r(a), r = square or abs, summed over k first: (B, out)
-        per_unit = (weights.unsqueeze(-1) * _reduce(grads[0], reduce)).sum(0)
+        per_unit = torch.einsum("kb,kbo->bo", weights, _reduce(grads[0], reduce))
         result = {"weight": per_unit.T @ _reduce(a, reduce)}
         if module.bias is not None:
             result["bias"] = per_unit.sum(0)
@@ -156,6 +157,21 @@ def _accumulate(module: nn.Module, calls: list, grads: list[torch.Tensor], weigh
     return result
 
 
+def _batched_backward(outputs: torch.Tensor, tensors: list[torch.Tensor],
+                      seeds: torch.Tensor) -> list[torch.Tensor | None]:
+    """Gradients (K, *shape) of <outputs, seeds[k]> with respect to each tensor (None where
+    unused): one vmapped backward, or K plain ones where vmap cannot batch an op's backward."""
+    if seeds.shape[0] > 1:
+        try:
+            return list(torch.autograd.grad(outputs, tensors, seeds, allow_unused=True,
+                                            retain_graph=True, is_grads_batched=True))
+        except RuntimeError:  # an op without a batching rule for its backward
+            pass
+    per_seed = [torch.autograd.grad(outputs, tensors, seed, allow_unused=True, retain_graph=True)
+                for seed in seeds]
+    return [None if parts[0] is None else torch.stack(parts) for parts in zip(*per_seed)]
+
+
 def hooked_statistic(model: nn.Module, params: dict[str, torch.Tensor],
                      layers: dict[str, nn.Module], x: torch.Tensor, task: torch.Tensor,
                      seeds_fn: SeedsFn, reduce: Reduce,
@@ -171,12 +187,7 @@ def hooked_statistic(model: nn.Module, params: dict[str, torch.Tensor],
     seeds, weights = seeds_fn(outputs.detach())
     called = [name for name in layers if calls[name]]
     tensors = [out for name in called for _, out in calls[name]]
-    if seeds.shape[0] == 1:
-        grads = [g.unsqueeze(0) if g is not None else None for g in torch.autograd.grad(
-            outputs, tensors, seeds[0], allow_unused=True)]
-    else:
-        grads = list(torch.autograd.grad(outputs, tensors, seeds, allow_unused=True,
-                                         is_grads_batched=True))
+    grads = _batched_backward(outputs, tensors, seeds)
     result: dict[str, torch.Tensor] = {}
     position = 0
     for name in called:
@@ -311,15 +322,15 @@ def per_example_statistic(model: nn.Module, x: torch.Tensor, task: torch.Tensor,
         else:
             chunk_size = rest_chunk
     result = {name: torch.zeros_like(p) for name, p in params.items()}
+    drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # this chunk's seeds, for torch.func
+
+    def remember(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        drawn[:] = [seeds_fn(outputs)]
+        return drawn[0]
+
     for start in range(0, len(x), chunk_size):
         xs, ts = x[start:start + chunk_size], task[start:start + chunk_size]
         if layers:
-            drawn: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-            def remember(outputs: torch.Tensor):
-                drawn.append(seeds_fn(outputs))
-                return drawn[0]
-
             hooked, _ = hooked_statistic(model, params, layers, xs, ts, remember, reduce,
                                          budget_floats)
             seeds, weights = drawn[0]

@@ -40,6 +40,26 @@ from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores
 FISHER_NEEDS = "estimates its Fisher information from a softmax over the outputs"
 
 
+class QuadraticPenalty(torch.autograd.Function):
+    """sum_i A_i (theta_i - mu_i)^2 over a list of parameters as ONE autograd node, with the
+    gradient 2 A (theta - mu) written out: three passes over the parameters (foreach ops)
+    instead of the ten or so of autograd's sub / pow / mul / sum and their backward, which
+    made the penalty cost more than the network's own step on small models."""
+
+    @staticmethod
+    def forward(ctx, precision: list[torch.Tensor], anchor: list[torch.Tensor],
+                *params: torch.Tensor) -> torch.Tensor:
+        diffs = torch._foreach_sub(params, anchor)            # theta - mu
+        weighted = torch._foreach_mul(diffs, precision)       # A (theta - mu)
+        ctx.weighted = weighted
+        return torch.stack([torch.vdot(w.reshape(-1), d.reshape(-1))
+                            for w, d in zip(weighted, diffs)]).sum()
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return (None, None, *torch._foreach_mul(ctx.weighted, 2 * grad))
+
+
 @dataclass
 class EWCParams:
     strength: float = opt(100.0, "lambda: weight of the quadratic penalty", low=0.0)
@@ -66,8 +86,9 @@ class EWC(Method):
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         if not self.precision:
             return None
-        total = sum((self.precision[name] * (p - self.anchor[name]).pow(2)).sum()
-                    for name, p in ctx.model.named_parameters())
+        names, params = zip(*ctx.model.named_parameters())
+        total = QuadraticPenalty.apply([self.precision[name] for name in names],
+                                       [self.anchor[name] for name in names], *params)
         return 0.5 * self.params.strength * (total + self.constant)
 
     def after_task(self, ctx: Context) -> None:
