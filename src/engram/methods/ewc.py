@@ -42,22 +42,31 @@ FISHER_NEEDS = "estimates its Fisher information from a softmax over the outputs
 
 class QuadraticPenalty(torch.autograd.Function):
     """sum_i A_i (theta_i - mu_i)^2 over a list of parameters as ONE autograd node, with the
-    gradient 2 A (theta - mu) written out: three passes over the parameters (foreach ops)
-    instead of the ten or so of autograd's sub / pow / mul / sum and their backward, which
-    made the penalty cost more than the network's own step on small models."""
+    gradient 2 A (theta - mu) written out: four passes over the parameters instead of the
+    ten or so of autograd's sub / pow / mul / sum and their backward, which made the penalty
+    cost more than the network's own step on small models. (No foreach ops: torch.func.vmap
+    has no batching rule for them.)"""
+
+    generate_vmap_rule = True  # usable under torch.func.vmap / grad (seeds stacked in one model)
 
     @staticmethod
-    def forward(ctx, precision: list[torch.Tensor], anchor: list[torch.Tensor],
-                *params: torch.Tensor) -> torch.Tensor:
-        diffs = torch._foreach_sub(params, anchor)            # theta - mu
-        weighted = torch._foreach_mul(diffs, precision)       # A (theta - mu)
-        ctx.weighted = weighted
-        return torch.stack([torch.vdot(w.reshape(-1), d.reshape(-1))
-                            for w, d in zip(weighted, diffs)]).sum()
+    def forward(precision: list[torch.Tensor], anchor: list[torch.Tensor],
+                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        diffs = [p - m for p, m in zip(params, anchor)]                # theta - mu
+        weighted = [d * a for d, a in zip(diffs, precision)]           # A (theta - mu)
+        total = torch.stack([torch.vdot(w.reshape(-1), d.reshape(-1))
+                             for w, d in zip(weighted, diffs)]).sum()
+        return (total, *weighted)  # A (theta - mu) as outputs: saved for backward, no grad
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return (None, None, *torch._foreach_mul(ctx.weighted, 2 * grad))
+    def setup_context(ctx, inputs, output) -> None:
+        weighted = output[1:]
+        ctx.save_for_backward(*weighted)
+        ctx.mark_non_differentiable(*weighted)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor, *_unused: torch.Tensor):
+        return (None, None, *(w * (2 * grad) for w in ctx.saved_tensors))
 
 
 @dataclass
@@ -88,7 +97,7 @@ class EWC(Method):
             return None
         names, params = zip(*ctx.model.named_parameters())
         total = QuadraticPenalty.apply([self.precision[name] for name in names],
-                                       [self.anchor[name] for name in names], *params)
+                                       [self.anchor[name] for name in names], *params)[0]
         return 0.5 * self.params.strength * (total + self.constant)
 
     def after_task(self, ctx: Context) -> None:
