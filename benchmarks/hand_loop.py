@@ -1,9 +1,12 @@
-"""The leanest hand-written PyTorch loop for the naive split-digits benchmark.
+"""The leanest hand-written PyTorch loops for the split-digits benchmarks.
 
 Same work as configs/bench/naive_split_digits.yaml: load_digits scaled to [0, 1], 80/20
 train/test split, five class-incremental tasks (0/1, 2/3, ...), MLP 64-256-256-10 (ReLU),
 plain SGD lr 0.05, batch 32, 20 epochs per task, test accuracy on every task after each
-task. Run as a script for the whole-process comparison:
+task. `hand_loop()` is naive fine-tuning; `hand_loop(ewc="exact")` adds offline EWC
+(lambda 100, the Fisher on each task's whole training split, merged into one quadratic as
+engram does) with the named estimator; `hand_loop(replay=200)` adds reservoir replay (200
+examples, 32 replayed per step). Run as a script for the whole-process comparison:
 
     python benchmarks/hand_loop.py
 """
@@ -14,8 +17,44 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 
-def hand_loop(seed: int = 0, epochs: int = 20) -> list[list[float]]:
-    torch.set_num_threads(1)  # same setting as engram's default; 1 thread is fastest here
+def fisher(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, estimator: str,
+           g: torch.Generator) -> list[torch.Tensor]:
+    """Diagonal Fisher of a Linear/ReLU Sequential, one tensor per parameter, in closed form
+    per example: forward keeping each Linear's input a and output z, backward from the
+    logits with seeds e_c - p (d log p_c / d logits), then sum_b p_bc g_bc^2 outer a_b^2."""
+    if estimator == "batch":  # squared batch-mean gradient, mean over batches of 32
+        total = [torch.zeros_like(p) for p in model.parameters()]
+        starts = range(0, len(y), 32)
+        for i in starts:
+            grads = torch.autograd.grad(F.cross_entropy(model(x[i:i + 32]), y[i:i + 32]),
+                                        list(model.parameters()))
+            total = [t + gr.pow(2) for t, gr in zip(total, grads)]
+        return [t / len(starts) for t in total]
+    inputs, outputs, h = [], [], x
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            inputs.append(h.detach())
+            h = layer(h)
+            outputs.append(h)
+        else:
+            h = layer(h)
+    p = F.softmax(h.detach(), dim=1)  # (B, C)
+    if estimator == "exact":
+        seeds, weights = torch.eye(p.shape[1]).unsqueeze(1) - p, p.T  # (C, B, C), (C, B)
+    else:
+        labels = torch.multinomial(p, 1, generator=g).squeeze(1) if estimator == "sample" else y
+        seeds, weights = (F.one_hot(labels, p.shape[1]) - p).unsqueeze(0), torch.ones(1, len(y))
+    per_unit = [torch.zeros_like(z) for z in outputs]  # sum_c w_c g_c^2, (B, out)
+    for seed, w in zip(seeds, weights):
+        grads = torch.autograd.grad(h, outputs, seed, retain_graph=True)
+        per_unit = [s + w[:, None] * gr.pow(2) for s, gr in zip(per_unit, grads)]
+    result = []
+    for a, s in zip(inputs, per_unit):
+        result += [s.T @ a.pow(2) / len(y), s.sum(0) / len(y)]
+    return result
+
+
+def split_digits(seed: int):
     digits = load_digits()
     x = torch.tensor(digits.data, dtype=torch.float32) / 16.0  # (1797, 64)
     y = torch.tensor(digits.target)
@@ -29,10 +68,18 @@ def hand_loop(seed: int = 0, epochs: int = 20) -> list[list[float]]:
         train_mask = (y_train // 2) == t
         test_mask = (y_test // 2) == t
         tasks.append((x_train[train_mask], y_train[train_mask], x_test[test_mask], y_test[test_mask]))
+    return tasks, g
 
+
+def hand_loop(seed: int = 0, epochs: int = 20, ewc: str | None = None, strength: float = 100.0,
+              replay: int | None = None) -> list[list[float]]:
+    torch.set_num_threads(1)  # same setting as engram's default; 1 thread is fastest here
+    tasks, g = split_digits(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
                           nn.Linear(256, 10))
+    precision, anchor = None, None  # EWC: A = sum_k F_k, mu = sum_k F_k theta_k / A
+    memory_x, memory_y, n_seen = torch.zeros(replay or 0, 64), torch.zeros(replay or 0, dtype=torch.long), 0
     accuracy = []
     for xt, yt, _, _ in tasks:
         opt = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -40,10 +87,34 @@ def hand_loop(seed: int = 0, epochs: int = 20) -> list[list[float]]:
             perm = torch.randperm(len(yt), generator=g)
             for i in range(0, len(yt), 32):
                 idx = perm[i:i + 32]
-                loss = F.cross_entropy(model(xt[idx]), yt[idx])
+                xb, yb = xt[idx], yt[idx]
+                if replay and n_seen:
+                    pick = torch.randint(min(n_seen, replay), (32,), generator=g)
+                    xb, yb = torch.cat([xb, memory_x[pick]]), torch.cat([yb, memory_y[pick]])
+                loss = F.cross_entropy(model(xb), yb)
+                if precision is not None:
+                    loss = loss + 0.5 * strength * sum((a * (p - m).pow(2)).sum() for a, p, m in
+                                                       zip(precision, model.parameters(), anchor))
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                if replay:  # reservoir sampling of the step's own examples
+                    position = n_seen + torch.arange(len(idx))
+                    slot = torch.where(position < replay, position,
+                                       (torch.rand(len(idx), generator=g) * (position + 1)).long())
+                    keep = slot < replay
+                    memory_x[slot[keep]], memory_y[slot[keep]] = xt[idx][keep], yt[idx][keep]
+                    n_seen += len(idx)
+        if ewc:
+            f = fisher(model, xt, yt, ewc, g)
+            theta = [p.detach().clone() for p in model.parameters()]
+            if precision is None:
+                precision, anchor = f, theta
+            else:
+                merged = [a + fi for a, fi in zip(precision, f)]
+                anchor = [torch.where(s > 0, (a * m + fi * t) / s.clamp_min(1e-30), t)
+                          for a, m, fi, t, s in zip(precision, anchor, f, theta, merged)]
+                precision = merged
         with torch.no_grad():
             accuracy.append([float((model(xe).argmax(1) == ye).float().mean())
                              for _, _, xe, ye in tasks])

@@ -11,13 +11,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import grad, vmap
 
 import engram.methods.ewc as ewc_module
 from engram.config import TrainConfig, load_config_dict
 from engram.data.streams import Task, TensorSet
 from engram.importance.fisher import fisher_diagonal
 from engram.methods.base import Context
-from engram.methods.ewc import EWC, EWCParams
+from engram.methods.ewc import EWC, EWCParams, QuadraticPenalty
 from engram.models import ContinualNet
 from engram.results import read_rows
 from engram.experiments.continual import run_experiment
@@ -223,3 +224,29 @@ def test_ewc_keeps_the_first_task_far_above_naive(tmp_path):
     assert np.all(ewc > naive)              # on every seed
     assert ewc.min() > 0.9
     assert ewc_b.mean() > 0.85              # while still learning task B
+
+
+def test_quadratic_penalty_node_matches_autograd_also_under_vmap():
+    """QuadraticPenalty (one autograd node) against sum A (theta - mu)^2 written with plain
+    ops: value and gradient, directly and under torch.func.vmap(grad) over stacked copies."""
+    g = torch.Generator().manual_seed(0)
+    shapes = [(3, 4), (4,), ()]
+    precision = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    anchor = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
+    stacked = [torch.randn((2,) + s, generator=g, dtype=torch.float64) for s in shapes]
+
+    def plain(*params):
+        return sum((a * (p - m).pow(2)).sum() for a, p, m in zip(precision, params, anchor))
+
+    def node(*params):
+        return QuadraticPenalty.apply(precision, anchor, *params)[0]
+
+    leaves = [p[0].clone().requires_grad_() for p in stacked]
+    torch.testing.assert_close(node(*leaves), plain(*leaves))
+    for got, expected in zip(torch.autograd.grad(node(*leaves), leaves),
+                             torch.autograd.grad(plain(*leaves), leaves)):
+        torch.testing.assert_close(got, expected)
+    argnums = tuple(range(len(shapes)))
+    for got, expected in zip(vmap(grad(node, argnums))(*stacked),
+                             vmap(grad(plain, argnums))(*stacked)):
+        torch.testing.assert_close(got, expected)

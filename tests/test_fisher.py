@@ -172,7 +172,8 @@ def test_default_chunk_fits_the_budget():
 
 @pytest.mark.parametrize("estimator, budget_examples", [("exact", 3), ("empirical", 4)])
 def test_default_chunk_is_used_and_exact(monkeypatch, estimator, budget_examples):
-    """With the budget shrunk to a few examples, no forward pass sees a larger chunk."""
+    """torch.func path: with the budget shrunk to a few examples' per-example gradients, no
+    forward pass sees a larger chunk."""
     model = make_model(3)
     x, y, task = make_data(3)
     n_params = sum(p.numel() for p in model.parameters())
@@ -180,9 +181,27 @@ def test_default_chunk_is_used_and_exact(monkeypatch, estimator, budget_examples
     monkeypatch.setattr(fisher_module, "CHUNK_BUDGET_FLOATS", budget_examples * per_example + 1)
     seen = []
     handle = model.body.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    got = fisher_diagonal(model, x, y, task, estimator, fast=False)
+    handle.remove()
+    assert max(seen) == budget_examples
+    assert_same(got, oracle(model, x, y, task, estimator))
+
+
+@pytest.mark.parametrize("estimator, budget_examples", [("exact", 5), ("empirical", 6)])
+def test_default_chunk_of_the_hooked_path_is_used_and_exact(monkeypatch, estimator, budget_examples):
+    """Hooked path: the budget holds the layers' inputs and outputs times (C + 1) per example
+    (16+6, 6+5, 5+12 floats for this model); no forward pass sees a larger chunk (the 4-example
+    check of the hooks and a 1-example probe of the sizes come first)."""
+    model = make_model(3)
+    x, y, task = make_data(3)
+    per_example = (16 + 6 + 6 + 5 + 5 + 12) * ((HEAD_DIM if estimator == "exact" else 1) + 1)
+    monkeypatch.setattr(fisher_module, "CHUNK_BUDGET_FLOATS", budget_examples * per_example + 1)
+    seen = []
+    handle = model.body.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
     got = fisher_diagonal(model, x, y, task, estimator)
     handle.remove()
     assert max(seen) == budget_examples
+    assert seen[-1] == (N % budget_examples or budget_examples)  # the last chunk: the rest
     assert_same(got, oracle(model, x, y, task, estimator))
 
 

@@ -15,9 +15,12 @@ parameter that is recorded with every result:
                                                             (Avalanche/PyCIL style; ~ empirical / b
                                                             near an optimum, so lambda differs)
 
-where g_c(x) = d log p(c|x) / d theta. Per-example gradients use torch.func
-(vmap over grad / jacrev of a functional call); the tests check every estimator against a
-plain per-example autograd loop. The model is evaluated in eval mode (pitfall 1 of the
+where g_c(x) = d log p(c|x) / d theta. The per-example sums come from
+engram.importance.per_example: for nn.Linear / nn.Conv2d parameters in closed form from the
+layer inputs and output gradients of one forward and one batched backward (C seeds e_c - p
+at the logits for "exact", one for "sample" / "empirical"); every other parameter through
+torch.func (vmap over a vjp of a functional call). The tests check every estimator, on both
+paths, against a plain per-example autograd loop. The model is evaluated in eval mode (pitfall 1 of the
 reference sheet) and restored to its previous mode afterwards.
 """
 
@@ -28,7 +31,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+
+from engram.importance.per_example import per_example_statistic
 
 FisherEstimator = Literal["exact", "sample", "empirical", "batch"]
 FISHER_ESTIMATORS: tuple[str, ...] = ("exact", "sample", "empirical", "batch")
@@ -40,15 +44,16 @@ CHUNK_BUDGET_FLOATS = 2**25
 def fisher_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: torch.Tensor,
                     estimator: FisherEstimator = "exact", *, batch_size: int = 32,
                     generator: torch.Generator | None = None,
-                    chunk_size: int | None = None) -> dict[str, torch.Tensor]:
+                    chunk_size: int | None = None, fast: bool = True) -> dict[str, torch.Tensor]:
     """Estimate the diagonal Fisher of `model` on examples x (N, ...), targets y (N,), tasks (N,).
 
     Returns {parameter name: tensor shaped like the parameter}. `batch_size` is used only by
-    the "batch" estimator; `generator` only by "sample"; `chunk_size` bounds memory of the
-    per-example gradients (chunk_size x P floats, times C for "exact"). chunk_size=None picks
-    the largest chunk whose per-example gradients fit in CHUNK_BUDGET_FLOATS floats (at least
-    one example): for a 784-400-400-10 MLP (478k parameters), 7 examples for "exact" and 70
-    for the others.
+    the "batch" estimator; `generator` only by "sample" (labels drawn once per chunk);
+    `chunk_size` = examples per forward pass. chunk_size=None picks the largest chunk within
+    CHUNK_BUDGET_FLOATS floats (at least one example): the hooked layers' activations x (C + 1)
+    per example (C = 1 unless "exact"), or, with no hooked layer, the per-example gradients
+    (C x P floats for "exact", P otherwise: for a 784-400-400-10 MLP, 7 and 70 examples).
+    fast=False computes every parameter through torch.func (the slower reference path).
     """
     if estimator not in FISHER_ESTIMATORS:
         raise ValueError(f"unknown Fisher estimator {estimator!r}; choose one of {FISHER_ESTIMATORS}")
@@ -64,62 +69,60 @@ def fisher_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: to
         if estimator == "batch":
             _batch_fisher(model, params, fisher, x, y, task, batch_size)
         else:
-            _per_example_fisher(model, params, fisher, x, y, task, estimator, generator, chunk_size)
+            _per_example_fisher(model, fisher, x, y, task, estimator, generator, chunk_size, fast)
     finally:
         model.train(was_training)
     return fisher
 
 
-def _log_probs(model: nn.Module, params: dict, x_one: torch.Tensor, task_one: torch.Tensor):
-    """log p(. | x) for ONE example: (C,)."""
-    logits = functional_call(model, params, (x_one.unsqueeze(0), task_one.unsqueeze(0)))
-    return F.log_softmax(logits, dim=-1).squeeze(0)
-
-
 def default_chunk_size(model: nn.Module, x: torch.Tensor, task: torch.Tensor,
                        estimator: str) -> int:
     """Largest chunk whose per-example gradients (C x P floats each for "exact", P otherwise)
-    fit in CHUNK_BUDGET_FLOATS; at least 1."""
+    fit in CHUNK_BUDGET_FLOATS; at least 1. The chunk of the torch.func path (fast=False, or
+    a model with no Linear / Conv2d layer the hooks can use)."""
     n_params = sum(p.numel() for p in model.parameters())
-    per_example = n_params
-    if estimator == "exact":
-        with torch.no_grad():
-            per_example *= model(x[:1], task[:1]).shape[-1]  # C outputs
-    return max(1, CHUNK_BUDGET_FLOATS // max(1, per_example))
+    return max(1, CHUNK_BUDGET_FLOATS // max(1, n_params * _n_seeds(model, x, task, estimator)))
 
 
-def _per_example_fisher(model, params, fisher, x, y, task, estimator, generator, chunk_size):
-    n = len(y)
-    if chunk_size is None:
-        chunk_size = default_chunk_size(model, x, task, estimator)
-    if estimator == "exact":
-        # jacobian of all C log-probs for each example: {name: (chunk, C, *shape)}
-        per_example_jacobian = vmap(jacrev(lambda p, xi, ti: _log_probs(model, p, xi, ti)),
-                                    in_dims=(None, 0, 0))
-    else:
-        # log p(c|x) by gather: indexing with a batched 0-d tensor (`[ci]`) fails under vmap
-        per_example_grad = vmap(grad(lambda p, xi, ti, ci: _log_probs(model, p, xi, ti)
-                                     .gather(0, ci.reshape(1)).squeeze(0)),
-                                in_dims=(None, 0, 0, 0))
-    for start in range(0, n, chunk_size):
-        xs, ys, ts = x[start:start + chunk_size], y[start:start + chunk_size], task[start:start + chunk_size]
-        with torch.no_grad():
-            probs = F.softmax(model(xs, ts), dim=-1)  # (chunk, C)
+def _n_seeds(model: nn.Module, x: torch.Tensor, task: torch.Tensor, estimator: str) -> int:
+    """Backward passes per example: C for "exact" (one per class), else 1."""
+    if estimator != "exact":
+        return 1
+    with torch.no_grad():
+        return model(x[:1], task[:1]).shape[-1]  # C outputs
+
+
+def _fisher_seeds(estimator: str, y: torch.Tensor, generator: torch.Generator | None):
+    """seeds_fn for per_example_statistic: the gradient of log p(c|x) with respect to the
+    logits z is e_c - softmax(z), so the seeds are e_c - p (K = C classes weighted by p(c|x)
+    for "exact", K = 1 with the drawn or the true label otherwise). Called once per chunk,
+    in order: "sample" draws its labels there, one multinomial call per chunk."""
+    position = [0]
+
+    def seeds_fn(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.softmax(logits, dim=-1)  # (B, C)
+        n_classes = probs.shape[-1]
         if estimator == "exact":
-            jac = per_example_jacobian(params, xs, ts)
-            for name, j in jac.items():
-                weights = probs.reshape(probs.shape + (1,) * (j.dim() - 2))
-                fisher[name] += (weights * j.pow(2)).sum(dim=(0, 1))
-            continue
+            eye = torch.eye(n_classes, dtype=probs.dtype, device=probs.device)
+            return eye.unsqueeze(1) - probs.unsqueeze(0), probs.T  # (C, B, C), (C, B)
         if estimator == "sample":
-            labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1).to(ys.device)
+            labels = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(1)
         else:  # empirical
-            labels = ys
-        grads = per_example_grad(params, xs, ts, labels)
-        for name, g in grads.items():
-            fisher[name] += g.pow(2).sum(dim=0)
+            labels = y[position[0]:position[0] + len(probs)]
+        position[0] += len(probs)
+        one_hot = F.one_hot(labels.to(probs.device), n_classes).to(probs.dtype)
+        return (one_hot - probs).unsqueeze(0), torch.ones_like(probs[:, 0]).unsqueeze(0)
+
+    return seeds_fn
+
+
+def _per_example_fisher(model, fisher, x, y, task, estimator, generator, chunk_size, fast):
+    n_seeds = _n_seeds(model, x, task, estimator)
+    sums = per_example_statistic(model, x, task, _fisher_seeds(estimator, y, generator), "square",
+                                 n_seeds, chunk_size=chunk_size,
+                                 budget_floats=CHUNK_BUDGET_FLOATS, fast=fast)
     for name in fisher:
-        fisher[name] /= n
+        fisher[name] += sums[name] / len(y)
 
 
 def _batch_fisher(model, params, fisher, x, y, task, batch_size):

@@ -12,35 +12,29 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 from engram.importance.fisher import CHUNK_BUDGET_FLOATS
+from engram.importance.per_example import per_example_statistic
 
 
 def mas_importance(model: nn.Module, x: torch.Tensor, task: torch.Tensor, *,
-                   chunk_size: int | None = None) -> dict[str, torch.Tensor]:
-    """Mean absolute per-example gradient of the squared L2 norm of the logits, per parameter."""
+                   chunk_size: int | None = None, fast: bool = True) -> dict[str, torch.Tensor]:
+    """Mean absolute per-example gradient of the squared L2 norm of the logits, per parameter.
+
+    The seed at the outputs f is d||f||^2/df = 2f; Linear / Conv2d parameters use the hooked
+    closed form (sum_b |g_b| |a_b|^T for a Linear on (B, in)), the rest torch.func
+    (engram.importance.per_example; fast=False: torch.func for all)."""
     if len(x) == 0:
         raise ValueError("MAS importance needs at least one example")
     was_training = model.training
     model.eval()
     try:
-        params = {name: p.detach() for name, p in model.named_parameters()}
-        importance = {name: torch.zeros_like(p) for name, p in params.items()}
-        n_params = sum(p.numel() for p in params.values())
-        chunk_size = chunk_size or max(1, CHUNK_BUDGET_FLOATS // n_params)
+        def seeds_fn(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return (2 * outputs).unsqueeze(0), torch.ones_like(outputs[:, 0]).unsqueeze(0)
 
-        def squared_norm(p, x_one, task_one):
-            logits = functional_call(model, p, (x_one.unsqueeze(0), task_one.unsqueeze(0)))
-            return logits.pow(2).sum()
-
-        per_example_grad = vmap(grad(squared_norm), in_dims=(None, 0, 0))
-        for start in range(0, len(x), chunk_size):
-            grads = per_example_grad(params, x[start:start + chunk_size], task[start:start + chunk_size])
-            for name, g in grads.items():  # g: (chunk, *param shape)
-                importance[name] += g.abs().sum(dim=0)
-        for name in importance:
-            importance[name] /= len(x)
+        sums = per_example_statistic(model, x, task, seeds_fn, "abs", 1, chunk_size=chunk_size or None,
+                                     budget_floats=CHUNK_BUDGET_FLOATS, fast=fast)
+        importance = {name: value / len(x) for name, value in sums.items()}
     finally:
         model.train(was_training)
     return importance

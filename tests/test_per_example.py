@@ -1,0 +1,215 @@
+"""The hooked (closed-form) per-example path of the Fisher estimators and MAS against a plain
+per-example autograd loop (tests.test_fisher.oracle), on MLP and CNN layers, with bias,
+multi-head task-IL, sequences, grouped / strided convolutions, and models mixing supported
+layers with ones left to the torch.func fallback. Each test also checks which parameters
+went which way, so a silent fallback for everything would fail. Float64 throughout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import engram.importance.per_example as per_example_module
+from engram.importance.fisher import fisher_diagonal
+from engram.importance.mas import mas_importance
+from engram.importance.per_example import hooked_layers
+from engram.models import ContinualNet
+from tests.test_fisher import assert_same, oracle, sampled_labels
+
+N, HEAD_DIM = 12, 3
+
+
+class LinearOnSequences(nn.Module):
+    """(B, 16) -> (B, 4, 4): a Linear applied at 4 positions, summed: per-example gradient is a
+    sum over positions, squared after summing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(4, 5)
+
+    def forward(self, x):
+        return torch.tanh(self.mix(x.reshape(len(x), 4, 4))).sum(1)  # (B, 5)
+
+
+class Scaled(nn.Module):
+    """A parameter no hook can see: elementwise scale, torch.func's job."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class TwiceApplied(nn.Module):
+    """One Linear called twice in a forward: its per-example gradient sums both calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return self.layer(torch.tanh(self.layer(x)))
+
+
+class ReadsWeightElsewhere(nn.Module):
+    """A Linear whose weight is also read by F.linear outside its forward: the hooks' sum
+    disagrees with autograd, so it must fall back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return torch.tanh(self.layer(x)) + 0.3 * F.linear(x, self.layer.weight)
+
+
+def mlp(n_heads: int, inplace: bool = False) -> ContinualNet:
+    body = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(inplace=inplace),
+                         nn.Linear(6, 5), nn.Tanh())
+    return ContinualNet(body, 5, n_heads, HEAD_DIM)
+
+
+def cnn(n_heads: int) -> ContinualNet:
+    body = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(4, 4, 3, stride=2, padding=1, dilation=1, groups=2),
+                         nn.Tanh(), nn.Conv2d(4, 3, 2, dilation=2, bias=False), nn.Flatten())
+    return ContinualNet(body, 3 * 2 * 2, n_heads, HEAD_DIM)
+
+
+def mixed(n_heads: int) -> ContinualNet:
+    """Conv + BatchNorm (fallback) + Linear + an elementwise parameter (fallback)."""
+    body = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(3 * 6 * 6, 5), Scaled(5), nn.Tanh())
+    return ContinualNet(body, 5, n_heads, HEAD_DIM)
+
+
+def sequences(n_heads: int) -> ContinualNet:
+    return ContinualNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 16), LinearOnSequences()),
+                        5, n_heads, HEAD_DIM)
+
+
+def twice(n_heads: int) -> ContinualNet:
+    return ContinualNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 5), TwiceApplied()),
+                        5, n_heads, HEAD_DIM)
+
+
+def shared_weight(n_heads: int) -> ContinualNet:
+    return ContinualNet(nn.Sequential(nn.Flatten(), nn.Linear(16, 5), ReadsWeightElsewhere()),
+                        5, n_heads, HEAD_DIM)
+
+
+# model builder, input shape, parameters the hooks must leave to torch.func
+MODELS = {
+    "mlp": (mlp, (1, 4, 4), set()),
+    "mlp_inplace_relu": (lambda h: mlp(h, inplace=True), (1, 4, 4), set()),
+    "cnn": (cnn, (2, 8, 8), set()),
+    "mixed": (mixed, (2, 6, 6), {"body.1.weight", "body.1.bias", "body.5.scale"}),
+    "sequences": (sequences, (1, 4, 4), set()),
+    "twice": (twice, (1, 4, 4), set()),
+    "shared_weight": (shared_weight, (1, 4, 4), {"body.2.layer.weight", "body.2.layer.bias"}),
+}
+
+
+def build(kind: str, n_heads: int):
+    make, shape, fallback = MODELS[kind]
+    torch.manual_seed(0)
+    model = make(n_heads).double()
+    for module in model.modules():  # non-trivial BatchNorm statistics
+        if isinstance(module, nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.data.uniform_(0.5, 1.5)
+            module.bias.data.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, *shape, generator=g, dtype=torch.float64)
+    y = torch.randint(HEAD_DIM, (N,), generator=g)
+    task = torch.randint(n_heads, (N,), generator=g)
+    return model, x, y, task, fallback
+
+
+@pytest.fixture
+def fallback_names(monkeypatch):
+    """Names of the parameters every call hands to torch.func."""
+    seen: set[str] = set()
+    original = per_example_module.func_statistic
+
+    def spy(model, params, names, *args, **kwargs):
+        seen.update(names)
+        return original(model, params, names, *args, **kwargs)
+
+    monkeypatch.setattr(per_example_module, "func_statistic", spy)
+    return seen
+
+
+@pytest.mark.parametrize("n_heads", [1, 3])
+@pytest.mark.parametrize("kind", list(MODELS))
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_hooked_fisher_matches_the_loop(kind, n_heads, estimator, fallback_names):
+    model, x, y, task, fallback = build(kind, n_heads)
+    expected = oracle(model, x, y, task, estimator)
+    assert all(v.abs().sum() > 0 for v in expected.values())
+    assert_same(fisher_diagonal(model, x, y, task, estimator, chunk_size=5), expected)
+    assert fallback_names == fallback
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mixed"])
+def test_hooked_sample_fisher_matches_the_loop_with_the_same_draws(kind, fallback_names):
+    model, x, y, task, fallback = build(kind, 3)
+    labels = sampled_labels(model, x, task, seed=4, chunk_size=5)
+    got = fisher_diagonal(model, x, y, task, "sample", chunk_size=5,
+                          generator=torch.Generator().manual_seed(4))
+    assert_same(got, oracle(model, x, y, task, "sample", labels=labels))
+    assert fallback_names == fallback
+
+
+@pytest.mark.parametrize("kind", ["mlp", "cnn", "mixed", "sequences"])
+def test_hooked_mas_matches_the_loop(kind, fallback_names):
+    model, x, _, task, fallback = build(kind, 3)
+    model.eval()
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for i in range(N):
+        grads = torch.autograd.grad(model(x[i:i + 1], task[i:i + 1]).pow(2).sum(),
+                                    list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            expected[name] += g.abs() / N
+    assert_same(mas_importance(model, x, task, chunk_size=5), expected)
+    assert fallback_names == fallback
+
+
+@pytest.mark.parametrize("kind", ["cnn", "mixed"])
+def test_fast_and_func_paths_agree(kind):
+    model, x, y, task, _ = build(kind, 3)
+    for estimator in ("exact", "empirical"):
+        assert_same(fisher_diagonal(model, x, y, task, estimator),
+                    fisher_diagonal(model, x, y, task, estimator, fast=False))
+
+
+def test_frozen_parameters_still_get_their_fisher_and_keep_no_grad():
+    model, x, y, task, _ = build("mlp", 3)
+    model.body[1].requires_grad_(False)  # the first layer: its output needs no grad in training
+    got = fisher_diagonal(model, x, y, task, "exact")
+    assert_same(got, oracle_with_grads_on(model, x, y, task))
+    assert all(p.grad is None for p in model.parameters())
+    assert not model.body[1].weight.requires_grad
+
+
+def oracle_with_grads_on(model, x, y, task):
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        return oracle(model, x, y, task, "exact")
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+def test_the_check_keeps_exactly_the_layers_used_only_through_their_forward():
+    model, x, _, task, _ = build("shared_weight", 1)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    kept = hooked_layers(model, params, x, task)
+    assert set(kept) == {"body.1", "head"}  # body.2.layer is read by F.linear too
