@@ -174,16 +174,24 @@ def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
     assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "group"), 8)
 
 
-def test_methods_that_cannot_batch_are_refused_in_one_line(tmp_path):
+def test_methods_that_cannot_batch_run_their_seeds_one_at_a_time(tmp_path):
+    """si is not batchable: with batch_seeds its seeds run as one-seed jobs, the same rows."""
     assert not METHODS.get("si").batchable
-    with pytest.raises(ConfigError, match="method si cannot train its seeds as one batch"):
-        run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True, methods=["naive", "si"]),
-                       tmp_path / "a", show_progress=False)
+    one, batched = one_by_one_and_batched(tmp_path, methods=["naive", "si"])
+    assert_same_rows_of_runs(one, batched, 2 * len(SEEDS))
+    from engram.experiments.continual import continual_jobs
+
+    cfg = tiny_config(seeds=[0, 1], batch_seeds=True, methods=["naive", "si"])
+    labels = sorted(job.label for job in continual_jobs([({}, cfg)]))
+    assert labels == ["naive (seeds 0,1 batched)", "si", "si"]
+
+
+def test_configs_that_cannot_batch_are_refused_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="model.dropout"):
         run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True,
                                    model={"kind": "mlp", "hidden": [8], "dropout": 0.1}),
                        tmp_path / "b", show_progress=False)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    assert not (tmp_path / "b").exists()
 
 
 def test_engram_run_batch_seeds_flag_writes_every_seed(tmp_path, capsys):

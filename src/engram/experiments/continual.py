@@ -320,14 +320,22 @@ def continual_jobs(points: list[tuple[dict[str, Any], RunConfig]]) -> list[Job]:
     for point, cfg in points:
         if cfg.batch_seeds:
             jobs += seed_group_jobs(point, cfg, seen)
-            continue
-        for seed in cfg.seeds:
-            for spec in cfg.methods:
-                key = continual_run_id(cfg, spec, seed)
-                if key not in seen:
-                    seen.add(key)
-                    jobs.append(Job(key, seed, spec.label(), RunPayload(cfg, spec), point,
-                                    size=cfg.stream.n_tasks * cfg.train.epochs))
+        else:
+            jobs += one_seed_jobs(point, cfg, cfg.methods, seen)
+    return jobs
+
+
+def one_seed_jobs(point: dict[str, Any], cfg: RunConfig, specs: list[MethodSpec],
+                  seen: set[str]) -> list[Job]:
+    """One job per (seed, method of `specs`) whose run id is not in `seen` (which gains it)."""
+    jobs = []
+    for seed in cfg.seeds:
+        for spec in specs:
+            key = continual_run_id(cfg, spec, seed)
+            if key not in seen:
+                seen.add(key)
+                jobs.append(Job(key, seed, spec.label(), RunPayload(cfg, spec), point,
+                                size=cfg.stream.n_tasks * cfg.train.epochs))
     return jobs
 
 
@@ -414,17 +422,10 @@ class SeedsPayload:
 
 
 def check_batchable(cfg: RunConfig) -> None:
-    """ConfigError naming what stops `batch_seeds` for this config: a method whose hooks are
-    not known to stay exact when its seeds train together (Method.batchable; see `engram
-    list --params`), dropout (masks come from torch's one global RNG, drawn per run),
-    train.amp or train.channels_last."""
-    from engram.registry import METHODS
-
-    refused = [spec.label() for spec in cfg.methods if not METHODS.get(spec.name).batchable]
-    if refused:
-        raise ConfigError(f"batch_seeds: method {', '.join(refused)} cannot train its seeds "
-                          "as one batch (`engram list --params` says which can); set "
-                          "batch_seeds: false")
+    """ConfigError naming what stops `batch_seeds` for this config: dropout (masks come from
+    torch's one global RNG, drawn per run), train.amp or train.channels_last. (A method whose
+    hooks are not known to stay exact when its seeds train together, Method.batchable, runs
+    its seeds one at a time instead: seed_group_jobs.)"""
     if cfg.model.dropout > 0:
         raise ConfigError("batch_seeds: model.dropout draws its masks from torch's global RNG, "
                           "one run at a time; set model.dropout: 0 or batch_seeds: false")
@@ -437,9 +438,14 @@ def check_batchable(cfg: RunConfig) -> None:
 def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> list[Job]:
     """One job per method of `cfg` (a sweep point's config) holding all its seeds whose run
     ids are not in `seen` (which gains them); the job's own run id names the group."""
+    from engram.registry import METHODS
+
     check_batchable(cfg)
-    jobs = []
+    unbatched = [spec for spec in cfg.methods if not METHODS.get(spec.name).batchable]
+    jobs = one_seed_jobs(point, cfg, unbatched, seen)  # `engram list --params` says which
     for spec in cfg.methods:
+        if spec in unbatched:
+            continue
         seeds = [seed for seed in cfg.seeds if continual_run_id(cfg, spec, seed) not in seen]
         ids = [continual_run_id(cfg, spec, seed) for seed in seeds]
         seen.update(ids)
