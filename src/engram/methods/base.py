@@ -34,6 +34,7 @@ that lacks one (e.g. a black box made by engram.models.adapt): see `refuse_unusa
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar
 
@@ -292,6 +293,16 @@ def _tensors(tree: Any):
     elif isinstance(tree, (list, tuple)):
         for value in tree:
             yield from _tensors(value)
+
+
+def frozen_copy(model: nn.Module, state: dict[str, Any] | None = None) -> nn.Module:
+    """A copy of `model` in eval mode that takes no gradients: a teacher to distil from (LwF,
+    iCaRL, generative replay's previous solver), with the weights of `state` when given (a
+    resumed method's saved teacher)."""
+    teacher = copy.deepcopy(model).eval().requires_grad_(False)
+    if state is not None:
+        teacher.load_state_dict(state)
+    return teacher
 
 
 def random_subset(data: TensorSet, n: int | None, generator: torch.Generator) -> TensorSet:

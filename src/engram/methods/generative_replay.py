@@ -57,7 +57,6 @@ column -> task). No training input is ever stored.
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -67,7 +66,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engram.schema import opt
-from engram.methods.base import Batch, Context, Method, ProblemInfo, needs_class_scores
+from engram.methods.base import (Batch, Context, Method, ProblemInfo, frozen_copy,
+                                 needs_class_scores)
 
 
 @dataclass
@@ -145,9 +145,9 @@ class GenerativeReplay(Method):
             return
         # At a task start the model and VAE are the previous task's final ones (also after a
         # resume, which restarts from a task boundary): freeze the previous scholar.
-        self.old_solver = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.old_solver = frozen_copy(ctx.model)
         self._loaded_solver = None
-        self.old_vae = copy.deepcopy(self.vae).eval().requires_grad_(False)
+        self.old_vae = frozen_copy(self.vae)
         earlier = ctx.seen_tasks[:-1]
         self.n_old_tasks = len(earlier)
         if ctx.stream.scenario == "class":
@@ -236,8 +236,7 @@ class GenerativeReplay(Method):
 
     def _materialise_old_solver(self, ctx: Context) -> None:
         if self.old_solver is None and self._loaded_solver is not None:  # from a state dict
-            self.old_solver = copy.deepcopy(ctx.model).eval().requires_grad_(False)
-            self.old_solver.load_state_dict(self._loaded_solver)
+            self.old_solver = frozen_copy(ctx.model, self._loaded_solver)
             self._loaded_solver = None
 
     # ------------------------------------------------------------------ state

@@ -45,7 +45,6 @@ Memory bill: the K exemplars plus the previous network's copy (kept in the check
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,7 +54,7 @@ from torch import nn
 
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError
-from engram.methods.base import Context, Method, ProblemInfo, task_ids_at_test
+from engram.methods.base import Context, Method, ProblemInfo, frozen_copy, task_ids_at_test
 from engram.methods.replay import class_keys, herding_memory
 from engram.models.protocol import batch_norm_statistics_frozen
 from engram.schema import opt
@@ -161,7 +160,7 @@ class ICaRL(Method):
             return
         # At a task start the model is the previous task's final model (also after a resume,
         # which restarts from a task boundary), so the copy needs no checkpoint state.
-        self.old_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.old_model = frozen_copy(ctx.model)
         if ctx.stream.n_heads > 1:  # task-IL: every earlier task's head
             self.old_columns = torch.arange(len(earlier) * ctx.stream.head_dim)
         else:  # one head: the columns of the classes earlier tasks trained
@@ -172,9 +171,7 @@ class ICaRL(Method):
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         if self.old_model is None and self._loaded is not None:  # restored from a state dict
-            self.old_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
-            self.old_model.load_state_dict(self._loaded)
-            self._loaded = None
+            self.old_model, self._loaded = frozen_copy(ctx.model, self._loaded), None
         if self.old_model is None:
             return None
         x = ctx.batch.x

@@ -16,14 +16,13 @@ new head alone first) is not done. Hyperparameters: strength = lambda_o, tempera
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from engram.schema import opt
-from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores
+from engram.methods.base import Context, Method, ProblemInfo, frozen_copy, needs_class_scores
 from engram.models.protocol import batch_norm_statistics_frozen
 
 
@@ -56,7 +55,7 @@ class LwF(Method):
             return
         # At a task start the model is the previous task's final model (also after a resume,
         # which restarts from a task boundary), so the snapshot needs no checkpoint state.
-        self.old_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
+        self.old_model = frozen_copy(ctx.model)
         earlier = ctx.seen_tasks[:-1]
         self.n_old_heads = len(earlier)
         if ctx.stream.scenario == "class":
@@ -78,9 +77,7 @@ class LwF(Method):
 
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         if self.old_model is None and self._loaded is not None:  # restored from a state dict
-            self.old_model = copy.deepcopy(ctx.model).eval().requires_grad_(False)
-            self.old_model.load_state_dict(self._loaded)
-            self._loaded = None
+            self.old_model, self._loaded = frozen_copy(ctx.model, self._loaded), None
         if self.old_model is None:
             return None
         x = self.distillation_inputs(ctx)
