@@ -188,9 +188,9 @@ def two_task_rows(tmp_path, seeds, strength):
     raw = {
         "seeds": seeds, "plots": False, "checkpoint_seconds": 1e9,
         "data": {"source": "digits"},
-        "stream": {"kind": "ab", "scenario": "task"},
+        "stream": {"kind": "permuted", "scenario": "domain", "n_tasks": 2},
         "model": {"kind": "mlp", "hidden": [64]},
-        "train": {"epochs": 40, "batch_size": 32, "lr": 1.0},
+        "train": {"epochs": 20, "batch_size": 32, "lr": 0.1},
         "methods": ["naive", {"name": "ewc", "strength": strength}],
     }
     csv = run_experiment(load_config_dict(raw), tmp_path, show_progress=False).results
@@ -199,17 +199,18 @@ def two_task_rows(tmp_path, seeds, strength):
 
 @pytest.mark.slow
 def test_ewc_keeps_the_first_task_far_above_naive(tmp_path):
-    """Task-incremental digits 0-4 then 5-9 (two heads), MLP 64, SGD lr 1.0, 40 epochs/task.
+    """Permuted digits, domain-incremental (one shared head), two tasks, MLP 64, SGD lr 0.1,
+    20 epochs a task: naive's shared head and body are overwritten by the second
+    permutation, EWC's are held. Task A test accuracy after task B, seen when written (the
+    same on one and two threads, and before and after the fast Fisher and fused penalty):
 
-    With the defaults (lr 0.05, a few epochs) naive hardly forgets here: each task has its own
-    head, so only the shared body drifts (task A stays ~0.90-0.95). The high learning rate and
-    long training push the body far. Task A test accuracy after task B, seen when written:
+        seed        0      1      2
+        naive     0.760  0.604  0.599   (0.94-0.97 right after task A)
+        ewc(100)  0.950  0.833  0.880   (task B: 0.93, 0.91, 0.94)
 
-        seed        0      1      2     (seeds 3-7: gaps 0.06-0.26, every one positive)
-        naive     0.757  0.740  0.787   (0.98-1.00 right after task A)
-        ewc(100)  0.984  0.977  0.945   (task B: 0.98, 0.94, 0.96)
-
-    ~3 s on one CPU thread.
+    An earlier version of this test trained task-incremental at lr 1.0, where a step is on
+    the edge of stability: a change of float rounding (two threads instead of one) moved one
+    seed's EWC result from 0.98 to 0.72 on the same code. ~3 s on one CPU thread.
     """
     matrices = two_task_rows(tmp_path, [0, 1, 2], 100.0)
     by = {(m.label, m.seed): m.R for m in matrices}
@@ -218,11 +219,10 @@ def test_ewc_keeps_the_first_task_far_above_naive(tmp_path):
     ewc = np.array([by[("ewc", s)][1, 0] for s in range(3)])
     learned_a = np.array([by[("naive", s)][0, 0] for s in range(3)])
     ewc_b = np.array([by[("ewc", s)][1, 1] for s in range(3)])
-    assert learned_a.mean() > 0.95          # task A was learned ...
-    assert naive.mean() < 0.85              # ... and naive forgets much of it
-    assert ewc.mean() > naive.mean() + 0.1  # EWC keeps it (0.97 vs 0.76 when written)
-    assert np.all(ewc > naive)              # on every seed
-    assert ewc.min() > 0.9
+    assert learned_a.mean() > 0.93          # task A was learned ...
+    assert naive.mean() < 0.8               # ... and naive forgets much of it
+    assert ewc.mean() > naive.mean() + 0.15  # EWC keeps it (0.89 vs 0.65 when written)
+    assert np.all(ewc > naive + 0.1)        # on every seed
     assert ewc_b.mean() > 0.85              # while still learning task B
 
 
