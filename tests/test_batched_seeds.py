@@ -12,7 +12,7 @@ import torch
 
 from engram.batched_training import SeedGroup, stack_padded
 from engram.cli import main
-from engram.errors import ConfigError
+from engram.errors import ConfigError, EngramError
 from engram.experiments.continual import run_experiment
 from engram.registry import METHODS
 from engram.results import KEY, read_rows, row_key
@@ -132,10 +132,10 @@ def test_seeds_batched_with_their_neighbours_keep_their_own_numbers(tmp_path):
     assert max(differences) < TOLERANCE
 
 
-def test_a_folder_with_a_finished_seed_is_completed_by_a_batched_rerun(tmp_path):
-    """Seed 0 done one-seed; the batched rerun with seeds 0 and 1 adds seed 1's rows (seed
+def test_a_batched_folder_grows_by_seeds(tmp_path):
+    """Seed 0 done batched; the batched rerun with seeds 0 and 1 adds seed 1's rows (seed
     0's re-measured rows are duplicates, skipped) and the folder identity is unchanged."""
-    run_experiment(tiny_config(seeds=[0]), tmp_path, show_progress=False)
+    run_experiment(tiny_config(seeds=[0], batch_seeds=True), tmp_path, show_progress=False)
     first = rows_by_key(tmp_path)
     report = run_experiment(tiny_config(seeds=[0, 1], batch_seeds=True), tmp_path,
                             show_progress=False)
@@ -255,3 +255,19 @@ def test_seed_group_runs_each_network_on_its_own_rows_and_hands_each_its_gradien
         nets[2].head.weight.add_(1.0)  # as an optimizer's step does
     torch.testing.assert_close(group.row("head.weight", group.stacked["head.weight"], 2),
                                nets[2].head.weight)
+
+
+def test_a_folder_is_resumed_only_in_the_mode_it_was_started_in(tmp_path):
+    """Batched and one-seed rows agree only up to float rounding, so one folder never holds
+    both: switching batch_seeds on a folder is refused, in either direction, for runs and
+    sweeps alike (the folder's identity)."""
+    cfg = tiny_config(seeds=[0, 1], train={"epochs": 1})
+    run_experiment(cfg, tmp_path / "one", show_progress=False)
+    with pytest.raises(EngramError, match="holds another experiment \\(batch_seeds"):
+        run_experiment(dataclasses.replace(cfg, batch_seeds=True), tmp_path / "one",
+                       show_progress=False)
+    run_experiment(dataclasses.replace(cfg, batch_seeds=True), tmp_path / "batched",
+                   show_progress=False)
+    with pytest.raises(EngramError, match="holds another experiment \\(batch_seeds"):
+        run_experiment(cfg, tmp_path / "batched", show_progress=False)
+    run_experiment(cfg, tmp_path / "one", show_progress=False)  # its own mode resumes

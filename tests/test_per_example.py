@@ -213,3 +213,35 @@ def test_the_check_keeps_exactly_the_layers_used_only_through_their_forward():
     params = {name: p.detach() for name, p in model.named_parameters()}
     kept = hooked_layers(model, params, x, task)
     assert set(kept) == {"body.1", "head"}  # body.2.layer is read by F.linear too
+
+
+class _Timewise(torch.nn.Module):
+    """A Linear fed (B*T, D) rows from a reshape: its rows are not examples."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.out = torch.nn.Linear(4, 6), torch.nn.Linear(6 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.lin(x.reshape(len(x) * 3, 4)))  # (B*3, 6)
+        return self.out(h.reshape(len(x), 18))
+
+
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_a_layer_whose_rows_are_not_examples_falls_back(estimator):
+    """It passes the check of the summed gradient but not per example: left to torch.func
+    (it crashed, or for a chunked layer gave wrong numbers, before)."""
+    from engram.importance.fisher import fisher_diagonal
+    from engram.importance.per_example import hooked_layers
+    from engram.models import adapt
+
+    torch.manual_seed(0)
+    model = adapt(_Timewise(), n_heads=1, head_dim=3)
+    x, y = torch.rand(10, 12), torch.randint(0, 3, (10,))
+    task = torch.zeros(10, dtype=torch.long)
+    params = dict(model.named_parameters())
+    assert [name.split(".")[-1] for name in hooked_layers(model, params, x, task)] == ["out"]
+    fast = fisher_diagonal(model, x, y, task, estimator)
+    reference = fisher_diagonal(model, x, y, task, estimator, fast=False)
+    for name, value in reference.items():
+        torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-9)

@@ -17,7 +17,7 @@ matrix product sums in another order).
 Seeds may have different numbers of examples per task (each seed splits the data its own
 way): a step pads the shorter mini-batches, and a seed whose epoch has ended sits out the
 remaining steps (its optimizer does not step). Methods say whether this is exact for them
-(`Method.batchable`); the caller refuses the others.
+(`Method.batchable`); the caller runs the others' seeds one at a time.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class SeedGroup:
             self.stacked[name].grad = None
             for s, params in enumerate(self.params):
                 param = params[name]
-                if s not in active_set:
+                if s not in active_set or not param.requires_grad:  # frozen: never moved
                     param.grad = None
                 elif grad is not None:
                     mine = self.row(name, grad, s)

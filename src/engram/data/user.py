@@ -8,6 +8,7 @@ The scenario targets come from the same `label_tasks` that build_stream uses.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, get_args, get_type_hints
 
@@ -204,22 +205,10 @@ def _read_dataset(dataset: Any, split: str, lazy: bool = False, workers: int = 0
     if n == 0:
         raise DataError(f"{split} has no examples")
 
-    def collate(items: list) -> tuple[torch.Tensor | None, torch.Tensor, torch.Size]:
-        xs, ys = [], []
-        for item in items:
-            if not (isinstance(item, (tuple, list)) and len(item) == 2):
-                raise DataError(f"{split} items must be (x, y) pairs; one is a "
-                                f"{type(item).__name__}")
-            xs.append(item_tensor(item[0], split, "an x"))
-            ys.append(_label(item[1], split))
-        if len({x.shape for x in xs}) > 1:
-            shapes = sorted({tuple(x.shape) for x in xs})
-            raise DataError(f"{split} examples differ in shape: {shapes[0]} and {shapes[1]}")
-        if any(x.dtype.is_complex for x in xs):
-            raise DataError(f"{split} x is {xs[0].dtype}: engram trains on real numbers")
-        return (None if lazy else torch.stack(xs)), torch.stack(ys), xs[0].shape
-
-    loader = DataLoader(dataset, batch_size=min(LOAD_BATCH, n), shuffle=False, collate_fn=collate,
+    # A picklable collate (a module-level function bound by partial): worker processes
+    # started by spawn or forkserver (macOS, Windows, Python 3.14's default) receive it.
+    loader = DataLoader(dataset, batch_size=min(LOAD_BATCH, n), shuffle=False,
+                        collate_fn=functools.partial(_collate_items, split=split, lazy=lazy),
                         num_workers=workers if lazy else 0)
     read = list(tqdm(from_workers(loader), total=len(loader), desc=f"reading {split}", unit="batch", leave=False,
                      disable=True if n < PROGRESS_FROM else None))
@@ -230,6 +219,25 @@ def _read_dataset(dataset: Any, split: str, lazy: bool = False, workers: int = 0
     if lazy:
         return LazyInputs(dataset, torch.arange(n), shapes[0], split, workers=workers), y
     return torch.cat([x for x, _, _ in read]), y
+
+
+def _collate_items(items: list, split: str, lazy: bool
+                   ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Size]:
+    """A batch of (x, y) items of `split`, checked: (x stacked, or None when `lazy`, the
+    labels, the shape of one x)."""
+    xs, ys = [], []
+    for item in items:
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            raise DataError(f"{split} items must be (x, y) pairs; one is a "
+                            f"{type(item).__name__}")
+        xs.append(item_tensor(item[0], split, "an x"))
+        ys.append(_label(item[1], split))
+    if len({x.shape for x in xs}) > 1:
+        shapes = sorted({tuple(x.shape) for x in xs})
+        raise DataError(f"{split} examples differ in shape: {shapes[0]} and {shapes[1]}")
+    if any(x.dtype.is_complex for x in xs):
+        raise DataError(f"{split} x is {xs[0].dtype}: engram trains on real numbers")
+    return (None if lazy else torch.stack(xs)), torch.stack(ys), xs[0].shape
 
 
 def _label(value: Any, split: str) -> torch.Tensor:

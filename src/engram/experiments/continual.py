@@ -301,8 +301,6 @@ def run_through_stream(ident: RunIdentity, method: Method, ctx: Context, sink: J
 
 # ----------------------------------------------------------------------------- the experiment
 
-# Config keys that change how a run is carried out but not its numbers.
-NOT_RESULT_KEYS = ("plots", "threads", "device", "checkpoint_seconds", "batch_seeds")
 
 
 @dataclass
@@ -377,6 +375,7 @@ def run_plan_of(cfg: RunConfig) -> Plan:
     identity = {k: v for k, v in wanted.items() if k not in NOT_RESULT_KEYS}
     identity["train"] = train_identity(identity["train"])  # folders of earlier configs resume
     identity["data"] = data_identity(identity["data"])
+    identity.update(batched_identity(cfg))
     return Plan(command="run", identity=identity,
                 growable=("seeds",), config=wanted, columns=COLUMNS, key=KEY,
                 jobs=continual_jobs([({}, cfg)]), execute=execute_run, device=str(device),
@@ -404,11 +403,14 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
 # the task's wall time shared by all the seeds, divided by their number (so that summing over
 # runs still gives the wall time spent).
 #
-# What it does not do (yet): resume a killed group from a checkpoint (a rerun trains the
-# group's seeds from their first task again; rows already written are skipped, re-measured
-# alike), and run methods that are not `Method.batchable`, networks with buffers or dropout,
-# train.amp or train.channels_last: `check_batchable` refuses those before anything runs. A
-# seed that diverges fails its whole group.
+# Methods that are not `Method.batchable` run their seeds one at a time (seed_group_jobs);
+# a folder is resumed only in the mode it was started in (batched_identity). What it does
+# not do (yet): resume a killed group from a checkpoint (a rerun trains the group's seeds
+# from their first task again; rows already written are skipped: if the group's seeds
+# changed meanwhile, the re-measured trajectories differ from the written ones by float
+# rounding), and run networks with buffers or dropout, train.amp or train.channels_last
+# (`check_batchable` refuses the config before anything runs; buffers when the group
+# starts). A seed that diverges fails its whole group.
 
 
 @dataclass
@@ -419,6 +421,15 @@ class SeedsPayload:
     method: MethodSpec
     seeds: list[int]
     run_ids: list[str]
+
+
+def batched_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What batch_seeds adds to a folder's identity: {"batch_seeds": True} when it is on,
+    nothing when off (folders written before the key existed keep theirs). Batched and
+    one-seed runs give the same numbers only up to float rounding, which training can grow
+    (see tests/test_ewc.py), so a folder is resumed in the mode it was started in and never
+    holds rows of both."""
+    return {"batch_seeds": True} if cfg.batch_seeds else {}
 
 
 def check_batchable(cfg: RunConfig) -> None:

@@ -190,6 +190,8 @@ def sweep_identity(raw: dict, source: str = "sweep") -> tuple[dict[str, Any], li
     first = {**resolved[0], "train": train_identity(resolved[0]["train"]),  # as run ids hash it
              "data": data_identity(resolved[0]["data"])}
     identity = flatten({k: v for k, v in first.items() if k not in NOT_AXES})
+    if first.get("batch_seeds"):  # as engram run's folders: one mode per folder
+        identity["batch_seeds"] = True
     for key in axes:
         # a mapping-valued axis (train.optimizer_args) is one key, not its flattened entries
         identity = {k: v for k, v in identity.items() if not k.startswith(key + ".")}

@@ -23,9 +23,10 @@ backward (autograd.grad(..., is_grads_batched=True)); the result is
 
     sum_k sum_b w_kb reduce(dl_kb / d theta)       reduce = square or abs
 
-Conditions (checked by `hooked_layers` on a few examples, else the caller falls back to
-torch.func for those parameters): the layer's parameters are used only through the layer's
-forward, and examples do not interact (eval mode; BatchNorm in eval mode is fine).
+Conditions, checked by `hooked_layers` on a few examples (a layer failing one falls back to
+torch.func): every call of the layer sees one row per example (not (B*T, D) from a reshape,
+nor a task's subset of rows), and the layer's parameters are used only through its forward.
+Assumed, not checked: examples do not interact (eval mode; BatchNorm in eval mode is fine).
 """
 
 from __future__ import annotations
@@ -209,10 +210,11 @@ def hooked_statistic(model: nn.Module, params: dict[str, torch.Tensor],
 
 def hooked_layers(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
                   task: torch.Tensor, n_check: int = 4) -> dict[str, nn.Module]:
-    """The candidate layers whose hooked per-example gradients, summed over the first
+    """The candidate layers whose every call sees one row per example (input and output
+    (n, ...), n the examples) and whose hooked per-example gradients, summed over the first
     `n_check` examples, equal autograd's gradient of the sum (a parameter also used outside
-    its layer's forward, e.g. tied or read by F.linear elsewhere, fails and is left to the
-    torch.func fallback). The objective is sum_b ||f(x_b)||^2 / 2."""
+    its layer's forward, e.g. tied or read by F.linear elsewhere, fails); the others are left
+    to the torch.func fallback. The objective is sum_b ||f(x_b)||^2 / 2."""
     layers = candidate_layers(model)
     if not layers:
         return {}
@@ -241,7 +243,9 @@ def hooked_layers(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
         for local, value in per_example.items():
             summed[f"{name}.{local}".lstrip(".")] = value.sum((0, 1))
     for name, module in layers.items():
-        ok = True
+        # Rows must be examples: a layer fed (B*T, D) from a reshape, or each task's rows
+        # h[mask], sums correctly over the batch (the check below) but not per example.
+        ok = all(a.shape[0] == len(xs) and out.shape[0] == len(xs) for a, out in calls[name])
         for local, p in module.named_parameters(recurse=False):
             full = f"{name}.{local}".lstrip(".")
             expected = by_param[full] if by_param[full] is not None else torch.zeros_like(p)
