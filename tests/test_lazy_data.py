@@ -165,3 +165,21 @@ def test_in_memory_examples_join_streamed_ones():
     memory = torch.rand(3, 1, 8, 8)
     joined = LazyInputs.concat([lazy, memory])
     assert torch.equal(joined[:], torch.cat([streamed.x[[4, 2]], memory]))
+
+
+def test_at_most_two_worker_pools_stay_up():
+    """Per-task datasets each get a reader; their persistent worker pools are capped (20
+    processes stayed up for 5 tasks x 2 splits x 2 workers before)."""
+    import gc
+
+    import engram.data.lazy as lazy
+
+    sets = [Pairs(*data(20, seed)) for seed in range(5)]
+    streamed = engram.stream_from(sets, sets, scenario="domain", in_memory=False, workers=1)
+    in_memory = engram.stream_from(sets, sets, scenario="domain", in_memory=True)
+    kept = engram.fit(NET, in_memory, "naive", epochs=2, progress=False)
+    read = engram.fit(NET, streamed, "naive", epochs=2, progress=False)
+    assert measured_rows(read) == measured_rows(kept)
+    readers = {id(task.train.x.reader): task.train.x.reader for task in streamed.tasks}
+    gc.collect()
+    assert sum(reader.loader is not None for reader in readers.values()) <= lazy.LIVE_POOLS

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -98,10 +99,16 @@ class _BatchList:
         return len(self.batches)
 
 
+LIVE_POOLS = 2  # persistent worker pools kept at once: a training and an evaluation dataset
+_live_readers: list[weakref.ref] = []  # readers whose pool is up, oldest first
+
+
 class _Reader:
     """Reads the items of one dataset for every LazyInputs over it (a stream's tasks share
     their dataset): with workers, one DataLoader whose processes persist from pass to pass
-    (starting them costs more than an epoch of a small task); without, in this process."""
+    (starting them costs more than an epoch of a small task); without, in this process. At
+    most LIVE_POOLS pools are up at once (per-task datasets would otherwise keep workers x
+    tasks processes): starting another shuts the oldest idle one down."""
 
     def __init__(self, dataset: Any, item_shape: tuple[int, ...], split: str, workers: int):
         self.inputs = _Inputs(dataset, item_shape, split)
@@ -123,12 +130,28 @@ class _Reader:
                                      num_workers=self.workers, pin_memory=pin,
                                      persistent_workers=True)
             self.pinned = pin
+            _start_pool(self)
         self.sampler.batches = item_batches
         self.busy = True
         try:
             yield from from_workers(self.loader)
         finally:
             self.busy = False
+
+
+def _start_pool(reader: _Reader) -> None:
+    """Count `reader`'s new pool among the live ones; shut the oldest idle ones down (their
+    DataLoader dropped: its iterator stops the worker processes) beyond LIVE_POOLS."""
+    _live_readers[:] = [ref for ref in _live_readers
+                        if ref() is not None and ref() is not reader and ref().loader is not None]
+    _live_readers.append(weakref.ref(reader))
+    for ref in list(_live_readers[:-1]):
+        if len(_live_readers) <= LIVE_POOLS:
+            break
+        older = ref()
+        if older is not None and not older.busy:
+            older.loader = None
+            _live_readers.remove(ref)
 
 
 class LazyInputs:
