@@ -212,10 +212,6 @@ def run_one(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream, sink: J
     """Train one method with one seed through the whole stream, handing rows to `sink` as
     they are measured; resume from its checkpoint in OUT/checkpoints when the rows of the
     tasks it covers are recorded. Return the run id."""
-    from engram.data.augment import check_augmentable, normalize_stream, training_augmentation
-    from engram.models import build_model
-    from engram.registry import METHODS
-
     ident, method, ctx = prepare_run(cfg, spec, seed, stream, device)
     run_through_stream(ident, method, ctx, sink, cfg.checkpoint_seconds)
     return ident.run_id

@@ -45,9 +45,8 @@ w_T - w_0; magnitude and inverse magnitude use |w|; the Fisher uses log-softmax 
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
@@ -55,6 +54,7 @@ from torch.func import functional_call, grad
 
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
+from engram.models.protocol import eval_mode
 from engram.registry import MEASURES
 
 Batches = list[tuple[torch.Tensor, torch.Tensor]]   # (x (B, ...), y (B,)) on the model's device
@@ -82,18 +82,6 @@ def profiled_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     """{name: parameter} of every weight and bias of the profiled layers, named_parameters order."""
     wanted = {id(p) for _, layer in profiled_layers(model) for p in layer.parameters(recurse=False)}
     return {name: p for name, p in model.named_parameters() if id(p) in wanted}
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode inside; afterwards every module's own mode is restored (mixed modes too)."""
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in modes:
-            module.training = training
 
 
 def _only_profiled(model: nn.Module, scores: dict[str, torch.Tensor]) -> Importance:
@@ -189,7 +177,7 @@ def _fisher_measure(estimator: str) -> MeasureFn:
                trajectory: Trajectory | None = None,
                generator: torch.Generator | None = None) -> Importance:
         x, y, task = _all_inputs(batches)
-        with _eval_mode(model):
+        with eval_mode(model):
             scores = fisher_diagonal(model, x, y, task, estimator,  # type: ignore[arg-type]
                                      batch_size=len(batches[0][1]), generator=generator)
         return _only_profiled(model, scores)
@@ -224,7 +212,7 @@ def mas(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
     The paper's per-example form via `mas_importance` (the released code's default takes |.|
     of the batch-summed gradient, letting signs cancel). Label-free: y and `loss_fn` unused."""
     x, _, task = _all_inputs(batches)
-    with _eval_mode(model):
+    with eval_mode(model):
         scores = mas_importance(model, x, task)
     return _only_profiled(model, scores)
 
@@ -244,7 +232,7 @@ def taylor(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
     |mean(g * z)| (Molchanov et al., ICLR 2017)."""
     params = profiled_parameters(model)
     scores = {name: torch.zeros_like(p) for name, p in params.items()}
-    with _eval_mode(model):
+    with eval_mode(model):
         for x, y in batches:
             g = _loss_gradient(model, x, y, loss_fn)
             for name, p in params.items():
@@ -266,7 +254,7 @@ def snip(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
     normalisation does not change the ranking; all-zero saliencies stay zero."""
     x, y = batches[0]
     params = profiled_parameters(model)
-    with _eval_mode(model):
+    with eval_mode(model):
         g = _loss_gradient(model, x, y, loss_fn)
     saliency = {name: (g[name] * p.detach()).abs() for name, p in params.items()}
     total = sum(s.sum() for s in saliency.values())
@@ -394,7 +382,7 @@ def cbp_utility(model: nn.Module, batches: Batches, loss_fn: LossFn, *,
             for layer in layers]  # (units of layer l,)
     n = 0
     try:
-        with _eval_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             for x, _ in batches:
                 model(x)
                 for l, layer in enumerate(layers[:-1]):

@@ -50,7 +50,8 @@ import torch.nn.functional as F
 
 from engram.data.streams import TensorSet
 from engram.methods.base import Batch, Context, Method
-from engram.methods.replay import empty_memory, memory_draw, reservoir_slots
+from engram.models.protocol import eval_mode
+from engram.methods.replay import empty_memory, memory_draw, reservoir_insert
 from engram.schema import opt
 
 
@@ -121,27 +122,18 @@ class DER(Method):
     @torch.no_grad()
     def stored_logits(self, x: torch.Tensor, ctx: Context) -> torch.Tensor:
         """z = all_logits(x) (n, L) of the network now, in eval mode (see the module doc)."""
-        model = ctx.model
-        was_training = model.training
-        model.eval()
-        logits = model.all_logits(x).float()
-        model.train(was_training)
-        return logits
+        with eval_mode(ctx.model):
+            return ctx.model.all_logits(x).float()
 
     def after_step(self, batch: Batch, ctx: Context) -> None:
         memory, n = self.params.memory, len(batch)
         if self.buffer is None:
             self.buffer = empty_memory(batch, memory)
-        slots, sources = reservoir_slots(self.n_seen, n, memory, ctx.generator)
+        slots, sources = reservoir_insert(self.buffer, batch, self.n_seen, ctx.generator)
         if len(slots):
-            device = batch.y.device
-            slots, sources = slots.to(device), sources.to(device)
-            kept = TensorSet(*(part[sources] for part in batch))
-            logits = self.stored_logits(kept.x, ctx)  # (k, L)
+            logits = self.stored_logits(batch.x[sources], ctx)  # (k, L) of the kept examples
             if self.logits is None:
                 self.logits = logits.new_zeros((memory, logits.shape[1]))
-            for stored, new in zip(self.buffer, kept):
-                stored[slots] = new
             self.logits[slots] = logits
         self.n_seen += n
 

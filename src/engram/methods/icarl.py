@@ -56,7 +56,7 @@ from engram.data.streams import TensorSet
 from engram.errors import ConfigError
 from engram.methods.base import Context, Method, ProblemInfo, frozen_copy, task_ids_at_test
 from engram.methods.replay import class_keys, herding_memory
-from engram.models.protocol import batch_norm_statistics_frozen
+from engram.models.protocol import batch_norm_statistics_frozen, eval_mode
 from engram.schema import opt
 
 NO_MEAN_SCORE = -5.0  # score of a class without exemplars: below -4, the lowest real score
@@ -97,17 +97,14 @@ class NearestMeanOfExemplars(nn.Module):
         self.width, self.per_task = width, per_task
         keys = class_keys(exemplars)
         classes = list(dict.fromkeys(keys.tolist()))
-        was_training = model.training
-        model.eval()  # means without dropout noise or batch-norm updates
         means, self.labels, self.tasks = [], [], []
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):  # means without dropout noise or BN updates
             for key in classes:
                 rows = keys == key
                 means.append(F.normalize(unit_features(model, exemplars.x[rows], flip).mean(0),
                                          dim=0))
                 self.labels.append(int(exemplars.y[rows][0]))
                 self.tasks.append(int(exemplars.task[rows][0]))
-        model.train(was_training)
         device = exemplars.y.device
         self.means = torch.stack(means)                                 # (C, d)
         self.labels = torch.tensor(self.labels, device=device)           # (C,)

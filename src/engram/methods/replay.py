@@ -37,6 +37,7 @@ from engram.data.streams import TensorSet
 from engram.errors import ConfigError
 from engram.schema import opt
 from engram.methods.base import Batch, Context, Method, ProblemInfo
+from engram.models.protocol import eval_mode
 
 
 @dataclass
@@ -100,6 +101,20 @@ def reservoir_slots(n_seen: int, n_new: int, memory: int, generator: torch.Gener
     return slots, winner[slots]
 
 
+def reservoir_insert(buffer: TensorSet, batch: TensorSet, n_seen: int,
+                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Offer `batch` to the reservoir `buffer` (M slots, `n_seen` examples offered before):
+    write the examples Algorithm R keeps into their slots (reservoir_slots) and return
+    (slots, sources) on the batch's device, for what else a method stores per slot (DER's
+    logits). The caller counts the batch into n_seen."""
+    slots, sources = reservoir_slots(n_seen, len(batch), len(buffer), generator)
+    slots, sources = slots.to(batch.y.device), sources.to(batch.y.device)
+    if len(slots):
+        for stored, new in zip(buffer, batch):
+            stored[slots] = new[sources]
+    return slots, sources
+
+
 def random_slot_of(keys: torch.Tensor, key: int | torch.Tensor, generator: torch.Generator) -> int:
     """A slot drawn uniformly among those whose class key (`keys` (M,)) is `key`: the example
     a class-balanced memory evicts from its largest class (replay's class_balanced, GDumb)."""
@@ -115,8 +130,6 @@ def herding_memory(memory: TensorSet | None, data: TensorSet, model: torch.nn.Mo
     ordered exemplars, and every new class of `data` gets m exemplars chosen by herding on
     the L2-normalised `model.features` (eval mode: no dropout noise). Classes are (task id,
     target) keys; the result lists them old first, each in its chosen order."""
-    was_training = model.training
-    model.eval()
     new_keys = class_keys(data)
     old_keys = class_keys(memory) if memory is not None else new_keys[:0]
     old_classes = list(dict.fromkeys(old_keys.tolist()))  # in stored order
@@ -135,10 +148,10 @@ def herding_memory(memory: TensorSet | None, data: TensorSet, model: torch.nn.Mo
         else:
             index = torch.nonzero(new_keys == key).squeeze(1)
             members = TensorSet(*(part[index] for part in data))
-            features = F.normalize(model.features(members.x), dim=1)  # (n, d)
+            with eval_mode(model):  # features without dropout noise
+                features = F.normalize(model.features(members.x), dim=1)  # (n, d)
             pick = herding_selection(features, per_class)
             parts.append(TensorSet(*(part[pick] for part in members)))
-    model.train(was_training)
     return TensorSet.concat(parts)
 
 
@@ -200,11 +213,7 @@ class Replay(Method):
         if self.params.policy == "class_balanced":
             self._class_balanced_insert(batch, ctx)
             return
-        slots, sources = reservoir_slots(self.n_seen, n, memory, ctx.generator)
-        if len(slots):
-            device = batch.y.device
-            for stored, new in zip(self.buffer, batch):
-                stored[slots.to(device)] = new[sources.to(device)]
+        reservoir_insert(self.buffer, batch, self.n_seen, ctx.generator)
         self.n_seen += n
 
     def _class_balanced_insert(self, batch: Batch, ctx: Context) -> None:

@@ -165,6 +165,19 @@ BATCH_NORMS = (nn.modules.batchnorm._BatchNorm,)  # BatchNorm1d/2d/3d, SyncBatch
 
 
 @contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Eval mode inside (no dropout noise, BatchNorm reads its running statistics and does not
+    update them); afterwards every module's own mode is restored (mixed modes too)."""
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+@contextmanager
 def batch_norm_statistics_frozen(model: nn.Module) -> Iterator[None]:
     """Forward passes inside leave every BatchNorm layer's running statistics as they were,
     while still normalising with the batch's own statistics in training mode: momentum 0
