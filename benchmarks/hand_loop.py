@@ -4,7 +4,8 @@ Same work as configs/bench/naive_split_digits.yaml: load_digits scaled to [0, 1]
 train/test split, five class-incremental tasks (0/1, 2/3, ...), MLP 64-256-256-10 (ReLU),
 plain SGD lr 0.05, batch 32, 20 epochs per task, test accuracy on every task after each
 task. `hand_loop()` is naive fine-tuning; `hand_loop(ewc="exact")` adds offline EWC
-(lambda 100, the Fisher on each task's whole training split, merged into one quadratic as
+(lambda 100, the Fisher on each task's whole training split, merged into one quadratic
+whose gradient lambda A (theta - mu) is added in closed form after the backward pass, as
 engram does) with the named estimator; `hand_loop(replay=200)` adds reservoir replay (200
 examples, 32 replayed per step). Run as a script for the whole-process comparison:
 
@@ -92,11 +93,14 @@ def hand_loop(seed: int = 0, epochs: int = 20, ewc: str | None = None, strength:
                     pick = torch.randint(min(n_seen, replay), (32,), generator=g)
                     xb, yb = torch.cat([xb, memory_x[pick]]), torch.cat([yb, memory_y[pick]])
                 loss = F.cross_entropy(model(xb), yb)
-                if precision is not None:
-                    loss = loss + 0.5 * strength * sum((a * (p - m).pow(2)).sum() for a, p, m in
-                                                       zip(precision, model.parameters(), anchor))
                 opt.zero_grad()
                 loss.backward()
+                if precision is not None:  # + the gradient of (lambda/2) sum A (p - m)^2
+                    params = list(model.parameters())
+                    with torch.no_grad():
+                        pull = torch._foreach_sub(params, anchor)
+                        torch._foreach_mul_(pull, precision)
+                        torch._foreach_add_([p.grad for p in params], pull, alpha=strength)
                 opt.step()
                 if replay:  # reservoir sampling of the step's own examples
                     position = n_seen + torch.arange(len(idx))

@@ -61,10 +61,12 @@ PUBLIC: dict[str, tuple[str, ...]] = {
                         "MODELS", "METHODS", "MEASURES"),
     "engram.methods.base": (
         "Method", "Method.prepare_model", "Method.before_task", "Method.training_data",
-        "Method.make_batch", "Method.penalty", "Method.unusable_reason",
+        "Method.make_batch", "Method.penalty", "Method.quadratic_penalties",
+        "Method.unusable_reason",
         "Method.after_backward", "Method.correct_update", "Method.after_step",
         "Method.after_task", "Method.eval_model", "Method.state_dict",
-        "Method.load_state_dict", "Method.extra_bytes", "Context", "ProblemInfo", "Batch"),
+        "Method.load_state_dict", "Method.extra_bytes", "Context", "ProblemInfo", "Batch",
+        "QuadraticPenalty", "penalty_value"),
     "engram.metrics": (
         "average_accuracy", "average_accuracy_curve", "learning_accuracy",
         "average_forgetting", "backward_transfer", "forward_transfer", "summarize",

@@ -7,6 +7,7 @@ import torch
 
 from engram.config import load_config_dict
 from engram.errors import ConfigError
+from engram.methods.base import penalty_value
 from engram.methods.compose import Compose
 from engram.results import read_rows
 from engram.experiments.continual import run_experiment
@@ -41,8 +42,8 @@ def test_penalties_add_up_and_batches_chain():
     with torch.no_grad():
         for p in ctx.model.parameters():
             p.add_(0.1)
-    parts = [part.penalty(ctx) for part in method.parts[1:]]
-    torch.testing.assert_close(method.penalty(ctx), parts[0] + parts[1])
+    parts = [penalty_value(part, ctx) for part in method.parts[1:]]
+    torch.testing.assert_close(penalty_value(method, ctx), parts[0] + parts[1])
     torch.testing.assert_close(parts[1], 2 * parts[0])
 
 

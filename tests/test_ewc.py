@@ -11,17 +11,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import grad, vmap
 
 import engram.methods.ewc as ewc_module
 from engram.config import TrainConfig, load_config_dict
 from engram.data.streams import Task, TensorSet
 from engram.importance.fisher import fisher_diagonal
-from engram.methods.base import Context
-from engram.methods.ewc import EWC, EWCParams, QuadraticPenalty
+from engram.methods.base import Context, QuadraticPenalty, penalty_value
+from engram.methods.ewc import EWC, EWCParams
 from engram.models import ContinualNet
 from engram.results import read_rows
 from engram.experiments.continual import run_experiment
+from engram.training import finish_gradients
 from engram.results import accuracy_matrices
 
 
@@ -97,7 +97,7 @@ def test_merged_penalty_equals_the_offline_sum_value_and_gradient(monkeypatch, n
     for trial in range(3):
         randomize(model, 1.5, seed=30 + trial)
         params = list(model.parameters())
-        got = ewc.penalty(make_ctx(model))
+        got = penalty_value(ewc, make_ctx(model))
         expected = offline_penalty(model, anchors, fishers, 7.5)
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
         got_grad = torch.autograd.grad(got, params)
@@ -113,10 +113,12 @@ def test_merged_penalty_equals_the_offline_sum_value_and_gradient(monkeypatch, n
         with torch.no_grad():
             for name, p in model.named_parameters():
                 p.copy_(anchors[0][name])
-        assert abs(float(ewc.penalty(make_ctx(model)).detach())) < 1e-12
+        assert abs(float(penalty_value(ewc, make_ctx(model)).detach())) < 1e-12
 
 
 def test_penalty_changes_the_gradient_by_lambda_a_theta_minus_mu(monkeypatch):
+    """What the training loop does (backward of the loss, then finish_gradients) against
+    the closed form: the loss's gradient + lambda A (theta - mu)."""
     model, ewc = make_model(), EWC(EWCParams(strength=3.0))
     consolidate(monkeypatch, model, ewc, 2)
     randomize(model, 1.0, seed=99)
@@ -124,19 +126,19 @@ def test_penalty_changes_the_gradient_by_lambda_a_theta_minus_mu(monkeypatch):
     params = list(model.parameters())
     loss = F.cross_entropy(model(task.train.x, task.train.task), task.train.y)
     plain = torch.autograd.grad(loss, params, retain_graph=True)
-    total = loss + ewc.penalty(make_ctx(model))
-    with_penalty = torch.autograd.grad(total, params)
+    loss.backward()
+    finish_gradients(make_ctx(model), ewc)
     differs = False
-    for (name, p), g_plain, g_total in zip(model.named_parameters(), plain, with_penalty):
+    for (name, p), g_plain in zip(model.named_parameters(), plain):
         expected = g_plain + 3.0 * ewc.precision[name] * (p.detach() - ewc.anchor[name])
-        torch.testing.assert_close(g_total, expected, rtol=1e-12, atol=1e-12)
-        differs |= not torch.allclose(g_total, g_plain)
+        torch.testing.assert_close(p.grad, expected, rtol=1e-12, atol=1e-12)
+        differs |= not torch.allclose(p.grad, g_plain)
     assert differs
 
 
 def test_no_penalty_before_the_first_task_ends_and_state_round_trips(monkeypatch):
     model, ewc = make_model(), EWC(EWCParams(strength=2.0))
-    assert ewc.penalty(make_ctx(model)) is None
+    assert penalty_value(ewc, make_ctx(model)) is None
     assert ewc.extra_bytes() == 0
     consolidate(monkeypatch, model, ewc, 2)
     randomize(model, 1.0, seed=5)
@@ -146,7 +148,7 @@ def test_no_penalty_before_the_first_task_ends_and_state_round_trips(monkeypatch
     copy = EWC(EWCParams(strength=2.0))
     copy.load_state_dict(torch.load(saved, weights_only=True))
     assert copy.constant == ewc.constant
-    assert torch.equal(copy.penalty(make_ctx(model)), ewc.penalty(make_ctx(model)))
+    assert torch.equal(penalty_value(copy, make_ctx(model)), penalty_value(ewc, make_ctx(model)))
     for name in ewc.precision:
         assert torch.equal(copy.precision[name], ewc.precision[name])
         assert torch.equal(copy.anchor[name], ewc.anchor[name])
@@ -181,7 +183,7 @@ def test_precision_after_one_task_is_fisher_diagonal_of_the_trained_model(estima
     # the head of the other task (unused by this task's data) gets no importance
     head_rows = model.head.weight.shape[0] // 2
     assert torch.all(ewc.precision["head.weight"][head_rows:] == 0)
-    assert float(ewc.penalty(ctx).detach()) == pytest.approx(0.0, abs=1e-12)
+    assert float(penalty_value(ewc, ctx).detach()) == pytest.approx(0.0, abs=1e-12)
 
 
 def two_task_rows(tmp_path, seeds, strength):
@@ -226,27 +228,26 @@ def test_ewc_keeps_the_first_task_far_above_naive(tmp_path):
     assert ewc_b.mean() > 0.85              # while still learning task B
 
 
-def test_quadratic_penalty_node_matches_autograd_also_under_vmap():
-    """QuadraticPenalty (one autograd node) against sum A (theta - mu)^2 written with plain
-    ops: value and gradient, directly and under torch.func.vmap(grad) over stacked copies."""
+def test_quadratic_penalty_adds_the_gradient_of_its_value():
+    """QuadraticPenalty.add_gradient (foreach, no autograd) against autograd of value():
+    added to an existing gradient, set where a parameter had none this step, skipped for
+    a frozen parameter; a 0-d precision broadcasts (L2)."""
     g = torch.Generator().manual_seed(0)
-    shapes = [(3, 4), (4,), ()]
-    precision = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes]
+    shapes = [(3, 4), (4,), (), (2, 2)]
+    params = [torch.randn(s, generator=g, dtype=torch.float64).requires_grad_() for s in shapes]
+    params[3].requires_grad_(False)  # frozen
+    precision = [torch.rand(s, generator=g, dtype=torch.float64) for s in shapes[:2]]
+    precision += [torch.tensor(1.0, dtype=torch.float64), torch.rand(2, 2, dtype=torch.float64)]
     anchor = [torch.randn(s, generator=g, dtype=torch.float64) for s in shapes]
-    stacked = [torch.randn((2,) + s, generator=g, dtype=torch.float64) for s in shapes]
-
-    def plain(*params):
-        return sum((a * (p - m).pow(2)).sum() for a, p, m in zip(precision, params, anchor))
-
-    def node(*params):
-        return QuadraticPenalty.apply(precision, anchor, *params)[0]
-
-    leaves = [p[0].clone().requires_grad_() for p in stacked]
-    torch.testing.assert_close(node(*leaves), plain(*leaves))
-    for got, expected in zip(torch.autograd.grad(node(*leaves), leaves),
-                             torch.autograd.grad(plain(*leaves), leaves)):
-        torch.testing.assert_close(got, expected)
-    argnums = tuple(range(len(shapes)))
-    for got, expected in zip(vmap(grad(node, argnums))(*stacked),
-                             vmap(grad(plain, argnums))(*stacked)):
-        torch.testing.assert_close(got, expected)
+    quadratic = QuadraticPenalty(2.5, params, precision, anchor, constant=0.75)
+    expected = torch.autograd.grad(quadratic.value(), params[:3])
+    torch.testing.assert_close(  # the value: (lambda / 2) (sum A (theta - mu)^2 + constant)
+        quadratic.value(), 1.25 * (sum((a * (p - m).pow(2)).sum() for a, p, m in
+                                       zip(precision, params, anchor)) + 0.75))
+    earlier = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    params[0].grad = earlier.clone()  # the loss's gradient; params[1], params[2]: none
+    quadratic.add_gradient()
+    torch.testing.assert_close(params[0].grad, earlier + expected[0])
+    torch.testing.assert_close(params[1].grad, expected[1])
+    torch.testing.assert_close(params[2].grad, expected[2])
+    assert params[3].grad is None

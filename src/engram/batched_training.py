@@ -9,9 +9,9 @@ network's forward and backward passes are shared: the seeds' parameters are stac
 torch.func.vmap over torch.func.functional_call, x (S, B, ...) -> logits (S, B, K). The sum
 of the seeds' losses is backpropagated once; the stack hands each seed's parameters exactly
 the gradient of its own loss, since no seed's loss depends on another's weights. Every hook
-of the one-seed loop (make_batch, batch_loss, penalty, after_backward, the optimizer's step,
-correct_update, after_step, after_task) then runs per seed, in the one-seed order, on that
-seed's own objects, so the numbers are the one-seed path's up to float rounding (a batched
+of the one-seed loop (make_batch, batch_loss, penalty, the quadratic penalties' gradients,
+after_backward, the optimizer's step, correct_update, after_step, after_task) then runs per
+seed, in the one-seed order, on that seed's own objects, so the numbers are the one-seed path's up to float rounding (a batched
 matrix product sums in another order).
 
 Seeds may have different numbers of examples per task (each seed splits the data its own
@@ -31,7 +31,8 @@ from torch import nn
 from engram.data.streams import TensorSet, batches
 from engram.methods.base import Context, Method
 from engram.optimizers import build_optimizer, build_scheduler
-from engram.training import finish_epoch, finish_update, own_loss, task_optimizer
+from engram.training import (finish_epoch, finish_gradients, finish_update, own_loss,
+                              task_optimizer)
 
 
 class SeedGroup:
@@ -40,8 +41,7 @@ class SeedGroup:
     seeds' optimizers, hooks and evaluations keep using each network as it is, and one
     forward pass runs all of them (`__call__`, vmap over functional_call). Gradients of the
     stacked forward land on the stacked tensors; `hand_out_gradients` passes each row to its
-    network's parameter, where a penalty's gradient (EWC's, taken on the network itself) is
-    already. Made once per run: optimizers kept across tasks refer to these parameters."""
+    network's parameter (a quadratic penalty's gradient, EWC's, is added there after). Made once per run: optimizers kept across tasks refer to these parameters."""
 
     def __init__(self, networks: Sequence[nn.Module]) -> None:
         from torch.func import functional_call, vmap
@@ -205,7 +205,7 @@ def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequenc
             total.backward()  # each seed's rows of the stack get the gradient of its own loss
             group.hand_out_gradients(active)
             for s in active:
-                methods[s].after_backward(ctxs[s])
+                finish_gradients(ctxs[s], methods[s])
             for s in (active[:1] if one_for_all else active):  # seeds sitting out: no step
                 optimizers[s].step()
             for s in active:

@@ -128,7 +128,7 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
     scaler = None if precision is None else precision.scaler
     if scaler is None:
         total.backward()
-        method.after_backward(ctx)  # gradient projections
+        finish_gradients(ctx, method)
         optimizer.step()
     else:
         scaler.scale(total).backward()
@@ -139,10 +139,20 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
             scaler.step(optimizer)  # skips the update
             scaler.update()  # and lowers the scale
             return
-        method.after_backward(ctx)
+        finish_gradients(ctx, method)
         scaler.step(optimizer)
         scaler.update()
     finish_update(ctx, method, task_batch)
+
+
+def finish_gradients(ctx: Context, method: Method) -> None:
+    """The gradients after the backward pass, before the optimizer's step: the quadratic
+    penalties' gradients added in closed form (EWC, MAS, L2: Method.quadratic_penalties),
+    then the method's own after_backward (projections, SAM), which sees them, as it sees
+    any penalty's (shared with the seed-batched loop, engram.batched_training)."""
+    for quadratic in method.quadratic_penalties(ctx):
+        quadratic.add_gradient()
+    method.after_backward(ctx)
 
 
 def finish_update(ctx: Context, method: Method, task_batch: TensorSet) -> None:

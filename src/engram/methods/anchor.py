@@ -32,7 +32,8 @@ import torch
 from engram.schema import opt
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
-from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores, random_subset
+from engram.methods.base import (Context, Method, ProblemInfo, QuadraticPenalty,
+                                 needs_class_scores, random_subset)
 from engram.methods.ewc import FISHER_NEEDS
 
 Importance = Literal["fisher_exact", "fisher_sample", "fisher_empirical", "fisher_batch", "mas",
@@ -78,12 +79,13 @@ class OnlineAnchor(Method):
             return needs_class_scores(problem, FISHER_NEEDS)
         return None
 
-    def penalty(self, ctx: Context) -> torch.Tensor | None:
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
         if not self.importance:
-            return None
-        total = sum((self.importance[name] * (p - self.anchor[name]).pow(2)).sum()
-                    for name, p in ctx.model.named_parameters())
-        return 0.5 * self.params.strength * total
+            return []
+        names, params = zip(*ctx.model.named_parameters())
+        return [QuadraticPenalty(self.params.strength, params,
+                                 [self.importance[name] for name in names],
+                                 [self.anchor[name] for name in names])]
 
     def after_task(self, ctx: Context) -> None:
         data = random_subset(ctx.task.train, self.params.importance_samples, ctx.generator)

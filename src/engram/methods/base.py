@@ -11,6 +11,8 @@ The runner owns the step (see `engram.training.train_task`):
         penalty = method.penalty(ctx)            # None means "no penalty"
         if penalty is not None: loss = loss + penalty
         optimizer.zero_grad(); loss.backward()
+        for quadratic in method.quadratic_penalties(ctx):  # EWC, MAS, L2: closed form
+            quadratic.add_gradient()
         method.after_backward(ctx); optimizer.step()
         method.correct_update(ctx); method.after_step(batch, ctx)
     method.after_task(ctx)
@@ -36,7 +38,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,45 @@ from engram.models.protocol import unmet_need
 
 Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B,), task (B,)
 """A mini-batch: a TensorSet of B examples, x (B, ...), y (B,) targets, task (B,) task ids."""
+
+
+@dataclass(frozen=True)
+class QuadraticPenalty:
+    """The penalty (strength / 2) * sum_i precision_i (theta_i - anchor_i)^2 + constant over
+    `params` (one precision and one anchor tensor per parameter; a precision may be a 0-d
+    tensor, broadcast), which EWC, online EWC, MAS and L2 add to the loss.
+
+    The runner never differentiates it: after the backward pass of the step's loss it adds
+    the gradient, strength * precision * (theta - anchor), straight to each parameter's
+    .grad (`add_gradient`: three foreach passes over the parameters). As an autograd term
+    the penalty cost about as much as the small networks' whole step (measured on the
+    digits MLP: 0.73 s vs 0.51 s per 900 steps). `value()` is the penalty itself, for tests
+    and reports."""
+    strength: float
+    params: Sequence[torch.Tensor]     # the network's parameters, theta
+    precision: Sequence[torch.Tensor]  # e.g. EWC's summed Fisher, same order
+    anchor: Sequence[torch.Tensor]     # theta*, same order
+    constant: float = 0.0              # EWC's merged anchors leave one (see methods.ewc)
+
+    def value(self) -> torch.Tensor:
+        """The penalty as a differentiable scalar."""
+        total = sum(((p - m).pow(2) * a).sum()
+                    for p, a, m in zip(self.params, self.precision, self.anchor))
+        return 0.5 * self.strength * (total + self.constant)
+
+    @torch.no_grad()
+    def add_gradient(self) -> None:
+        """param.grad += strength * precision * (param - anchor) for every parameter that
+        trains (a frozen one takes no gradient, as with autograd; one without a gradient
+        this step, an unused head, gets this one alone)."""
+        trained = [i for i, p in enumerate(self.params) if p.requires_grad]
+        params = [self.params[i] for i in trained]
+        pull = torch._foreach_sub([p.detach() for p in params], [self.anchor[i] for i in trained])
+        torch._foreach_mul_(pull, [self.precision[i] for i in trained])  # precision (theta - anchor)
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        torch._foreach_add_([p.grad for p in params], pull, alpha=self.strength)
 
 
 @dataclass
@@ -235,6 +276,14 @@ class Method:
         (lambda / 2) * sum_i F_i (theta_i - theta*_i)^2 (Kirkpatrick et al. 2017)."""
         return None
 
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
+        """Penalties of the form (lambda / 2) sum_i precision_i (theta_i - anchor_i)^2, whose
+        gradients the runner adds in closed form after the backward pass, before
+        after_backward (so projections and SAM see them, as any penalty's): EWC, online EWC,
+        MAS, L2. A quadratic penalty belongs here rather than in `penalty`, where autograd
+        would pay for a graph as large as the network twice over every step."""
+        return []
+
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
         """Why this method cannot act on `problem`, as a phrase following "it" (e.g.
         "distils a softmax over the outputs, and this problem has 1 output ..."); None
@@ -277,6 +326,18 @@ class Method:
     def extra_bytes(self) -> int:
         """Bytes of tensors the method keeps between tasks (anchors, Fishers, buffers)."""
         return sum(t.numel() * t.element_size() for t in _tensors(self.state_dict()))
+
+
+def penalty_value(method: Method, ctx: Context) -> torch.Tensor | None:
+    """The whole penalty `method` adds to the step's loss, as a differentiable scalar: its
+    `penalty` plus its quadratic penalties' values (None: no penalty). What the runner
+    trains on, for tests and reports; the runner itself never builds it (see
+    QuadraticPenalty)."""
+    terms = [quadratic.value() for quadratic in method.quadratic_penalties(ctx)]
+    penalty = method.penalty(ctx)
+    if penalty is not None:
+        terms.insert(0, penalty)
+    return sum(terms[1:], terms[0]) if terms else None
 
 
 def task_ids_at_test(ctx: Context) -> bool:

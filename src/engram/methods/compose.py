@@ -22,7 +22,7 @@ import torch
 from engram.config import MethodSpec
 from engram.data.streams import TensorSet
 from engram.errors import ConfigError
-from engram.methods.base import Batch, Context, Method, ProblemInfo
+from engram.methods.base import Batch, Context, Method, ProblemInfo, QuadraticPenalty
 
 
 @dataclass
@@ -106,6 +106,9 @@ class Compose(Method):
     def penalty(self, ctx: Context) -> torch.Tensor | None:
         penalties = [p for p in (part.penalty(ctx) for part in self.parts) if p is not None]
         return sum(penalties[1:], penalties[0]) if penalties else None
+
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
+        return [quadratic for part in self.parts for quadratic in part.quadratic_penalties(ctx)]
 
     def after_backward(self, ctx: Context) -> None:
         for part in self.parts:

@@ -12,7 +12,8 @@ keeps A = sum_k F_k and the precision-weighted anchor mu = (sum_k F_k theta*_k) 
     sum_k F_k (theta - theta*_k)^2 = A (theta - mu)^2 + const
 
 which has exactly the same value (const is kept) and gradient at 2P floats of memory
-instead of 2PT. The Fisher estimator is a named choice (see `engram.importance.fisher`):
+instead of 2PT. The runner adds its gradient lambda A (theta - mu) in closed form
+(`QuadraticPenalty`). The Fisher estimator is a named choice (see `engram.importance.fisher`):
 "exact" (expectation over labels, the default), "sample", "empirical" (true label) or
 "batch" (squared mini-batch mean gradient). It is computed in eval mode on the task's
 training data at the end of the task, through the head(s) the scenario uses. In the
@@ -33,40 +34,12 @@ import torch
 
 from engram.schema import opt
 from engram.importance.fisher import fisher_diagonal
-from engram.methods.base import Context, Method, ProblemInfo, needs_class_scores, random_subset
+from engram.methods.base import (Context, Method, ProblemInfo, QuadraticPenalty,
+                                 needs_class_scores, random_subset)
 
 # Why a Fisher-based importance cannot act on a regression or a single output: the estimators
 # of engram.importance.fisher use the categorical likelihood softmax(outputs).
 FISHER_NEEDS = "estimates its Fisher information from a softmax over the outputs"
-
-
-class QuadraticPenalty(torch.autograd.Function):
-    """sum_i A_i (theta_i - mu_i)^2 over a list of parameters as ONE autograd node, with the
-    gradient 2 A (theta - mu) written out: four passes over the parameters instead of the
-    ten or so of autograd's sub / pow / mul / sum and their backward, which made the penalty
-    cost more than the network's own step on small models. (No foreach ops: torch.func.vmap
-    has no batching rule for them.)"""
-
-    generate_vmap_rule = True  # usable under torch.func.vmap / grad (seeds stacked in one model)
-
-    @staticmethod
-    def forward(precision: list[torch.Tensor], anchor: list[torch.Tensor],
-                *params: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        diffs = [p - m for p, m in zip(params, anchor)]                # theta - mu
-        weighted = [d * a for d, a in zip(diffs, precision)]           # A (theta - mu)
-        total = torch.stack([torch.vdot(w.reshape(-1), d.reshape(-1))
-                             for w, d in zip(weighted, diffs)]).sum()
-        return (total, *weighted)  # A (theta - mu) as outputs: saved for backward, no grad
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        weighted = output[1:]
-        ctx.save_for_backward(*weighted)
-        ctx.mark_non_differentiable(*weighted)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor, *_unused: torch.Tensor):
-        return (None, None, *(w * (2 * grad) for w in ctx.saved_tensors))
 
 
 @dataclass
@@ -93,13 +66,13 @@ class EWC(Method):
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
         return needs_class_scores(problem, FISHER_NEEDS)
 
-    def penalty(self, ctx: Context) -> torch.Tensor | None:
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
         if not self.precision:
-            return None
+            return []
         names, params = zip(*ctx.model.named_parameters())
-        total = QuadraticPenalty.apply([self.precision[name] for name in names],
-                                       [self.anchor[name] for name in names], *params)[0]
-        return 0.5 * self.params.strength * (total + self.constant)
+        return [QuadraticPenalty(self.params.strength, params,
+                                 [self.precision[name] for name in names],
+                                 [self.anchor[name] for name in names], self.constant)]
 
     def after_task(self, ctx: Context) -> None:
         data = random_subset(ctx.task.train, self.params.fisher_samples, ctx.generator)
