@@ -87,11 +87,14 @@ def test_batched_ewc_with_adam_writes_the_rows_of_four_one_seed_runs(tmp_path):
     assert_same_rows(one, batched)
 
 
-def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_path):
-    """Replay's memory, sampling and reservoir draws per seed (its own generator); the mixed
-    batches are longer than the task's."""
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "herding"])
+def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_path, policy):
+    """Replay's memory, sampling and insertion draws per seed (its own generator); the mixed
+    batches are longer than the task's. class_balanced inserts one example at a time, drawing
+    the slot to replace; herding picks its exemplars at the task's end from the seed's own
+    network's features (in eval mode, outside the stacked forward pass)."""
     one, batched = one_by_one_and_batched(
-        tmp_path, methods=[{"name": "replay", "memory": 50}],
+        tmp_path, methods=[{"name": "replay", "memory": 50, "policy": policy}],
         train={"momentum": 0.9, "epochs": 2})
     assert_same_rows(one, batched)
 
