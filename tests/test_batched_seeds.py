@@ -197,6 +197,24 @@ def test_configs_that_cannot_batch_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("kind", ["resnet18", "resnet18_slim"])
+def test_engram_run_refuses_batch_norm_networks_before_any_run_starts(tmp_path, capsys, kind):
+    """Batch norm's running statistics are buffers the stacked forward pass does not update:
+    refused at planning, in one line naming the model kind, before the folder is made."""
+    import yaml
+
+    from engram.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(model={"kind": kind}))))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "seeds=[0,1]", "--batch-seeds", "--out", str(out), "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"model.kind {kind} keeps" in error and "bn1.running_mean" in error
+    assert not out.exists()
+
+
 def test_engram_run_batch_seeds_flag_writes_every_seed(tmp_path, capsys):
     import yaml
 

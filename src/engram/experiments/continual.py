@@ -428,11 +428,20 @@ def batched_identity(cfg: RunConfig) -> dict[str, Any]:
     return {"batch_seeds": True} if cfg.batch_seeds else {}
 
 
+# The input shape a network is built for when check_batchable looks at its layers, before
+# any data is loaded: which layers (and so which buffers) a body has does not depend on it
+# for engram's model kinds. A plugin kind that cannot be built for it, or whose buffers
+# depend on the real shape, is checked again when its group starts (execute_seeds).
+PLACEHOLDER_INPUT_SHAPE = (3, 32, 32)
+
+
 def check_batchable(cfg: RunConfig) -> None:
     """ConfigError naming what stops `batch_seeds` for this config: dropout (masks come from
-    torch's one global RNG, drawn per run), train.amp or train.channels_last. (A method whose
-    hooks are not known to stay exact when its seeds train together, Method.batchable, runs
-    its seeds one at a time instead: seed_group_jobs.)"""
+    torch's one global RNG, drawn per run), a network with buffers (batch norm's running
+    statistics, which the stacked forward pass does not update), train.amp or
+    train.channels_last. Called at planning, before any run starts. (A method whose hooks
+    are not known to stay exact when its seeds train together, Method.batchable, runs its
+    seeds one at a time instead: seed_group_jobs.)"""
     if cfg.model.dropout > 0:
         raise ConfigError("batch_seeds: model.dropout draws its masks from torch's global RNG, "
                           "one run at a time; set model.dropout: 0 or batch_seeds: false")
@@ -440,6 +449,25 @@ def check_batchable(cfg: RunConfig) -> None:
         if getattr(cfg.train, key):
             raise ConfigError(f"batch_seeds: train.{key} is not supported with batched seeds; "
                               "set one of them to false")
+    buffers = model_kind_buffers(cfg)
+    if buffers:
+        raise ConfigError(f"batch_seeds: model.kind {cfg.model.kind} keeps {len(buffers)} "
+                          f"buffers (e.g. {buffers[0]}), which a stacked forward pass does not "
+                          "update (batch norm's running statistics); set batch_seeds: false")
+
+
+def model_kind_buffers(cfg: RunConfig) -> list[str]:
+    """The names of the buffers of the body cfg.model builds, built on the meta device (no
+    storage, milliseconds even for a ResNet-18) for PLACEHOLDER_INPUT_SHAPE; [] when the
+    kind cannot be built for that shape (execute_seeds checks the real network)."""
+    from engram.registry import MODELS
+
+    try:
+        with torch.device("meta"):
+            body, _ = MODELS.get(cfg.model.kind)(PLACEHOLDER_INPUT_SHAPE, cfg.model)
+    except Exception:  # noqa: BLE001 - a plugin kind's own shape checks; see above
+        return []
+    return [name for name, _ in body.named_buffers()]
 
 
 def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> list[Job]:
@@ -481,6 +509,8 @@ def execute_seeds(job: Job, sink: JobSink) -> None:
     runs = [prepare_run(cfg, spec, seed, build_stream(source, cfg.data, cfg.stream, seed, device),
                         device) for seed in payload.seeds]
     for ident, method, ctx in runs:
+        # check_batchable refused engram's kinds with buffers at planning; this catches a
+        # plugin kind (or a method's prepare_model) that adds them for the real input shape
         if any(True for _ in ctx.model.buffers()):
             raise ConfigError("batch_seeds: the network keeps buffers (batch norm's running "
                               "statistics), which a stacked forward pass does not update; "
