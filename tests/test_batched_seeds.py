@@ -14,6 +14,7 @@ from engram.batched_training import SeedGroup, stack_padded
 from engram.cli import main
 from engram.errors import ConfigError, EngramError
 from engram.experiments.continual import run_experiment
+from engram.methods.naive import Naive
 from engram.registry import METHODS
 from engram.results import KEY, read_rows, row_key
 from tests.conftest import tiny_config as tiny
@@ -87,11 +88,14 @@ def test_batched_ewc_with_adam_writes_the_rows_of_four_one_seed_runs(tmp_path):
     assert_same_rows(one, batched)
 
 
-def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_path):
-    """Replay's memory, sampling and reservoir draws per seed (its own generator); the mixed
-    batches are longer than the task's."""
+@pytest.mark.parametrize("policy", ["reservoir", "class_balanced", "herding"])
+def test_batched_replay_with_momentum_writes_the_rows_of_four_one_seed_runs(tmp_path, policy):
+    """Replay's memory, sampling and insertion draws per seed (its own generator); the mixed
+    batches are longer than the task's. class_balanced inserts one example at a time, drawing
+    the slot to replace; herding picks its exemplars at the task's end from the seed's own
+    network's features (in eval mode, outside the stacked forward pass)."""
     one, batched = one_by_one_and_batched(
-        tmp_path, methods=[{"name": "replay", "memory": 50}],
+        tmp_path, methods=[{"name": "replay", "memory": 50, "policy": policy}],
         train={"momentum": 0.9, "epochs": 2})
     assert_same_rows(one, batched)
 
@@ -194,6 +198,24 @@ def test_configs_that_cannot_batch_are_refused_in_one_line(tmp_path):
     assert not (tmp_path / "b").exists()
 
 
+@pytest.mark.parametrize("kind", ["resnet18", "resnet18_slim"])
+def test_engram_run_refuses_batch_norm_networks_before_any_run_starts(tmp_path, capsys, kind):
+    """Batch norm's running statistics are buffers the stacked forward pass does not update:
+    refused at planning, in one line naming the model kind, before the folder is made."""
+    import yaml
+
+    from engram.config import config_to_dict
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(model={"kind": kind}))))
+    out = tmp_path / "out"
+    assert main(["run", str(config), "seeds=[0,1]", "--batch-seeds", "--out", str(out), "-q"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert len(error.splitlines()) == 1
+    assert f"model.kind {kind} keeps" in error and "bn1.running_mean" in error
+    assert not out.exists()
+
+
 def test_engram_run_batch_seeds_flag_writes_every_seed(tmp_path, capsys):
     import yaml
 
@@ -271,3 +293,128 @@ def test_a_folder_is_resumed_only_in_the_mode_it_was_started_in(tmp_path):
     with pytest.raises(EngramError, match="holds another experiment \\(batch_seeds"):
         run_experiment(cfg, tmp_path / "batched", show_progress=False)
     run_experiment(cfg, tmp_path / "one", show_progress=False)  # its own mode resumes
+
+
+# ----------------------------------------------------------------------------- divergence
+
+@dataclasses.dataclass
+class DivergeParams:
+    task: int = 2          # the task (1-based) whose training diverges ...
+    train_size: int = 0    # ... for the seed whose split gives that task this many examples
+
+
+class DivergeOnOneSeed(Naive):
+    """Test-only: naive, except that its loss is NaN on one task of the seed whose split gives
+    that task `train_size` examples, so exactly that seed diverges (on the one-seed path and
+    batched alike): its NaN gradient makes its weights NaN, finish_epoch sees a NaN loss."""
+    Params = DivergeParams
+    batchable = True
+
+    def batch_loss(self, outputs, batch, ctx):
+        loss = super().batch_loss(outputs, batch, ctx)
+        hit = (ctx.task.index + 1 == self.params.task
+               and len(ctx.task.train) == self.params.train_size)
+        return loss * float("nan") if hit else loss
+
+
+@pytest.fixture
+def diverge_method(monkeypatch):
+    """METHODS with "diverge_on_one_seed" registered, for this test only."""
+    METHODS.names()  # filled first, so the copy is complete
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    METHODS.add("diverge_on_one_seed", DivergeOnOneSeed, "test only: NaN loss for one seed")
+
+
+def task_sizes(seeds, **sections):
+    """{seed: (number of training examples of each task)} of tiny_config(**sections)."""
+    from engram.data import build_stream, load_source
+
+    cfg = tiny_config(**sections)
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    return {seed: tuple(len(t.train) for t in build_stream(source, cfg.data, cfg.stream,
+                                                           seed).tasks) for seed in seeds}
+
+
+@pytest.mark.parametrize("train", [
+    {"epochs": 2},  # one optimizer for all seeds
+    {"epochs": 2, "momentum": 0.9, "scheduler": "steplr", "scheduler_step": "step",
+     "scheduler_args": {"step_size": 4, "gamma": 0.5}},  # each seed its own optimizer
+], ids=["shared-optimizer", "own-optimizers"])
+def test_a_diverging_seed_fails_alone_as_its_one_seed_run_does(tmp_path, capsys, diverge_method,
+                                                               train):
+    """Seed 1 of 3 diverges on task 2: batched, the other two finish with their one-seed
+    rows; seed 1 has the rows its one-seed run has (up to task 1, no run_complete) and the
+    same failure, in failures.jsonl and in the end-of-run report (`engram run`'s)."""
+    import yaml
+
+    from engram.config import config_to_dict
+
+    seeds = [0, 1, 2]
+    sizes = task_sizes(seeds)
+    assert [sizes[seed][1] for seed in seeds].count(sizes[1][1]) == 1  # only seed 1 diverges
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(config_to_dict(tiny_config(
+        seeds=seeds, train=train,
+        methods=[{"name": "diverge_on_one_seed", "task": 2, "train_size": sizes[1][1]}]))))
+    reports = {}
+    for mode, flags in (("one", []), ("batched", ["--batch-seeds"])):
+        capsys.readouterr()
+        code = main(["run", str(config), "--out", str(tmp_path / mode), "-q", *flags])
+        reports[mode] = (code, capsys.readouterr().err.replace(str(tmp_path / mode), "OUT"))
+    assert reports["one"] == reports["batched"]
+    code, err = reports["one"]
+    assert code == 1 and "1 of 3 runs failed (also in OUT/failures.jsonl)" in err
+    assert f"diverge_on_one_seed(train_size={sizes[1][1]}) seed 1: DivergenceError: training " \
+        "diverged on task 2" in err
+    failures = [(tmp_path / mode / "failures.jsonl").read_text() for mode in ("one", "batched")]
+    assert failures[0] == failures[1] and len(failures[0].splitlines()) == 1
+    one, batched = rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "batched")
+    assert_same_rows_of_runs(one, batched, len(seeds))
+    complete = {row["seed"] for row in batched.values() if row["metric"] == "run_complete"}
+    assert complete == {"0", "2"}
+    assert max(int(row["task_trained"]) for row in batched.values() if row["seed"] == "1") == 1
+
+
+def test_runs_failed_survives_the_trip_from_a_worker_process():
+    """A group's RunsFailed is pickled back to the parent (worker pool, Ray) with its runs."""
+    import pickle
+
+    from engram.errors import DivergenceError
+    from engram.experiments.jobs import RunsFailed, portable_error
+
+    error = RunsFailed("1 of 2 diverged", [("abc", 1, "naive", DivergenceError("nan"))])
+    back = pickle.loads(pickle.dumps(portable_error(error)))
+    assert isinstance(back, RunsFailed) and str(back) == "1 of 2 diverged"
+    [(run, seed, label, inner)] = back.failures
+    assert (run, seed, label, str(inner)) == ("abc", 1, "naive", "nan")
+    assert isinstance(inner, DivergenceError)
+
+
+def test_a_seed_out_of_training_is_never_moved():
+    """train_task_seeds with seed 1 not alive: its network and optimizer state are untouched
+    (no gradient, no step: one optimizer holds every seed's parameters), seeds 0 and 2
+    train."""
+    from engram.batched_training import train_task_seeds
+    from engram.data import build_stream, load_source
+    from engram.experiments.continual import prepare_run
+
+    cfg = tiny_config(seeds=[0, 1, 2], train={"epochs": 1, "momentum": 0.9})
+    source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
+    runs = [prepare_run(cfg, cfg.methods[0], seed,
+                        build_stream(source, cfg.data, cfg.stream, seed), torch.device("cpu"))
+            for seed in cfg.seeds]
+    ctxs, methods = [ctx for _, _, ctx in runs], [method for _, method, _ in runs]
+    group = SeedGroup([ctx.model for ctx in ctxs])
+    before = [[p.detach().clone() for p in ctx.model.parameters()] for ctx in ctxs]
+    for ctx in ctxs:
+        ctx.task = ctx.stream.tasks[0]
+        ctx.seen_tasks.append(ctx.task)
+    epochs = []
+    diverged = train_task_seeds(group, ctxs, methods, lambda s, e, loss: epochs.append(s),
+                                alive=[0, 2])
+    assert diverged == {} and epochs == [0, 2] and ctxs[1].step == 0
+    for s, moved in ((0, True), (1, False), (2, True)):
+        now = list(ctxs[s].model.parameters())
+        assert any(not torch.equal(a, b) for a, b in zip(before[s], now)) == moved
+    assert all(p.grad is None for p in ctxs[1].model.parameters())
+    assert all(p not in group.optimizer.state for p in ctxs[1].model.parameters())

@@ -16,19 +16,22 @@ matrix product sums in another order).
 
 Seeds may have different numbers of examples per task (each seed splits the data its own
 way): a step pads the shorter mini-batches, and a seed whose epoch has ended sits out the
-remaining steps (its optimizer does not step). Methods say whether this is exact for them
-(`Method.batchable`); the caller runs the others' seeds one at a time.
+remaining steps (its optimizer does not step). A seed that diverges (a non-finite mean loss
+at an epoch's end) sits out the rest the same way, and the caller records it as a one-seed run
+that diverged there. Methods say whether this is exact for them (`Method.batchable`); the
+caller runs the others' seeds one at a time.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import torch
 from torch import nn
 
 from engram.data.streams import TensorSet, batches
+from engram.errors import DivergenceError
 from engram.methods.base import Context, Method
 from engram.optimizers import build_optimizer, build_scheduler
 from engram.training import (finish_epoch, finish_gradients, finish_update, own_loss,
@@ -140,17 +143,26 @@ def shares_one_optimizer(ctxs: Sequence[Context]) -> bool:
 
 
 def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequence[Method],
-                     on_epoch: Callable[[int, int, float], None]) -> None:
+                     on_epoch: Callable[[int, int, float], None],
+                     alive: Collection[int] | None = None) -> dict[int, DivergenceError]:
     """Train each ctxs[s].model (the networks of `group`) on ctxs[s].task with methods[s] for
     train.epochs epochs, all seeds in one stacked forward and backward pass per step (see
     the module docstring): engram.training.train_task for S seeds at once. `on_epoch(s,
     epoch, loss)` gets what train_task's on_epoch gets, per seed. Assumes full precision (no
     train.amp) and networks without buffers or random layers (no batch norm, no dropout):
-    the caller checks."""
+    the caller checks.
+
+    Only the seeds in `alive` (default: all) train; the others sit out every step (no hook
+    runs, no gradient, no optimizer step). A seed whose epoch ends in a non-finite loss
+    (finish_epoch's DivergenceError, where train_task would raise) leaves the training
+    there: no on_epoch, no after_task, and it sits out the rest, while the others go on.
+    Returns the DivergenceError of each seed that diverged on this task."""
     cfg = ctxs[0].train_cfg
-    for ctx, method in zip(ctxs, methods):
-        ctx.model.train()
-        method.before_task(ctx)
+    training = set(range(len(ctxs)) if alive is None else alive)  # shrinks as seeds diverge
+    diverged: dict[int, DivergenceError] = {}
+    for s in sorted(training):
+        ctxs[s].model.train()
+        methods[s].before_task(ctxs[s])
     # after before_task, as in train_task; one optimizer for all seeds where that is exact
     # (fewer, larger updates: foreach over every seed's tensors), else each seed's own
     one_for_all = shares_one_optimizer(ctxs)
@@ -164,12 +176,14 @@ def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequenc
         pairs = [task_optimizer(ctx) for ctx in ctxs]
         optimizers, schedulers = [o for o, _ in pairs], [sched for _, sched in pairs]
     per_step = cfg.scheduler is not None and cfg.scheduler_step == "step"
-    data = [method.training_data(ctx.task.train, ctx) for ctx, method in zip(ctxs, methods)]
     seeds = range(len(ctxs))
+    data = [methods[s].training_data(ctxs[s].task.train, ctxs[s]) if s in training else None
+            for s in seeds]
     device = ctxs[0].device
     for epoch in range(1, cfg.epochs + 1):
-        orders = [torch.randperm(len(d), generator=ctx.generator) for d, ctx in zip(data, ctxs)]
-        streams = [batches(d, order, cfg.batch_size) for d, order in zip(data, orders)]
+        # a seed out of training gets no mini-batches: it sits out every step
+        streams = [batches(data[s], torch.randperm(len(data[s]), generator=ctxs[s].generator),
+                           cfg.batch_size) if s in training else iter(()) for s in seeds]
         loss_sums = [torch.zeros((), device=device) for _ in seeds]  # trained, for divergence
         own_sums = [torch.zeros((), device=device) for _ in seeds]   # recorded (train_task)
         correct_sums = [torch.zeros((), device=device) for _ in seeds]
@@ -213,10 +227,17 @@ def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequenc
                 loss_sums[s] += losses[s].detach()
                 if per_step:  # never with one_for_all (shares_one_optimizer)
                     schedulers[s].step()
-        for s in seeds:
-            on_epoch(s, epoch, finish_epoch(ctxs[s], schedulers[s], per_step, epoch, len(data[s]),
-                                            loss_sums[s], own_sums[s], correct_sums[s]))
+        for s in sorted(training):
+            try:
+                mean_loss = finish_epoch(ctxs[s], schedulers[s], per_step, epoch, len(data[s]),
+                                         loss_sums[s], own_sums[s], correct_sums[s])
+            except DivergenceError as error:  # where a one-seed run stops; the others go on
+                diverged[s] = error
+                training.discard(s)
+                continue
+            on_epoch(s, epoch, mean_loss)
         if one_for_all and group.scheduler is not None:
             group.scheduler.step()  # the shared schedule: the epoch step each seed's would take
-    for ctx, method in zip(ctxs, methods):
-        method.after_task(ctx)
+    for s in sorted(training):
+        methods[s].after_task(ctxs[s])
+    return diverged

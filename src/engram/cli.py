@@ -446,7 +446,7 @@ def _report_failures(report: Any) -> int:
     the exit status: 1 when any failed, else 0. The same for every experiment command."""
     if not report.failures:
         return 0
-    print(f"\n{len(report.failures)} of {report.total} runs failed (also in "
+    print(f"\n{len(report.failures)} of {report.runs} runs failed (also in "
           f"{report.folder / 'failures.jsonl'}); the others' results were kept:", file=sys.stderr)
     for failure in report.failures:
         where = ", ".join(f"{k}={v}" for k, v in failure["point"].items())

@@ -27,7 +27,8 @@ from engram.data.streams import Stream
 from engram.errors import ConfigError, EngramError
 from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
                                  refuse_unusable_model)
-from engram.experiments.harness import Job, JobSink, Plan, Report, resolve_device, run_id, run_plan
+from engram.experiments.harness import (Job, JobSink, Plan, Report, RunsFailed, resolve_device,
+                                        run_id, run_plan)
 from engram.results import COLUMNS, KEY, ResultWriter, row_key
 from engram.training import measure, restore_optimizer, train_task
 
@@ -396,17 +397,22 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
 # seeded initial weights, its generator) and trains them together with
 # engram.batched_training.train_task_seeds. Each seed's rows are the one-seed path's rows,
 # under the same run ids, with the same values up to float rounding, except train_seconds:
-# the task's wall time shared by all the seeds, divided by their number (so that summing over
-# runs still gives the wall time spent).
+# the task's wall time shared by the seeds that finished the task, divided by their number
+# (so that summing over runs still gives the wall time spent). Memory policies of replay
+# (reservoir, class_balanced, herding) are all exact batched (tests/test_batched_seeds.py).
 #
 # Methods that are not `Method.batchable` run their seeds one at a time (seed_group_jobs);
-# a folder is resumed only in the mode it was started in (batched_identity). What it does
-# not do (yet): resume a killed group from a checkpoint (a rerun trains the group's seeds
-# from their first task again; rows already written are skipped: if the group's seeds
-# changed meanwhile, the re-measured trajectories differ from the written ones by float
-# rounding), and run networks with buffers or dropout, train.amp or train.channels_last
-# (`check_batchable` refuses the config before anything runs; buffers when the group
-# starts). A seed that diverges fails its whole group.
+# a folder is resumed only in the mode it was started in (batched_identity). A seed that
+# diverges stops where its one-seed run would (the same rows, no run_complete) and sits out
+# the rest while the others finish; the group job ends with RunsFailed, which the harness
+# records as each diverged seed's own failure (failures.jsonl, the report), as for one-seed
+# runs. Refused at planning, before anything runs (`check_batchable`): networks with buffers
+# (batch norm: resnet18, resnet18_slim; a plugin kind that adds them for the real input
+# shape is refused when its group starts), dropout, train.amp, train.channels_last. What it
+# does not do (yet): resume a killed group from a checkpoint (a rerun trains the group's
+# seeds from their first task again, the diverged ones too; rows already written are
+# skipped: if the group's seeds changed meanwhile, the re-measured trajectories differ from
+# the written ones by float rounding).
 
 
 @dataclass
@@ -428,11 +434,20 @@ def batched_identity(cfg: RunConfig) -> dict[str, Any]:
     return {"batch_seeds": True} if cfg.batch_seeds else {}
 
 
+# The input shape a network is built for when check_batchable looks at its layers, before
+# any data is loaded: which layers (and so which buffers) a body has does not depend on it
+# for engram's model kinds. A plugin kind that cannot be built for it, or whose buffers
+# depend on the real shape, is checked again when its group starts (execute_seeds).
+PLACEHOLDER_INPUT_SHAPE = (3, 32, 32)
+
+
 def check_batchable(cfg: RunConfig) -> None:
     """ConfigError naming what stops `batch_seeds` for this config: dropout (masks come from
-    torch's one global RNG, drawn per run), train.amp or train.channels_last. (A method whose
-    hooks are not known to stay exact when its seeds train together, Method.batchable, runs
-    its seeds one at a time instead: seed_group_jobs.)"""
+    torch's one global RNG, drawn per run), a network with buffers (batch norm's running
+    statistics, which the stacked forward pass does not update), train.amp or
+    train.channels_last. Called at planning, before any run starts. (A method whose hooks
+    are not known to stay exact when its seeds train together, Method.batchable, runs its
+    seeds one at a time instead: seed_group_jobs.)"""
     if cfg.model.dropout > 0:
         raise ConfigError("batch_seeds: model.dropout draws its masks from torch's global RNG, "
                           "one run at a time; set model.dropout: 0 or batch_seeds: false")
@@ -440,6 +455,25 @@ def check_batchable(cfg: RunConfig) -> None:
         if getattr(cfg.train, key):
             raise ConfigError(f"batch_seeds: train.{key} is not supported with batched seeds; "
                               "set one of them to false")
+    buffers = model_kind_buffers(cfg)
+    if buffers:
+        raise ConfigError(f"batch_seeds: model.kind {cfg.model.kind} keeps {len(buffers)} "
+                          f"buffers (e.g. {buffers[0]}), which a stacked forward pass does not "
+                          "update (batch norm's running statistics); set batch_seeds: false")
+
+
+def model_kind_buffers(cfg: RunConfig) -> list[str]:
+    """The names of the buffers of the body cfg.model builds, built on the meta device (no
+    storage, milliseconds even for a ResNet-18) for PLACEHOLDER_INPUT_SHAPE; [] when the
+    kind cannot be built for that shape (execute_seeds checks the real network)."""
+    from engram.registry import MODELS
+
+    try:
+        with torch.device("meta"):
+            body, _ = MODELS.get(cfg.model.kind)(PLACEHOLDER_INPUT_SHAPE, cfg.model)
+    except Exception:  # noqa: BLE001 - a plugin kind's own shape checks; see above
+        return []
+    return [name for name, _ in body.named_buffers()]
 
 
 def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> list[Job]:
@@ -460,7 +494,8 @@ def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> li
             jobs.append(Job(run_id({"seed_group": ids}), seeds[0], f"{spec.label()} (seeds "
                             f"{','.join(map(str, seeds))} batched)",
                             SeedsPayload(cfg, spec, seeds, ids), point,
-                            size=len(seeds) * cfg.stream.n_tasks * cfg.train.epochs))
+                            size=len(seeds) * cfg.stream.n_tasks * cfg.train.epochs,
+                            runs=len(seeds)))
     return jobs
 
 
@@ -481,41 +516,59 @@ def execute_seeds(job: Job, sink: JobSink) -> None:
     runs = [prepare_run(cfg, spec, seed, build_stream(source, cfg.data, cfg.stream, seed, device),
                         device) for seed in payload.seeds]
     for ident, method, ctx in runs:
+        # check_batchable refused engram's kinds with buffers at planning; this catches a
+        # plugin kind (or a method's prepare_model) that adds them for the real input shape
         if any(True for _ in ctx.model.buffers()):
             raise ConfigError("batch_seeds: the network keeps buffers (batch norm's running "
                               "statistics), which a stacked forward pass does not update; "
                               "set batch_seeds: false")
     idents, methods, ctxs = map(list, zip(*runs))
-    train_seeds(idents, methods, ctxs, sink)
-    for ident in idents:  # a checkpoint left by an earlier one-seed attempt is stale now
-        (Path(sink.folder) / "checkpoints" / f"{ident.run_id}.pt").unlink(missing_ok=True)
+    try:
+        train_seeds(idents, methods, ctxs, sink)  # RunsFailed when seeds diverged
+    finally:
+        for ident in idents:  # a checkpoint left by an earlier one-seed attempt is stale now
+            (Path(sink.folder) / "checkpoints" / f"{ident.run_id}.pt").unlink(missing_ok=True)
 
 
 def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
     """The body of a seed group: run_through_stream's rows for every seed (the untrained
     baseline, each epoch's train loss, the evaluations, each task's train_seconds and
-    extra_bytes, run_complete), the training batched (train_task_seeds)."""
+    extra_bytes, run_complete), the training batched (train_task_seeds). A seed that
+    diverges stops where its one-seed run would (its rows up to the epoch before, no
+    run_complete) while the others go on; RunsFailed at the end names each such seed's
+    DivergenceError, which the harness records as that run's failure."""
     from engram.batched_training import SeedGroup, train_task_seeds
 
     group = SeedGroup([ctx.model for ctx in ctxs])  # the parameters stacked, once per run
     for ident, method, ctx in zip(idents, methods, ctxs):
         sink.emit(evaluation_rows(ident, ctx, method, 0, 0))  # the untrained baseline
     stream = ctxs[0].stream  # every seed's stream has the same tasks, in the same order
+    alive = list(range(len(ctxs)))  # the seeds still training, in order
+    diverged: dict[int, EngramError] = {}
     for index in range(len(stream)):
+        if not alive:
+            break
         number = index + 1
-        for ctx in ctxs:
-            ctx.task = ctx.stream.tasks[index]
-            ctx.seen_tasks.append(ctx.task)
+        for s in alive:
+            ctxs[s].task = ctxs[s].stream.tasks[index]
+            ctxs[s].seen_tasks.append(ctxs[s].task)
         started = time.perf_counter()
 
         def on_epoch(s: int, epoch: int, mean_loss: float) -> None:
             sink.emit(epoch_rows(idents[s], ctxs[s], methods[s], number, epoch, mean_loss))
             sink.report(1)
 
-        train_task_seeds(group, ctxs, methods, on_epoch)
-        share = (time.perf_counter() - started) / len(ctxs)  # the task's time, per seed
-        for ident, method, ctx in zip(idents, methods, ctxs):
-            sink.emit(task_end_rows(ident, ctx, method, number, share))
-    for ident, ctx in zip(idents, ctxs):
-        sink.emit([ident.row(task_trained=len(stream), epoch=ctx.train_cfg.epochs, step=ctx.step,
-                             metric="run_complete", value=1)])
+        diverged.update(train_task_seeds(group, ctxs, methods, on_epoch, alive))
+        alive = [s for s in alive if s not in diverged]
+        # the task's time, shared by the seeds that write it: summed over runs, the wall time
+        share = (time.perf_counter() - started) / max(len(alive), 1)
+        for s in alive:
+            sink.emit(task_end_rows(idents[s], ctxs[s], methods[s], number, share))
+    for s in alive:
+        sink.emit([idents[s].row(task_trained=len(stream), epoch=ctxs[s].train_cfg.epochs,
+                                 step=ctxs[s].step, metric="run_complete", value=1)])
+    if diverged:
+        raise RunsFailed(
+            f"{len(diverged)} of {len(ctxs)} batched seeds diverged; the others finished",
+            [(idents[s].run_id, idents[s].seed, idents[s].method.label(), diverged[s])
+             for s in sorted(diverged)])

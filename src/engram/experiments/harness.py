@@ -52,8 +52,8 @@ import torch
 
 from engram.config import check_device
 from engram.errors import ConfigError, EngramError
-from engram.experiments.jobs import (Job, JobSink, Plan, error_text, execute_job, portable_error,
-                                     set_threads)
+from engram.experiments.jobs import (Job, JobSink, Plan, RunsFailed, error_text, execute_job,
+                                     portable_error, set_threads)
 from engram.experiments.outdir import OutputFolder
 from engram.plugins import load_plugins
 from engram.results import ResultWriter
@@ -106,6 +106,7 @@ class Report:
     seconds: float
     folder: Path
     rows_written: int = 0  # rows this call added to the table (duplicates of rows there skipped)
+    runs: int = 0          # the runs of the plan's jobs (a group of batched seeds holds several)
 
     @classmethod
     def extending(cls, report: "Report", **extra: Any) -> "Report":
@@ -197,6 +198,7 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
     failures_file = out / "failures.jsonl"
     failures: list[dict[str, Any]] = []
     errors: list[BaseException | str] = []
+    failed_jobs: list[str] = []  # the run id of each failure's job
     progress = _progress_bar(sum(job.size for job in plan.jobs), plan.unit, show_progress,
                              workers)
     try:
@@ -221,12 +223,18 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
                           f"{job.describe()} {outcome}", file=sys.stderr, flush=True)
                 if error is None:
                     return
-                failure = {"run_id": job.run_id, "point": job.point, "label": job.label,
-                           "seed": job.seed, "error": text}
-                failures.append(failure)
-                errors.append(error)
-                with open(failures_file, "a") as f:
-                    f.write(json.dumps(failure) + "\n")
+                # a job of several runs (batched seeds) records each failed run as its own
+                runs = (error.failures if isinstance(error, RunsFailed) else
+                        [(job.run_id, job.seed, job.label, error)])
+                for run, seed, label, run_error in runs:
+                    failure = {"run_id": run, "point": job.point, "label": label,
+                               "seed": seed, "error": run_error if isinstance(run_error, str)
+                               else error_text(run_error)}
+                    failures.append(failure)
+                    errors.append(run_error)
+                    failed_jobs.append(job.run_id)
+                    with open(failures_file, "a") as f:
+                        f.write(json.dumps(failure) + "\n")
 
             rows_written = [0]
             recorded = _recorded_by_prefix(writer.keys, todo)  # before any job adds rows
@@ -256,13 +264,16 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
     checkpoints = out / "checkpoints"  # jobs keep resume checkpoints there (continual runs)
     if checkpoints.is_dir() and not any(checkpoints.iterdir()):
         checkpoints.rmdir()
-    report = Report(len(plan.jobs), len(plan.jobs) - len(todo), len(todo) - len(failures),
-                    failures, time.perf_counter() - started, out, rows_written[0])
+    completed = len(todo) - len(set(failed_jobs))  # jobs; a group fails when any seed does
+    report = Report(len(plan.jobs), len(plan.jobs) - len(todo), completed, failures,
+                    time.perf_counter() - started, out, rows_written[0],
+                    sum(job.runs for job in plan.jobs))
     for tracker in trackers:
         tracker.close(report)
     # in the plan's order, whichever worker finished first: the same report on every rerun
+    # (a job's failed runs in the order it listed them: sorted is stable)
     order = {job.run_id: i for i, job in enumerate(plan.jobs)}
-    ranked = sorted(range(len(failures)), key=lambda i: order[failures[i]["run_id"]])
+    ranked = sorted(range(len(failures)), key=lambda i: order[failed_jobs[i]])
     failures[:], errors[:] = [failures[i] for i in ranked], [errors[i] for i in ranked]
     if failures and raise_failures:
         first, which = errors[0], f"{failures[0]['label']} seed {failures[0]['seed']}"
@@ -271,8 +282,8 @@ def _run_plan_in(plan: Plan, out: Path, workers: int, show_progress: bool,
         elif isinstance(first, EngramError):  # same type, message naming the run
             first = type(first)(f"{which}: {first}")  # engram's errors take one message
         if len(failures) > 1:
-            first.add_note(f"({len(failures)} of {len(todo)} runs failed; the others' results "
-                           f"were kept; see {failures_file})")
+            first.add_note(f"({len(failures)} of {sum(job.runs for job in todo)} runs failed; "
+                           f"the others' results were kept; see {failures_file})")
         raise first
     return report
 

@@ -36,6 +36,7 @@ class Job:
     point: dict[str, Any] = field(default_factory=dict)  # a sweep's grid values at this job
     size: int = 1              # progress units (epochs, tasks, steps) the job reports
     key_prefix: tuple[str, ...] = ()  # the leading key columns of its rows; default (run_id,)
+    runs: int = 1              # the runs it writes (a group of batched seeds: its seeds)
 
     def describe(self) -> str:
         where = ", ".join(f"{k}={v}" for k, v in self.point.items())
@@ -74,6 +75,22 @@ class Plan:
     unit: str = "run"                  # the progress bar's unit (what Job.size counts)
     finished: Callable[[Job, ResultWriter, Path], bool] | None = None  # default: run_complete
     config_name: str = "config.yaml"
+
+
+class RunsFailed(EngramError):
+    """Some of the runs one job writes (a group of batched seeds) failed and the others
+    finished. `failures` holds (run_id, seed, label, error) per failed run, the error as
+    portable_error gives it; the harness records each as the failure of a job of its own
+    would be recorded (failures.jsonl, the report), so a run fails the same way whether it
+    ran alone or in a group."""
+
+    def __init__(self, message: str,
+                 failures: list[tuple[str, int, str, BaseException | str]] = ()) -> None:
+        super().__init__(message)
+        # set as an attribute, not an argument: an exception unpickles as cls(*args), then
+        # gets its __dict__ back (a worker process or Ray task sends it to the parent)
+        self.failures = [(run_id, seed, label, portable_error(error))
+                         for run_id, seed, label, error in failures]
 
 
 def error_text(error: BaseException) -> str:
