@@ -418,3 +418,66 @@ def test_a_seed_out_of_training_is_never_moved():
         assert any(not torch.equal(a, b) for a, b in zip(before[s], now)) == moved
     assert all(p.grad is None for p in ctxs[1].model.parameters())
     assert all(p not in group.optimizer.state for p in ctxs[1].model.parameters())
+
+
+class _MaskedLoss(Naive):
+    """A method with its own batch_loss (as ER-ACE has): half the cross-entropy."""
+
+    def batch_loss(self, outputs, batch, ctx):
+        return 0.5 * torch.nn.functional.cross_entropy(outputs, batch.y)
+
+
+@pytest.mark.parametrize("count_correct", [False, True])
+@pytest.mark.parametrize("case", ["equal", "padded", "mixed", "own_loss"])
+def test_seed_losses_equal_each_seeds_own_loss(case, count_correct):
+    """seed_losses (one cross-entropy over every seed's rows) against train_task's per-seed
+    computation (batch_loss, then own_loss) on each seed's rows alone: equal mini-batches;
+    unequal ones and a seed sitting out (padding); replay-mixed batches (the own examples
+    first); and a method with its own batch_loss (the per-seed path)."""
+    from types import SimpleNamespace
+
+    from engram.batched_training import seed_losses
+    from engram.data.streams import TensorSet
+    from engram.training import own_loss
+
+    g = torch.Generator().manual_seed(0)
+    lengths = {"equal": [6, 6, 6], "padded": [6, None, 4], "mixed": [6, 6, 3],
+               "own_loss": [5, 6, None]}[case]
+    task_batches, trained = [], []
+    for n in lengths:
+        if n is None:
+            task_batches.append(None)
+            trained.append(None)
+            continue
+        own = TensorSet(torch.randn(n, 2, generator=g), torch.randint(4, (n,), generator=g),
+                        torch.zeros(n, dtype=torch.long))
+        task_batches.append(own)
+        if case == "mixed":  # two memory examples appended
+            extra = torch.randint(4, (2,), generator=g)
+            trained.append(TensorSet(torch.cat([own.x, torch.randn(2, 2, generator=g)]),
+                                     torch.cat([own.y, extra]), torch.zeros(n + 2, dtype=torch.long)))
+        else:
+            trained.append(own)
+    longest = max(len(b) for b in trained if b is not None)
+    outputs = torch.randn(len(lengths), longest, 4, generator=g, requires_grad=True)
+    method = _MaskedLoss() if case == "own_loss" else Naive()
+    ctxs = [SimpleNamespace(loss_fn=torch.nn.functional.cross_entropy,
+                            count_correct=count_correct) for _ in lengths]
+    losses, own, correct = seed_losses(outputs, trained, task_batches, ctxs, [method] * 3)
+    assert (correct is None) == (not count_correct)
+    for s, batch in enumerate(trained):
+        if batch is None:  # sitting out: nothing
+            assert losses[s] == 0 and own[s] == 0 and (correct is None or correct[s] == 0)
+            continue
+        out = outputs[s, :len(batch)]
+        loss = method.batch_loss(out, batch, ctxs[s])
+        expected_own, expected_correct = own_loss(ctxs[s], method, out, loss, task_batches[s],
+                                                  batch is not task_batches[s])
+        torch.testing.assert_close(losses[s], loss)
+        torch.testing.assert_close(own[s], expected_own)
+        if count_correct:
+            assert correct[s] == float(expected_correct)
+        # and the gradient of the summed losses reaches each seed's own rows only
+        (grad,) = torch.autograd.grad(losses.sum(), outputs, retain_graph=True)
+        (expected,) = torch.autograd.grad(loss, outputs, retain_graph=True)
+        torch.testing.assert_close(grad[s], expected[s])
