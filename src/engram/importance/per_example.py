@@ -289,7 +289,8 @@ def hooked_layers(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
         # one example at a time: P floats at once, not n_check x P (a big Linear's P is large)
         for i in range(len(xs)):
             one = [(a[i:i + 1], None) for a, _ in calls[name]]
-            per_example = _per_example(layers[name], one, [g[i:i + 1].unsqueeze(0) for g in layer_grads])
+            per_example = _per_example(layers[name], one,
+                                       [g[i:i + 1].unsqueeze(0) for g in layer_grads])
             for local, value in per_example.items():
                 full = f"{name}.{local}".lstrip(".")
                 summed[full] = summed.get(full, 0) + value.sum((0, 1))
