@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import engram.importance.fisher as fisher_module
-from engram.importance.fisher import FISHER_ESTIMATORS, default_chunk_size, fisher_diagonal
+import engram.importance.per_example as per_example_module
+from engram.importance.fisher import FISHER_ESTIMATORS, fisher_diagonal
 from engram.models import ContinualNet
 
 N, HEAD_DIM = 20, 4
@@ -154,20 +155,30 @@ def test_chunking_does_not_change_the_result(estimator):
         assert_same(other, results[0])
 
 
-def test_default_chunk_fits_the_budget():
-    # a 784-400-400-10 MLP: 478,410 parameters; 2**25 floats hold 7 jacobians (x10 classes)
-    # or 70 gradients
+def test_default_chunk_fits_the_budget(monkeypatch):
+    """torch.func path (fast=False): a 784-400-400-10 MLP has 478,410 parameters; 2**25
+    floats hold 7 per-example jacobians (x10 classes) or 70 gradients. The gradients are
+    skipped (func_statistic stubbed): only the chunks of the forward passes are looked at."""
+    monkeypatch.setattr(per_example_module, "func_statistic", lambda *args, **kwargs: {})
+
+    def largest_chunk(model, estimator, n):
+        seen = []
+        handle = model.body.register_forward_hook(lambda mod, inp, out: seen.append(len(inp[0])))
+        x, y = torch.zeros(n, 1, 28, 28), torch.zeros(n, dtype=torch.long)
+        fisher_diagonal(model, x, y, torch.zeros(n, dtype=torch.long), estimator, fast=False)
+        handle.remove()
+        return max(seen)
+
     body = nn.Sequential(nn.Flatten(), nn.Linear(784, 400), nn.ReLU(), nn.Linear(400, 400),
                          nn.ReLU())
     model = ContinualNet(body, 400, 1, 10)
     assert sum(p.numel() for p in model.parameters()) == 478_410
-    x, task = torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long)
-    assert default_chunk_size(model, x, task, "exact") == 2**25 // (478_410 * 10) == 7
+    assert largest_chunk(model, "exact", 20) == 2**25 // (478_410 * 10) == 7
     for estimator in ("sample", "empirical"):
-        assert default_chunk_size(model, x, task, estimator) == 2**25 // 478_410 == 70
+        assert largest_chunk(model, estimator, 100) == 2**25 // 478_410 == 70
     # a model too large for one example in the budget still gets chunks of one
     huge = ContinualNet(nn.Sequential(nn.Flatten(), nn.Linear(784, 4096), nn.ReLU()), 4096, 1, 10)
-    assert default_chunk_size(huge, x, task, "exact") == 1
+    assert largest_chunk(huge, "exact", 3) == 1
 
 
 @pytest.mark.parametrize("estimator, budget_examples", [("exact", 3), ("empirical", 4)])

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import engram.importance.fisher as fisher_module
+import engram.importance.mas as mas_module
 import engram.importance.per_example as per_example_module
 from engram.importance.fisher import fisher_diagonal
 from engram.importance.mas import mas_importance
@@ -245,3 +247,129 @@ def test_a_layer_whose_rows_are_not_examples_falls_back(estimator):
     reference = fisher_diagonal(model, x, y, task, estimator, fast=False)
     for name, value in reference.items():
         torch.testing.assert_close(fast[name], value, rtol=1e-5, atol=1e-9)
+
+
+# --- a budget smaller than one example's K gradients: the seeds are cut into groups ----------
+
+CLASSES = 10
+
+
+class WideConvThenPositions(nn.Module):
+    """A conv with many parameters on a 2x2 image (P = 16*8*9 + 16 = 1168, activations
+    8*4 in, 16*4 out), then a Linear at each of its 4 pixels (P = 102) and an elementwise
+    scale (torch.func): one example's 10 gradients of the conv (11,680 floats) dwarf its
+    activations (200 floats with the head), so a budget can hold these but not those."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 16, 3, padding=1)
+        self.mix = nn.Linear(16, 6)
+        self.scale = Scaled(6)
+
+    def forward(self, x):  # (B, 8, 2, 2) -> (B, 6)
+        h = torch.relu(self.conv(x)).flatten(2).transpose(1, 2)  # (B, 4 pixels, 16)
+        return self.scale(torch.tanh(self.mix(h)).sum(1))
+
+
+def wide():
+    torch.manual_seed(0)
+    model = ContinualNet(WideConvThenPositions(), 6, 1, CLASSES).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(N, 8, 2, 2, generator=g, dtype=torch.float64)
+    y = torch.randint(CLASSES, (N,), generator=g)
+    return model, x, y, torch.zeros(N, dtype=torch.long)
+
+
+@pytest.fixture
+def materialised(monkeypatch):
+    """Floats held at once by each piece: per-example gradients, {name: (seeds, examples,
+    *shape)} summed (hooked and torch.func paths, as they reach _weighted_sums; the hooked
+    ones as _per_example makes them, hooked_layers' check included), and the gradients at
+    the layers' outputs of each batched backward."""
+    sizes: dict[str, list[int]] = {"gradients": [], "backward": [], "hooked": []}
+    weighted_sums, batched_backward, hooked = (per_example_module._weighted_sums,
+                                               per_example_module._batched_backward,
+                                               per_example_module._per_example)
+
+    def spy_sums(per_example, *args, **kwargs):
+        sizes["gradients"].append(sum(v.numel() for v in per_example.values()))
+        return weighted_sums(per_example, *args, **kwargs)
+
+    def spy_hooked(*args, **kwargs):  # also the check of hooked_layers
+        per_example = hooked(*args, **kwargs)
+        sizes["hooked"].append(sum(v.numel() for v in per_example.values()))
+        return per_example
+
+    def spy_backward(*args, **kwargs):
+        grads = batched_backward(*args, **kwargs)
+        sizes["backward"].append(sum(g.numel() for g in grads if g is not None))
+        return grads
+
+    monkeypatch.setattr(per_example_module, "_weighted_sums", spy_sums)
+    monkeypatch.setattr(per_example_module, "_batched_backward", spy_backward)
+    monkeypatch.setattr(per_example_module, "_per_example", spy_hooked)
+    return sizes
+
+
+# 1300: backward in groups of 5 seeds, the conv's gradients one seed at a time; 3000 with 3
+# examples per forward: groups of 4 seeds, cut in 2 for the conv, and examples one at a time
+@pytest.mark.parametrize("budget, chunk_size", [(1300, None), (1300, 3), (3000, 3), (3000, None)])
+@pytest.mark.parametrize("fast", [True, False])
+@pytest.mark.parametrize("estimator", ["exact", "empirical"])
+def test_a_budget_below_one_examples_gradients_changes_nothing(monkeypatch, budget, chunk_size,
+                                                               fast, estimator):
+    model, x, y, task = wide()
+    whole = fisher_diagonal(model, x, y, task, estimator, chunk_size=chunk_size, fast=fast)
+    monkeypatch.setattr(fisher_module, "CHUNK_BUDGET_FLOATS", budget)
+    cut = fisher_diagonal(model, x, y, task, estimator, chunk_size=chunk_size, fast=fast)
+    assert_same(cut, whole)
+    assert_same(cut, oracle(model, x, y, task, estimator))
+
+
+@pytest.mark.parametrize("budget", [1300, 3000])
+@pytest.mark.parametrize("fast", [True, False])
+def test_mas_with_a_small_budget_changes_nothing(monkeypatch, budget, fast):
+    model, x, _, task = wide()
+    whole = mas_importance(model, x, task, fast=fast)
+    monkeypatch.setattr(mas_module, "CHUNK_BUDGET_FLOATS", budget)
+    cut = mas_importance(model, x, task, chunk_size=5, fast=fast)
+    assert_same(cut, whole)
+    model.eval()
+    expected = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for i in range(N):
+        grads = torch.autograd.grad(model(x[i:i + 1], task[i:i + 1]).pow(2).sum(),
+                                    list(model.parameters()))
+        for (name, _), g in zip(model.named_parameters(), grads):
+            expected[name] += g.abs() / N
+    assert_same(cut, expected)
+
+
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_every_model_with_a_tiny_budget_matches_the_loop(monkeypatch, kind):
+    """Budget 100 floats: one seed per backward and gradients an example (or a few) at a
+    time, on grouped / strided convs, sequences, a layer called twice, and the fallbacks."""
+    model, x, y, task, _ = build(kind, 3)
+    monkeypatch.setattr(fisher_module, "CHUNK_BUDGET_FLOATS", 100)
+    assert_same(fisher_diagonal(model, x, y, task, "exact", chunk_size=5),
+                oracle(model, x, y, task, "exact"))
+
+
+@pytest.mark.parametrize("chunk_size", [None, 3])
+@pytest.mark.parametrize("fast", [True, False])
+def test_what_is_materialised_at_once_stays_within_the_budget(monkeypatch, materialised,
+                                                              chunk_size, fast):
+    """Exact Fisher, 10 classes, budget 3000 floats: one example's 10 gradients of the conv
+    alone are 11,680 floats, so the seeds must be cut into groups (the torch.func path too,
+    all 1,346 parameters at once); with 3 examples per forward the backward is cut too."""
+    budget = 3000
+    model, x, y, task = wide()
+    monkeypatch.setattr(fisher_module, "CHUNK_BUDGET_FLOATS", budget)
+    fisher_diagonal(model, x, y, task, "exact", chunk_size=chunk_size, fast=fast)
+    assert materialised["gradients"] and max(materialised["gradients"]) <= budget
+    if fast:
+        assert materialised["backward"] and max(materialised["backward"]) <= budget
+        assert materialised["hooked"] and max(materialised["hooked"]) <= budget
+    if fast and chunk_size:
+        # 3 examples' activations, 600 floats, and (group + 1) x 600 within the budget: the
+        # backward runs the seeds in groups of 4, more passes than forward chunks
+        assert len(materialised["backward"]) == -(-CLASSES // 4) * -(-N // chunk_size)

@@ -37,7 +37,8 @@ from engram.importance.per_example import per_example_statistic
 FisherEstimator = Literal["exact", "sample", "empirical", "batch"]
 FISHER_ESTIMATORS: tuple[str, ...] = ("exact", "sample", "empirical", "batch")
 # Per-example gradients of one chunk may hold about this many floats (128 MiB in float32):
-# the default chunk size is the largest that fits, at least one example.
+# the default chunk size is the largest that fits, at least one example; where one
+# example's C gradients do not fit, the classes are taken in groups (per_example._groups).
 CHUNK_BUDGET_FLOATS = 2**25
 
 
@@ -53,6 +54,8 @@ def fisher_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: to
     CHUNK_BUDGET_FLOATS floats (at least one example): the hooked layers' activations x (C + 1)
     per example (C = 1 unless "exact"), or, with no hooked layer, the per-example gradients
     (C x P floats for "exact", P otherwise: for a 784-400-400-10 MLP, 7 and 70 examples).
+    Whatever the chunk, the per-example gradients materialised at once stay within the budget
+    (the C classes in groups if need be) unless one gradient of one layer exceeds it.
     fast=False computes every parameter through torch.func (the slower reference path).
     """
     if estimator not in FISHER_ESTIMATORS:
@@ -73,15 +76,6 @@ def fisher_diagonal(model: nn.Module, x: torch.Tensor, y: torch.Tensor, task: to
     finally:
         model.train(was_training)
     return fisher
-
-
-def default_chunk_size(model: nn.Module, x: torch.Tensor, task: torch.Tensor,
-                       estimator: str) -> int:
-    """Largest chunk whose per-example gradients (C x P floats each for "exact", P otherwise)
-    fit in CHUNK_BUDGET_FLOATS; at least 1. The chunk of the torch.func path (fast=False, or
-    a model with no Linear / Conv2d layer the hooks can use)."""
-    n_params = sum(p.numel() for p in model.parameters())
-    return max(1, CHUNK_BUDGET_FLOATS // max(1, n_params * _n_seeds(model, x, task, estimator)))
 
 
 def _n_seeds(model: nn.Module, x: torch.Tensor, task: torch.Tensor, estimator: str) -> int:

@@ -23,6 +23,10 @@ backward (autograd.grad(..., is_grads_batched=True)); the result is
 
     sum_k sum_b w_kb reduce(dl_kb / d theta)       reduce = square or abs
 
+Memory: a budget of floats bounds what is materialised at once; when it is small next to
+K (the exact Fisher with many classes on a big layer), the K seeds run and are materialised
+in groups, and the weighted sums add up over the groups.
+
 Conditions, checked by `hooked_layers` on a few examples (a layer failing one falls back to
 torch.func): every call of the layer sees one row per example (not (B*T, D) from a reshape,
 nor a task's subset of rows), and the layer's parameters are used only through its forward.
@@ -130,6 +134,31 @@ def _reduce(t: torch.Tensor, reduce: Reduce) -> torch.Tensor:
     return t.pow(2) if reduce == "square" else t.abs()
 
 
+def _groups(n_seeds: int, floats_per_gradient: int, budget_floats: int) -> tuple[int, int]:
+    """(seeds per group, examples per chunk) so that the per-example gradients materialised
+    at once, seeds x examples x floats_per_gradient, fit budget_floats: all K seeds and as
+    many examples as fit; or, when one example's K gradients do not fit, one example and as
+    many seeds as fit. At least one of each (one gradient larger than the budget is not cut)."""
+    per_group = min(n_seeds, max(1, budget_floats // max(1, floats_per_gradient)))
+    return per_group, max(1, budget_floats // max(1, per_group * floats_per_gradient))
+
+
+def _weighted_sums(per_example: dict[str, torch.Tensor], weights: torch.Tensor, reduce: Reduce,
+                   in_place: bool) -> dict[str, torch.Tensor]:
+    """{name: sum_ij weights_ij reduce(per_example[name][i, j])}, values (I, J, *shape) and
+    weights (I, J): (K, B) or (B, K). A contraction (tensordot), not a weighted copy summed;
+    in_place=True squares the values in place (only for tensors this chunk owns: autograd's
+    gradients may alias the seeds or one another)."""
+    sums = {}
+    for name, value in per_example.items():
+        if in_place:
+            value = value.pow_(2) if reduce == "square" else value.abs_()
+        else:
+            value = _reduce(value, reduce)
+        sums[name] = torch.tensordot(weights, value, dims=2)
+    return sums
+
+
 def _accumulate(module: nn.Module, calls: list, grads: list[torch.Tensor], weights: torch.Tensor,
                 reduce: Reduce, budget_floats: int) -> dict[str, torch.Tensor]:
     """sum_k sum_b w_kb reduce(per-example gradient), {local name: shape of the parameter}.
@@ -142,19 +171,22 @@ def _accumulate(module: nn.Module, calls: list, grads: list[torch.Tensor], weigh
         if module.bias is not None:
             result["bias"] = per_unit.sum(0)
         return result
-    # materialise (chunk, *shape) per-example gradients, chunk x K x P within the budget
+    # materialise per-example gradients (seeds, examples, *shape): seeds x examples x P
+    # floats within the budget, cutting the K seeds too when one example's K do not fit
     n_params = sum(p.numel() for p in module.parameters(recurse=False))
     k, batch = weights.shape
-    chunk = max(1, budget_floats // max(1, k * n_params))
-    result = {}
+    per_group, chunk = _groups(k, n_params, budget_floats)
+    result: dict[str, torch.Tensor] = {}
     for start in range(0, batch, chunk):
         part = slice(start, start + chunk)
         sliced = [(a_i[part], None) for a_i, _ in calls]
-        per_example = _per_example(module, sliced, [g[:, part] for g in grads])
-        w = weights[:, part]
-        for name, value in per_example.items():
-            term = (w.reshape(w.shape + (1,) * (value.dim() - 2)) * _reduce(value, reduce)).sum((0, 1))
-            result[name] = result.get(name, 0) + term
+        for first in range(0, k, per_group):
+            group = slice(first, first + per_group)
+            per_example = _per_example(module, sliced, [g[group, part] for g in grads])
+            # the einsums' outputs are this chunk's own: reduced in place
+            for name, value in _weighted_sums(per_example, weights[group, part], reduce,
+                                              in_place=True).items():
+                result[name] = result.get(name, 0) + value
     return result
 
 
@@ -188,24 +220,37 @@ def hooked_statistic(model: nn.Module, params: dict[str, torch.Tensor],
     seeds, weights = seeds_fn(outputs.detach())
     called = [name for name in layers if calls[name]]
     tensors = [out for name in called for _, out in calls[name]]
-    grads = _batched_backward(outputs, tensors, seeds)
+    # a backward of a group of seeds holds their gradients at the layers' outputs next to the
+    # forward's activations: groups of seeds such that (group + 1) x activations fit the budget
+    activations = sum(a.numel() + out.numel() for name in called for a, out in calls[name])
+    n_seeds = seeds.shape[0]
+    per_group = min(n_seeds, max(1, budget_floats // max(1, activations) - 1))
     result: dict[str, torch.Tensor] = {}
-    position = 0
-    for name in called:
-        module = layers[name]
-        n_calls = len(calls[name])
-        layer_grads = grads[position:position + n_calls]
-        position += n_calls
-        layer_grads = [torch.zeros(seeds.shape[:1] + out.shape, dtype=out.dtype, device=out.device)
-                       if g is None else g for g, (_, out) in zip(layer_grads, calls[name])]
-        for local, value in _accumulate(module, calls[name], layer_grads, weights, reduce,
-                                        budget_floats).items():
-            result[f"{name}.{local}".lstrip(".")] = value
+    for first in range(0, n_seeds, per_group):
+        group = slice(first, first + per_group)
+        grads = _batched_backward(outputs, tensors, seeds[group])
+        position = 0
+        for name in called:
+            module = layers[name]
+            n_calls = len(calls[name])
+            layer_grads = grads[position:position + n_calls]
+            position += n_calls
+            layer_grads = [torch.zeros(seeds[group].shape[:1] + out.shape, dtype=out.dtype,
+                                       device=out.device)
+                           if g is None else g for g, (_, out) in zip(layer_grads, calls[name])]
+            for local, value in _accumulate(module, calls[name], layer_grads, weights[group],
+                                            reduce, budget_floats).items():
+                full = f"{name}.{local}".lstrip(".")
+                result[full] = result.get(full, 0) + value
     for name, module in layers.items():  # never called: zero gradient
         if not calls[name]:
             for local, p in module.named_parameters(recurse=False):
                 result[f"{name}.{local}".lstrip(".")] = torch.zeros_like(p)
     return result, outputs.detach()
+
+
+def _rows_are_examples(calls: list, n_examples: int) -> bool:
+    return all(a.shape[0] == n_examples and out.shape[0] == n_examples for a, out in calls)
 
 
 def hooked_layers(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Tensor,
@@ -239,13 +284,20 @@ def hooked_layers(model: nn.Module, params: dict[str, torch.Tensor], x: torch.Te
         layer_grads = [torch.zeros_like(out) if g is None else g
                        for g, (_, out) in zip(grads[position:position + n_calls], calls[name])]
         position += n_calls
-        per_example = _per_example(layers[name], calls[name], [g.unsqueeze(0) for g in layer_grads])
-        for local, value in per_example.items():
-            summed[f"{name}.{local}".lstrip(".")] = value.sum((0, 1))
+        if not _rows_are_examples(calls[name], len(xs)):
+            continue  # fails below
+        # one example at a time: P floats at once, not n_check x P (a big Linear's P is large)
+        for i in range(len(xs)):
+            one = [(a[i:i + 1], None) for a, _ in calls[name]]
+            per_example = _per_example(layers[name], one,
+                                       [g[i:i + 1].unsqueeze(0) for g in layer_grads])
+            for local, value in per_example.items():
+                full = f"{name}.{local}".lstrip(".")
+                summed[full] = summed.get(full, 0) + value.sum((0, 1))
     for name, module in layers.items():
         # Rows must be examples: a layer fed (B*T, D) from a reshape, or each task's rows
         # h[mask], sums correctly over the batch (the check below) but not per example.
-        ok = all(a.shape[0] == len(xs) and out.shape[0] == len(xs) for a, out in calls[name])
+        ok = _rows_are_examples(calls[name], len(xs))
         for local, p in module.named_parameters(recurse=False):
             full = f"{name}.{local}".lstrip(".")
             expected = by_param[full] if by_param[full] is not None else torch.zeros_like(p)
@@ -276,10 +328,11 @@ def activation_floats(layers: dict[str, nn.Module], model: nn.Module,
 def func_statistic(model: nn.Module, params: dict[str, torch.Tensor], names: list[str],
                    x: torch.Tensor, task: torch.Tensor, seeds: torch.Tensor,
                    weights: torch.Tensor, reduce: Reduce,
-                   chunk: int) -> dict[str, torch.Tensor]:
+                   budget_floats: int) -> dict[str, torch.Tensor]:
     """The fallback for any parameter: {name in `names`: sum_k sum_b w_kb reduce(dl_kb/dtheta)}
     with per-example gradients from torch.func (vmap over examples of a vjp, itself vmapped
-    over the K seeds), `chunk` examples at a time (chunk x K x P floats)."""
+    over the seeds), examples x seeds x P floats at a time within `budget_floats` (the K
+    seeds cut into groups when one example's K gradients do not fit; see _groups)."""
     frozen = {name: p for name, p in params.items() if name not in names}
     wanted = {name: params[name] for name in names}
 
@@ -290,13 +343,17 @@ def func_statistic(model: nn.Module, params: dict[str, torch.Tensor], names: lis
         return vmap(pullback)(seeds_one)[0]
 
     per_example = vmap(pullbacks, in_dims=(None, 0, 0, 1))
+    n_seeds = seeds.shape[0]
+    per_group, chunk = _groups(n_seeds, sum(p.numel() for p in wanted.values()), budget_floats)
     result = {name: torch.zeros_like(p) for name, p in wanted.items()}
     for start in range(0, len(x), chunk):
         part = slice(start, start + chunk)
-        w = weights[:, part].T  # (chunk, K)
-        for name, g in per_example(wanted, x[part], task[part], seeds[:, part]).items():
-            # g: (chunk, K, *shape)
-            result[name] += (w.reshape(w.shape + (1,) * (g.dim() - 2)) * _reduce(g, reduce)).sum((0, 1))
+        for first in range(0, n_seeds, per_group):
+            group = slice(first, first + per_group)
+            grads = per_example(wanted, x[part], task[part], seeds[group, part])  # (b, k, *shape)
+            for name, value in _weighted_sums(grads, weights[group, part].T, reduce,
+                                              in_place=False).items():
+                result[name] += value
     return result
 
 
@@ -311,20 +368,21 @@ def per_example_statistic(model: nn.Module, x: torch.Tensor, task: torch.Tensor,
     `seeds_fn` is called once per chunk of `chunk_size` examples, in order (it may draw
     random labels). chunk_size=None: the largest chunk whose memory fits `budget_floats`
     (hooked layers: their activations x (n_seeds + 1) per example; torch.func: n_seeds x P
-    per example), at least 1. The torch.func parameters are further cut into chunks of
-    budget_floats // (n_seeds x their P) examples."""
+    per example), at least 1. Whatever the chunk, what is materialised at once stays within
+    the budget where one example's single gradient does: the hooked backward runs the seeds
+    in groups of (budget / the chunk's activations) - 1, and per-example gradients are
+    materialised in pieces of examples x seeds x P floats (`_groups`: the K seeds of one
+    example are cut into groups when they do not fit), summed as they come."""
     params = {name: p.detach() for name, p in model.named_parameters()}
     layers = hooked_layers(model, params, x, task) if fast else {}
     hooked_names = layer_parameter_names(layers)
     rest = [name for name in params if name not in hooked_names]
-    rest_floats = n_seeds * sum(params[name].numel() for name in rest)
-    rest_chunk = max(1, budget_floats // max(1, rest_floats))
     if chunk_size is None:
         if layers:
             per_example = activation_floats(layers, model, params, x, task) * (n_seeds + 1)
-            chunk_size = max(1, budget_floats // max(1, per_example))
         else:
-            chunk_size = rest_chunk
+            per_example = n_seeds * sum(params[name].numel() for name in rest)
+        chunk_size = max(1, budget_floats // max(1, per_example))
     result = {name: torch.zeros_like(p) for name, p in params.items()}
     drawn: list[tuple[torch.Tensor, torch.Tensor]] = []  # this chunk's seeds, for torch.func
 
@@ -345,6 +403,6 @@ def per_example_statistic(model: nn.Module, x: torch.Tensor, task: torch.Tensor,
                 seeds, weights = seeds_fn(functional_call(model, params, (xs, ts)))
         if rest:
             for name, value in func_statistic(model, params, rest, xs, ts, seeds, weights,
-                                              reduce, min(rest_chunk, chunk_size)).items():
+                                              reduce, budget_floats).items():
                 result[name] += value
     return result
