@@ -73,8 +73,8 @@ def split_digits(seed: int):
 
 
 def hand_loop(seed: int = 0, epochs: int = 20, ewc: str | None = None, strength: float = 100.0,
-              replay: int | None = None) -> list[list[float]]:
-    torch.set_num_threads(1)  # same setting as engram's default; 1 thread is fastest here
+              replay: int | None = None, threads: int = 1) -> list[list[float]]:
+    torch.set_num_threads(threads)  # 1: the benchmark config's; the fastest for one seed here
     tasks, g = split_digits(seed)
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(),
@@ -122,6 +122,59 @@ def hand_loop(seed: int = 0, epochs: int = 20, ewc: str | None = None, strength:
         with torch.no_grad():
             accuracy.append([float((model(xe).argmax(1) == ye).float().mean())
                              for _, _, xe, ye in tasks])
+    return accuracy
+
+
+def hand_stacked_loop(seeds: list[int], epochs: int = 20, threads: int = 1
+                      ) -> list[list[list[float]]]:
+    """Naive fine-tuning of len(seeds) networks at once, the leanest way: each layer's
+    weights stacked (S, in, out) and one baddbmm per layer, each seed on its own split
+    (split_digits(seed)) in its own order. The seeds' tasks differ in size, so a step pads
+    the shorter mini-batches and weights each seed's cross-entropy by its own rows (a seed
+    whose epoch has ended contributes nothing: with plain SGD its weights stay put).
+    Returns each seed's accuracy matrix."""
+    torch.set_num_threads(threads)
+    splits = [split_digits(seed) for seed in seeds]
+    weights, biases = [], []
+    for seed in seeds:  # each seed's own initial weights, as hand_loop draws them
+        torch.manual_seed(seed)
+        net = [nn.Linear(64, 256), nn.Linear(256, 256), nn.Linear(256, 10)]
+        weights.append([layer.weight.detach().t() for layer in net])  # (in, out)
+        biases.append([layer.bias.detach() for layer in net])
+    stacked_w = [torch.stack(ws).requires_grad_() for ws in zip(*weights)]  # (S, in, out)
+    stacked_b = [torch.stack(bs).unsqueeze(1).requires_grad_() for bs in zip(*biases)]  # (S, 1, out)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:  # (S, B, 64) -> (S, B, 10)
+        for i, (w, b) in enumerate(zip(stacked_w, stacked_b)):
+            x = torch.baddbmm(b, x, w)
+            x = x.relu() if i < 2 else x
+        return x
+
+    accuracy: list[list[list[float]]] = [[] for _ in seeds]
+    for t in range(5):
+        opt = torch.optim.SGD(stacked_w + stacked_b, lr=0.05)
+        tasks = [tasks_[t] for tasks_, _ in splits]
+        for _ in range(epochs):
+            perms = [torch.randperm(len(yt), generator=g) for (_, yt, _, _), (_, g) in
+                     zip(tasks, splits)]
+            for i in range(0, max(len(perm) for perm in perms), 32):
+                xb = torch.zeros(len(seeds), 32, 64)
+                yb = torch.zeros(len(seeds), 32, dtype=torch.long)
+                weight = torch.zeros(len(seeds), 32)  # 1 / (seed's rows) on its own rows
+                for s, ((xt, yt, _, _), perm) in enumerate(zip(tasks, perms)):
+                    idx = perm[i:i + 32]
+                    xb[s, :len(idx)], yb[s, :len(idx)] = xt[idx], yt[idx]
+                    weight[s, :len(idx)] = 1.0 / max(1, len(idx))
+                per_example = F.cross_entropy(forward(xb).flatten(0, 1), yb.flatten(),
+                                              reduction="none").view(len(seeds), 32)
+                opt.zero_grad()
+                (per_example * weight).sum().backward()
+                opt.step()
+        with torch.no_grad():
+            for s, (tasks_, _) in enumerate(splits):
+                accuracy[s].append([
+                    float((forward(xe.expand(len(seeds), *xe.shape))[s].argmax(1) == ye)
+                          .float().mean()) for _, _, xe, ye in tasks_])
     return accuracy
 
 

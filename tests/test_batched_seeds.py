@@ -481,3 +481,125 @@ def test_seed_losses_equal_each_seeds_own_loss(case, count_correct):
         (grad,) = torch.autograd.grad(losses.sum(), outputs, retain_graph=True)
         (expected,) = torch.autograd.grad(loss, outputs, retain_graph=True)
         torch.testing.assert_close(grad[s], expected[s])
+
+
+def _stop_group_in_task(monkeypatch, index: int, calls: list | None = None) -> None:
+    """Make train_task_seeds raise KeyboardInterrupt when it reaches task `index` (0-based):
+    a kill in that task, after the group's checkpoint of the task before it. With `calls`,
+    record the task index of every call."""
+    import engram.batched_training as batched
+    real = batched.train_task_seeds
+
+    def stop(group, ctxs, methods, on_epoch, alive=None):
+        task = ctxs[0].task.index
+        if calls is not None:
+            calls.append(task)
+        if task == index:
+            raise KeyboardInterrupt
+        return real(group, ctxs, methods, on_epoch, alive)
+
+    monkeypatch.setattr(batched, "train_task_seeds", stop)
+
+
+def _comparable_rows(folder):
+    return {key: row["value"] for key, row in rows_by_key(folder).items()
+            if row["metric"] != "train_seconds"}
+
+
+@pytest.mark.parametrize("method,train", [
+    ("ewc", {}),
+    ("replay", {"optimizer": "adam", "lr": 0.01, "optimizer_policy": "carry"}),
+    ("naive", {"momentum": 0.9, "optimizer_policy": "carry", "scheduler": "steplr",
+               "scheduler_step": "step", "scheduler_args": {"step_size": 4, "gamma": 0.5}}),
+], ids=["ewc", "carry-one-optimizer", "carry-own-optimizers"])
+def test_a_killed_group_resumes_from_its_checkpoint_to_the_uninterrupted_rows(
+        tmp_path, monkeypatch, method, train):
+    """A group killed in task 3 resumes from its checkpoint after task 2: only task 3 is
+    trained again, and the rows equal an uninterrupted batched run's, bit for bit (the
+    group's optimizer state too under optimizer_policy carry); the checkpoint is gone at
+    the end."""
+    cfg = tiny_config(seeds=SEEDS, batch_seeds=True, checkpoint_seconds=0.0,
+                      stream={"n_tasks": 3}, methods=[method], train=train)
+    run_experiment(cfg, tmp_path / "full", show_progress=False)
+    _stop_group_in_task(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    monkeypatch.undo()
+    (checkpoint,) = (tmp_path / "cut" / "checkpoints").glob("*.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state["tasks_done"] == 2 and len(state["seeds"]) == len(SEEDS)
+    calls = []
+    _stop_group_in_task(monkeypatch, -1, calls)
+    run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    assert calls == [2]  # tasks 1 and 2 came from the checkpoint
+    assert _comparable_rows(tmp_path / "cut") == _comparable_rows(tmp_path / "full")
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+
+
+def test_a_group_checkpoint_of_other_seeds_or_ahead_of_the_rows_is_not_resumed(
+        tmp_path, monkeypatch):
+    """A group checkpoint whose seeds are not this group's, or whose tasks have no rows,
+    is deleted and the group starts over, to the same rows."""
+    cfg = tiny_config(seeds=SEEDS, batch_seeds=True, checkpoint_seconds=0.0,
+                      stream={"n_tasks": 3})
+    run_experiment(cfg, tmp_path / "full", show_progress=False)
+    for case in ("other-seeds", "no-rows"):
+        folder = tmp_path / case
+        _stop_group_in_task(monkeypatch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, folder, show_progress=False)
+        monkeypatch.undo()
+        (checkpoint,) = (folder / "checkpoints").glob("*.pt")
+        state = torch.load(checkpoint, weights_only=True)
+        if case == "other-seeds":
+            state["group"] = state["group"][::-1]
+        else:
+            state["tasks_done"] = 3  # task 3 has no rows
+        torch.save(state, checkpoint)
+        calls = []
+        _stop_group_in_task(monkeypatch, -1, calls)
+        run_experiment(cfg, folder, show_progress=False)
+        monkeypatch.undo()
+        assert calls == [0, 1, 2], case  # started over
+        assert _comparable_rows(folder) == _comparable_rows(tmp_path / "full"), case
+
+
+def test_a_corrupt_group_checkpoint_is_named_in_one_line(tmp_path, monkeypatch):
+    cfg = tiny_config(seeds=SEEDS, batch_seeds=True, checkpoint_seconds=0.0,
+                      stream={"n_tasks": 3})
+    _stop_group_in_task(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    monkeypatch.undo()
+    (checkpoint,) = (tmp_path / "cut" / "checkpoints").glob("*.pt")
+    checkpoint.write_bytes(b"not a checkpoint")
+    with pytest.raises(EngramError, match=r"checkpoint .* cannot be read \(not a torch file"):
+        run_experiment(cfg, tmp_path / "cut", show_progress=False, raise_failures=True)
+
+
+def test_a_seed_that_diverged_before_the_kill_fails_again_after_the_resume(
+        tmp_path, diverge_method):
+    """Seed 1 diverges in task 2, the group is killed in task 3 and resumed from its
+    checkpoint: the same rows and the same failure as the uninterrupted group."""
+    seeds = [0, 1, 2]
+    sizes = task_sizes(seeds, stream={"n_tasks": 3})
+    assert [sizes[seed][1] for seed in seeds].count(sizes[1][1]) == 1  # only seed 1 diverges
+    cfg = tiny_config(seeds=seeds, batch_seeds=True, checkpoint_seconds=0.0,
+                      stream={"n_tasks": 3}, methods=[
+                          {"name": "diverge_on_one_seed", "task": 2,
+                           "train_size": sizes[1][1]}])
+    run_experiment(cfg, tmp_path / "full", show_progress=False, raise_failures=False)
+    with pytest.MonkeyPatch.context() as patch:  # (monkeypatch holds the method's registration)
+        _stop_group_in_task(patch, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        _stop_group_in_task(patch, -1, calls)
+        report = run_experiment(cfg, tmp_path / "cut", show_progress=False,
+                                raise_failures=False)
+    assert len(report.failures) == 1
+    assert calls == [2]
+    assert _comparable_rows(tmp_path / "cut") == _comparable_rows(tmp_path / "full")
+    failures = [(tmp_path / mode / "failures.jsonl").read_text() for mode in ("full", "cut")]
+    assert failures[0] == failures[1] and "diverged on task 2" in failures[0]

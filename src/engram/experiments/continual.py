@@ -24,7 +24,7 @@ import torch
 from engram.config import (MethodSpec, RunConfig, config_to_dict, data_identity, params_dict,
                            train_identity)
 from engram.data.streams import Stream
-from engram.errors import ConfigError, EngramError
+from engram.errors import ConfigError, DivergenceError, EngramError
 from engram.methods.base import (Context, Method, ProblemInfo, refuse_unusable,
                                  refuse_unusable_model)
 from engram.experiments.harness import (Job, JobSink, Plan, Report, RunsFailed, resolve_device,
@@ -408,11 +408,16 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
 # records as each diverged seed's own failure (failures.jsonl, the report), as for one-seed
 # runs. Refused at planning, before anything runs (`check_batchable`): networks with buffers
 # (batch norm: resnet18, resnet18_slim; a plugin kind that adds them for the real input
-# shape is refused when its group starts), dropout, train.amp, train.channels_last. What it
-# does not do (yet): resume a killed group from a checkpoint (a rerun trains the group's
-# seeds from their first task again, the diverged ones too; rows already written are
-# skipped: if the group's seeds changed meanwhile, the re-measured trajectories differ from
-# the written ones by float rounding).
+# shape is refused when its group starts), dropout, train.amp, train.channels_last.
+#
+# A group checkpoints as a one-seed run does (at task ends, at most every
+# checkpoint_seconds: save_group), one file for the group, named by the group job's run id:
+# every seed's network, method, generator and step, the seeds that diverged, and under
+# optimizer_policy carry the optimizer state. A rerun of the same group resumes from it
+# (resume_group) when the rows of the tasks it covers are in the table; otherwise (or for a
+# group of other seeds: the config's seeds changed) the group starts over, rows already
+# written are skipped, and the re-measured ones may differ from them by float rounding if
+# the group's seeds changed.
 
 
 @dataclass
@@ -495,7 +500,7 @@ def seed_group_jobs(point: dict[str, Any], cfg: RunConfig, seen: set[str]) -> li
                             f"{','.join(map(str, seeds))} batched)",
                             SeedsPayload(cfg, spec, seeds, ids), point,
                             size=len(seeds) * cfg.stream.n_tasks * cfg.train.epochs,
-                            runs=len(seeds)))
+                            run_ids=tuple(ids)))
     return jobs
 
 
@@ -523,29 +528,37 @@ def execute_seeds(job: Job, sink: JobSink) -> None:
                               "statistics), which a stacked forward pass does not update; "
                               "set batch_seeds: false")
     idents, methods, ctxs = map(list, zip(*runs))
+    checkpoint = Path(sink.folder) / "checkpoints" / f"{job.run_id}.pt"
     try:
-        train_seeds(idents, methods, ctxs, sink)  # RunsFailed when seeds diverged
-    finally:
+        train_seeds(idents, methods, ctxs, sink, checkpoint, cfg.checkpoint_seconds)
+    finally:  # (RunsFailed when seeds diverged)
         for ident in idents:  # a checkpoint left by an earlier one-seed attempt is stale now
             (Path(sink.folder) / "checkpoints" / f"{ident.run_id}.pt").unlink(missing_ok=True)
 
 
-def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
+def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink, checkpoint: Path,
+                checkpoint_seconds: float) -> None:
     """The body of a seed group: run_through_stream's rows for every seed (the untrained
     baseline, each epoch's train loss, the evaluations, each task's train_seconds and
     extra_bytes, run_complete), the training batched (train_task_seeds). A seed that
     diverges stops where its one-seed run would (its rows up to the epoch before, no
     run_complete) while the others go on; RunsFailed at the end names each such seed's
-    DivergenceError, which the harness records as that run's failure."""
+    DivergenceError, which the harness records as that run's failure. Like a one-seed run,
+    the group saves a `checkpoint` at task ends (at most every `checkpoint_seconds`): every
+    seed's state, so that a rerun of the killed group resumes where it left off."""
     from engram.batched_training import SeedGroup, train_task_seeds
 
     group = SeedGroup([ctx.model for ctx in ctxs])  # the parameters stacked, once per run
-    for ident, method, ctx in zip(idents, methods, ctxs):
-        sink.emit(evaluation_rows(ident, ctx, method, 0, 0))  # the untrained baseline
     stream = ctxs[0].stream  # every seed's stream has the same tasks, in the same order
     alive = list(range(len(ctxs)))  # the seeds still training, in order
     diverged: dict[int, EngramError] = {}
-    for index in range(len(stream)):
+    tasks_done = resume_group(checkpoint, group, idents, methods, ctxs, sink, alive, diverged)
+    if tasks_done == 0:
+        for ident, method, ctx in zip(idents, methods, ctxs):
+            sink.emit(evaluation_rows(ident, ctx, method, 0, 0))  # the untrained baseline
+    sink.report(tasks_done * ctxs[0].train_cfg.epochs * len(ctxs))  # progress, in epochs
+    last_checkpoint = time.perf_counter()
+    for index in range(tasks_done, len(stream)):
         if not alive:
             break
         number = index + 1
@@ -564,11 +577,111 @@ def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink) -> None:
         share = (time.perf_counter() - started) / max(len(alive), 1)
         for s in alive:
             sink.emit(task_end_rows(idents[s], ctxs[s], methods[s], number, share))
+        if (time.perf_counter() - last_checkpoint >= checkpoint_seconds and alive
+                and number < len(stream)):  # as run_through_stream's
+            save_group(checkpoint, group, idents, methods, ctxs, alive, diverged, number)
+            last_checkpoint = time.perf_counter()
     for s in alive:
         sink.emit([idents[s].row(task_trained=len(stream), epoch=ctxs[s].train_cfg.epochs,
                                  step=ctxs[s].step, metric="run_complete", value=1)])
+    checkpoint.unlink(missing_ok=True)
     if diverged:
         raise RunsFailed(
             f"{len(diverged)} of {len(ctxs)} batched seeds diverged; the others finished",
             [(idents[s].run_id, idents[s].seed, idents[s].method.label(), diverged[s])
              for s in sorted(diverged)])
+
+
+def save_group(path: Path, group, idents: list, methods: list, ctxs: list, alive: list[int],
+               diverged: dict[int, EngramError], tasks_done: int) -> None:
+    """A seed group's checkpoint after `tasks_done` tasks: what run_through_stream saves,
+    for every seed still training (its network's weights copied out of the stack: a view
+    would save the whole stack), the seeds that diverged (their messages, for the failure
+    report at the group's end), and under optimizer_policy carry the optimizer state (the
+    group's one optimizer, or each seed's)."""
+    cfg = ctxs[0].train_cfg
+    seeds = {idents[s].run_id: {
+        "model": {name: value.clone() for name, value in ctxs[s].model.state_dict().items()},
+        "method": methods[s].state_dict(), "generator": ctxs[s].generator.get_state(),
+        "step": ctxs[s].step} for s in alive}
+    saved: dict[str, Any] = {"group": [ident.run_id for ident in idents], "seeds": seeds,
+                             "tasks_done": tasks_done,
+                             "diverged": {idents[s].run_id: str(error)
+                                          for s, error in diverged.items()}}
+    if cfg.optimizer_policy == "carry":
+        if group.optimizer is not None:
+            saved["optimizer"] = group.optimizer.state_dict()
+            if group.scheduler is not None:
+                saved["scheduler"] = group.scheduler.state_dict()
+        else:
+            saved["seed_optimizers"] = {
+                idents[s].run_id: {"optimizer": ctxs[s].optimizer.state_dict(),
+                                   "scheduler": (None if ctxs[s].scheduler is None
+                                                 else ctxs[s].scheduler.state_dict())}
+                for s in alive}
+    path.parent.mkdir(exist_ok=True)  # the harness removes it when empty
+    _save_checkpoint(path, saved)
+
+
+def resume_group(path: Path, group, idents: list, methods: list, ctxs: list, sink: JobSink,
+                 alive: list[int], diverged: dict[int, EngramError]) -> int:
+    """Load a seed group's checkpoint (save_group) into the group's networks, methods,
+    generators and optimizers, drop the seeds it records as diverged from `alive` (into
+    `diverged`), and return how many tasks it covers; 0, having deleted the file, when
+    there is none to resume from: no file, a group of other seeds (the config's seeds
+    changed), or rows missing for the tasks it covers (as run_through_stream)."""
+    from engram.batched_training import shares_one_optimizer
+    from engram.optimizers import build_optimizer, build_scheduler
+
+    if not path.exists():
+        return 0
+    cfg = ctxs[0].train_cfg
+    try:
+        state = torch.load(path, map_location=ctxs[0].device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
+        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise _unusable(path, f"not a torch file: {first_line[:120]}") from None
+    ids = [ident.run_id for ident in idents]
+    if not isinstance(state, dict) or state.get("group") != ids:
+        path.unlink()  # another group's, or not a group checkpoint: start over
+        return 0
+    tasks_done = state.get("tasks_done")
+    if not isinstance(tasks_done, int) or not 0 < tasks_done <= len(ctxs[0].stream):
+        raise _unusable(path, f"tasks_done is {tasks_done!r}")
+    if not isinstance(state.get("seeds"), dict) or not isinstance(state.get("diverged"), dict):
+        raise _unusable(path, "it holds no seeds or no record of diverged seeds")
+    lost: dict[str, str] = state["diverged"]  # run id -> the DivergenceError's message
+    survivors = [s for s in range(len(ctxs)) if ids[s] not in lost]
+    lacks_optimizer = cfg.optimizer_policy == "carry" and not (
+        "optimizer" in state or "seed_optimizers" in state)
+    if lacks_optimizer or set(state["seeds"]) != {ids[s] for s in survivors} or not all(
+            task_end_recorded(sink.recorded, ids[s], tasks_done, cfg.epochs) for s in survivors):
+        path.unlink()  # ahead of the results: the rows already there are re-measured, skipped
+        return 0
+    try:
+        for s in survivors:
+            saved = state["seeds"][ids[s]]
+            ctxs[s].model.load_state_dict(saved["model"])  # copies into the stack's rows
+            methods[s].load_state_dict(saved["method"])
+            ctxs[s].generator.set_state(saved["generator"].cpu())  # map_location moved it
+            ctxs[s].step = saved["step"]
+            ctxs[s].seen_tasks = list(ctxs[s].stream.tasks[:tasks_done])
+        if "optimizer" in state:  # carry, one optimizer for the group
+            if not shares_one_optimizer(ctxs):
+                raise ValueError("the checkpoint holds one optimizer; this group needs one per seed")
+            group.optimizer = build_optimizer(group.parameters(), cfg, foreach=True)
+            group.scheduler = build_scheduler(group.optimizer, cfg)
+            group.optimizer.load_state_dict(state["optimizer"])
+            if group.scheduler is not None and "scheduler" in state:
+                group.scheduler.load_state_dict(state["scheduler"])
+        for s in survivors if "seed_optimizers" in state else ():
+            saved = state["seed_optimizers"][ids[s]]
+            restore_optimizer(ctxs[s], saved["optimizer"], saved["scheduler"])
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as err:
+        raise _unusable(path, f"it does not fit this group: "
+                              f"{' '.join(str(err).split())[:200]}") from None
+    for s in range(len(ctxs)):
+        if ids[s] in lost:
+            diverged[s] = DivergenceError(lost[ids[s]])
+    alive[:] = survivors
+    return tasks_done

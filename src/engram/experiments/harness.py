@@ -298,15 +298,18 @@ def _run_complete(job: Job, writer: ResultWriter, out: Path) -> bool:
 
 def _recorded_by_prefix(keys: set[tuple[str, ...]], todo: list[Job]
                         ) -> dict[tuple[str, ...], set[tuple[str, ...]]]:
-    """Each job's rows already in the table (JobSink.recorded), by its key prefix, in one pass
-    over the keys: scanning every key once per job would cost runs x rows on a large sweep."""
-    found: dict[tuple[str, ...], set[tuple[str, ...]]] = {job.prefix(): set() for job in todo}
+    """Each job's rows already in the table (JobSink.recorded), by its prefix() (a seed
+    group's: its seeds' rows), in one pass over the keys: scanning every key once per job
+    would cost runs x rows on a large sweep."""
+    found: dict[tuple[str, ...], set[tuple[str, ...]]] = {
+        prefix: set() for job in todo for prefix in job.row_prefixes()}
     lengths = {len(prefix) for prefix in found}
     for key in keys:
         for n in lengths:
             if (bucket := found.get(key[:n])) is not None:
                 bucket.add(key)
-    return found
+    return {job.prefix(): set().union(*(found[prefix] for prefix in job.row_prefixes()))
+            for job in todo}
 
 
 class _NoBar:

@@ -36,7 +36,13 @@ class Job:
     point: dict[str, Any] = field(default_factory=dict)  # a sweep's grid values at this job
     size: int = 1              # progress units (epochs, tasks, steps) the job reports
     key_prefix: tuple[str, ...] = ()  # the leading key columns of its rows; default (run_id,)
-    runs: int = 1              # the runs it writes (a group of batched seeds: its seeds)
+    # the runs whose rows it writes, when not its own run id's (a group of batched seeds)
+    run_ids: tuple[str, ...] = ()
+
+    @property
+    def runs(self) -> int:
+        """How many runs it writes: 1, or a seed group's seeds."""
+        return len(self.run_ids) or 1
 
     def describe(self) -> str:
         where = ", ".join(f"{k}={v}" for k, v in self.point.items())
@@ -44,6 +50,11 @@ class Job:
 
     def prefix(self) -> tuple[str, ...]:
         return self.key_prefix or (self.run_id,)
+
+    def row_prefixes(self) -> list[tuple[str, ...]]:
+        """The leading key columns of every row it writes: prefix(), or one per run of a
+        seed group (whose rows are under its seeds' run ids)."""
+        return [(run,) for run in self.run_ids] or [self.prefix()]
 
 
 @dataclass

@@ -86,11 +86,14 @@ class QuadraticPenalty:
         trained = [i for i, p in enumerate(self.params) if p.requires_grad]
         params = [self.params[i] for i in trained]
         pull = torch._foreach_sub([p.detach() for p in params], [self.anchor[i] for i in trained])
-        torch._foreach_mul_(pull, [self.precision[i] for i in trained])  # precision (theta - anchor)
+        # strength (theta - anchor); a strength beyond float32's range gives inf, as the
+        # penalty's autograd gradient did (alpha= would refuse it)
+        torch._foreach_mul_(pull, self.strength)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        torch._foreach_add_([p.grad for p in params], pull, alpha=self.strength)
+        torch._foreach_addcmul_([p.grad for p in params], pull,
+                                [self.precision[i] for i in trained])  # += pull * precision
 
 
 @dataclass
