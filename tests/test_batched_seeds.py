@@ -179,15 +179,29 @@ def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
 
 
 def test_methods_that_cannot_batch_run_their_seeds_one_at_a_time(tmp_path):
-    """si is not batchable: with batch_seeds its seeds run as one-seed jobs, the same rows."""
-    assert not METHODS.get("si").batchable
-    one, batched = one_by_one_and_batched(tmp_path, methods=["naive", "si"])
+    """lwf is not batchable: with batch_seeds its seeds run as one-seed jobs, the same rows."""
+    assert not METHODS.get("lwf").batchable
+    one, batched = one_by_one_and_batched(tmp_path, methods=["naive", "lwf"])
     assert_same_rows_of_runs(one, batched, 2 * len(SEEDS))
     from engram.experiments.continual import continual_jobs
 
-    cfg = tiny_config(seeds=[0, 1], batch_seeds=True, methods=["naive", "si"])
+    cfg = tiny_config(seeds=[0, 1], batch_seeds=True, methods=["naive", "lwf"])
     labels = sorted(job.label for job in continual_jobs([({}, cfg)]))
-    assert labels == ["naive (seeds 0,1 batched)", "si", "si"]
+    assert labels == ["lwf", "lwf", "naive (seeds 0,1 batched)"]
+
+
+@pytest.mark.parametrize("method", [
+    {"name": "online_ewc", "strength": 10.0}, {"name": "mas", "strength": 1.0},
+    {"name": "l2", "strength": 1.0}, {"name": "si", "strength": 1.0},
+    {"name": "rwalk", "update_every": 3}, {"name": "ewcpp", "update_every": 3},
+    {"name": "l2_init", "strength": 0.1}])
+def test_batched_quadratic_regularisers_write_the_rows_of_four_one_seed_runs(tmp_path, method):
+    """Every method whose penalty is a QuadraticPenalty, with momentum: the importances
+    (a Fisher, MAS, SI's path integral from each seed's own gradient, RWalk's intervals)
+    are measured on each seed's own network and added to its own gradient."""
+    one, batched = one_by_one_and_batched(tmp_path, methods=[method],
+                                          train={"momentum": 0.9, "epochs": 2})
+    assert_same_rows(one, batched)
 
 
 def test_configs_that_cannot_batch_are_refused_in_one_line(tmp_path):

@@ -223,8 +223,9 @@ class RunConfig:
         "last one (0: after every task)", low=0.0)
     batch_seeds: bool = opt(
         False, "train the seeds of each method together as one stacked network (same rows "
-        "and run ids, up to float rounding; naive, ewc and replay, see `engram list --params`; "
-        "the other methods run their seeds one at a time)")
+        "and run ids, up to float rounding; naive, replay and the quadratic penalties (ewc, "
+        "online_ewc, mas, l2, si, rwalk, ewcpp, l2_init), see `engram list --params`; the "
+        "other methods run their seeds one at a time)")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "where examples come from"})
     stream: StreamConfig = field(default_factory=StreamConfig, metadata={"doc": "the task sequence"})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "the network"})

@@ -67,6 +67,7 @@ class OnlineAnchor(Method):
     """Quadratic penalty to the latest weights, weighted by a decayed sum of importances."""
 
     Params = AnchorParams
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)
 
     def __init__(self, params: AnchorParams | None = None) -> None:
         super().__init__(params)

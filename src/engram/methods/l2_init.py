@@ -5,7 +5,8 @@ plasticity in continual learning via regenerative regularization", arXiv 2308.11
 
 theta_0 is the run's own initial draw: the parameters as prepare_model receives them (the
 runner calls it right after building the seeded model, before any training or checkpoint
-load), kept fixed for the whole run; its gradient is 2 lambda (theta - theta_0). Plain L2
+load), kept fixed for the whole run; its gradient 2 lambda (theta - theta_0) is added in
+closed form (`QuadraticPenalty`). Plain L2
 (weight decay) is the same with theta_0 = 0. Every parameter counts (weights, biases, heads).
 A parameter that appears later (a method that grows the network) is anchored at its value
 at the start of the first task that has it, i.e. its own initial draw. The penalty is added
@@ -24,7 +25,7 @@ import torch
 from torch import nn
 
 from engram.schema import opt
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, QuadraticPenalty
 
 
 @dataclass
@@ -36,6 +37,7 @@ class L2Init(Method):
     """Quadratic penalty pulling every parameter back to its initial value."""
 
     Params = L2InitParams
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)
 
     def __init__(self, params: L2InitParams | None = None) -> None:
         super().__init__(params)
@@ -53,12 +55,15 @@ class L2Init(Method):
             if name not in self.initial:
                 self.initial[name] = p.detach().clone()
 
-    def penalty(self, ctx: Context) -> torch.Tensor | None:
-        terms = [(p - self._initial_on(name, p.device)).pow(2).sum()
-                 for name, p in ctx.model.named_parameters() if name in self.initial]
-        if not terms:
-            return None
-        return self.params.strength * torch.stack(terms).sum()
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
+        anchored = [(name, p) for name, p in ctx.model.named_parameters() if name in self.initial]
+        if not anchored:
+            return []
+        one = torch.ones((), device=anchored[0][1].device)  # every weight counts alike
+        # lambda sum (theta - theta_0)^2 is (lambda' / 2) sum ... with lambda' = 2 lambda
+        return [QuadraticPenalty(2 * self.params.strength, [p for _, p in anchored],
+                                 [one] * len(anchored),
+                                 [self._initial_on(name, p.device) for name, p in anchored])]
 
     def _initial_on(self, name: str, device: torch.device) -> torch.Tensor:
         """theta_0 of `name` on `device` (moved once if the model moved after prepare_model)."""

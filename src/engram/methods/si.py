@@ -13,8 +13,9 @@ drop in the task loss; at the end of a task it becomes an importance:
 
 Variant implemented: Zenke's (ReLU on the accumulated Omega, unregularised gradient, summed
 across tasks), as in ganguli-lab/pathint. The unregularised gradient is p.grad minus SI's
-own penalty gradient 2 c Omega (theta - theta~); penalties of other methods composed with
-SI are not removed. Hyperparameters: strength = c, damping = xi.
+own penalty gradient 2 c Omega (theta - theta~), which the runner adds in closed form
+(`QuadraticPenalty`) before after_backward; penalties of other methods composed with SI are
+not removed. Hyperparameters: strength = c, damping = xi.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 
 from engram.schema import opt
-from engram.methods.base import Batch, Context, Method
+from engram.methods.base import Batch, Context, Method, QuadraticPenalty
 
 
 @dataclass
@@ -38,6 +39,7 @@ class SI(Method):
     """Synaptic intelligence: path-integral importance, one anchor."""
 
     Params = SIParams
+    batchable = True  # its seeds may train as one stacked network (batch_seeds)
 
     def __init__(self, params: SIParams | None = None) -> None:
         super().__init__(params)
@@ -53,12 +55,14 @@ class SI(Method):
             self.task_start[name] = p.detach().clone()
             self.path[name] = torch.zeros_like(p)
 
-    def penalty(self, ctx: Context) -> torch.Tensor | None:
+    def quadratic_penalties(self, ctx: Context) -> list[QuadraticPenalty]:
         if not self.omega:
-            return None
-        return self.params.strength * sum(
-            (self.omega[name] * (p - self.anchor[name]).pow(2)).sum()
-            for name, p in ctx.model.named_parameters())
+            return []
+        names, params = zip(*ctx.model.named_parameters())
+        # c sum Omega (theta - theta~)^2 is (lambda / 2) sum ... with lambda = 2c
+        return [QuadraticPenalty(2 * self.params.strength, params,
+                                 [self.omega[name] for name in names],
+                                 [self.anchor[name] for name in names])]
 
     def after_backward(self, ctx: Context) -> None:
         for name, p in ctx.model.named_parameters():
