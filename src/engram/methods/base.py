@@ -11,7 +11,7 @@ The runner owns the step (see `engram.training.train_task`):
         penalty = method.penalty(ctx)            # None means "no penalty"
         if penalty is not None: loss = loss + penalty
         optimizer.zero_grad(); loss.backward()
-        for quadratic in method.quadratic_penalties(ctx):  # EWC, MAS, L2: closed form
+        for quadratic in method.quadratic_penalties(ctx):  # EWC, MAS, SI, ...: closed form
             quadratic.add_gradient()
         method.after_backward(ctx); optimizer.step()
         method.correct_update(ctx); method.after_step(batch, ctx)
@@ -58,14 +58,15 @@ Batch = TensorSet  # a mini-batch is a TensorSet of B examples: x (B, ...), y (B
 class QuadraticPenalty:
     """The penalty (strength / 2) * sum_i precision_i (theta_i - anchor_i)^2 + constant over
     `params` (one precision and one anchor tensor per parameter; a precision may be a 0-d
-    tensor, broadcast), which EWC, online EWC, MAS and L2 add to the loss.
+    tensor, broadcast): the penalty of EWC, online EWC, MAS, L2, SI, RWalk, EWC++ and L2
+    Init (those without the 1/2 pass strength 2 lambda).
 
     The runner never differentiates it: after the backward pass of the step's loss it adds
     the gradient, strength * precision * (theta - anchor), straight to each parameter's
     .grad (`add_gradient`: three foreach passes over the parameters). As an autograd term
-    the penalty cost about as much as the small networks' whole step (measured on the
-    digits MLP: 0.73 s vs 0.51 s per 900 steps). `value()` is the penalty itself, for tests
-    and reports."""
+    the penalty cost about as much as a small network's whole step: EWC took 1.63x naive
+    fine-tuning on the digits MLP that way, 1.32x this way (benchmarks/bench_fisher.py).
+    `value()` is the penalty itself, for tests and reports."""
     strength: float
     params: Sequence[torch.Tensor]     # the network's parameters, theta
     precision: Sequence[torch.Tensor]  # e.g. EWC's summed Fisher, same order
@@ -283,8 +284,9 @@ class Method:
         """Penalties of the form (lambda / 2) sum_i precision_i (theta_i - anchor_i)^2, whose
         gradients the runner adds in closed form after the backward pass, before
         after_backward (so projections and SAM see them, as any penalty's): EWC, online EWC,
-        MAS, L2. A quadratic penalty belongs here rather than in `penalty`, where autograd
-        would pay for a graph as large as the network twice over every step."""
+        MAS, L2, SI, RWalk, EWC++, L2 Init. A quadratic penalty belongs here rather than in
+        `penalty`, where autograd would pay for a graph as large as the network twice over
+        every step."""
         return []
 
     def unusable_reason(self, problem: ProblemInfo) -> str | None:
