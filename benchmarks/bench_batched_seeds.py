@@ -1,13 +1,13 @@
 """Speed: S seeds trained as one stacked network (batch_seeds) vs one after another vs 1 seed.
 
     python benchmarks/bench_batched_seeds.py [--seeds 8] [--repeats 3] [--device cpu|cuda]
-                                             [--threads 1]
+                                             [--threads 1] [--method naive|ewc|replay|...]
 
 Times `engram.experiments.continual.run_experiment` on configs/bench/naive_split_digits.yaml
 (rows written to a CSV, as a real run does) three ways, alternated in one process: seed 0
 alone; seeds 0..S-1 one after another (the default path); the same seeds with
-batch_seeds: true. On the CPU it also times the leanest hand-written loops doing the same
-work (benchmarks/hand_loop.py): one seed, and the S seeds stacked by hand (one baddbmm per
+batch_seeds: true, for naive fine-tuning or --method (with its defaults). For naive on the
+CPU it also times the leanest hand-written loops doing the same work (benchmarks/hand_loop.py): one seed, and the S seeds stacked by hand (one baddbmm per
 layer), which is how far apart 1 and S seeds can be on this machine at best. Prints each
 variant's median and the ratios to one seed, and checks that the batched rows equal the
 one-after-another rows (largest difference per metric: float rounding, amplified over 100
@@ -44,16 +44,16 @@ def largest_differences(a: Path, b: Path) -> tuple[bool, dict[str, float]]:
     return True, worst
 
 
-def main(seeds: int, repeats: int, device: str, threads: int) -> None:
+def main(seeds: int, repeats: int, device: str, threads: int, method: str) -> None:
     from engram.config import load_config
     from engram.experiments.continual import run_experiment
     from hand_loop import hand_loop, hand_stacked_loop
 
     many = f"seeds={list(range(seeds))}"
-    common = [f"device={device}", f"threads={threads}"]
+    common = [f"device={device}", f"threads={threads}", f"methods=[{method}]"]
     variants = {"1 seed": ["seeds=[0]"], f"{seeds} seeds one by one": [many],
                 f"{seeds} seeds batched": [many, "batch_seeds=true"]}
-    hand = {} if device != "cpu" else {
+    hand = {} if device != "cpu" or method != "naive" else {
         "hand loop, 1 seed": lambda epochs: hand_loop(0, epochs, threads=threads),
         f"hand loop, {seeds} seeds stacked": lambda epochs: hand_stacked_loop(
             list(range(seeds)), epochs, threads=threads)}
@@ -77,7 +77,7 @@ def main(seeds: int, repeats: int, device: str, threads: int) -> None:
         same_keys, worst = largest_differences(
             Path(tmp) / f"{seeds} seeds one by one 0" / "results.csv",
             Path(tmp) / f"{seeds} seeds batched 0" / "results.csv")
-    print(f"configs/bench/naive_split_digits.yaml on {device}, {threads} thread(s), "
+    print(f"configs/bench/naive_split_digits.yaml, {method}, on {device}, {threads} thread(s), "
           f"{repeats} runs each, alternated:")
     for name, found in times.items():
         one = statistics.median(times["hand loop, 1 seed" if name.startswith("hand") else "1 seed"])
@@ -95,5 +95,7 @@ if __name__ == "__main__":
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", help="cpu, cuda, auto (default cpu)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--method", default="naive",
+                        help="the method trained (default naive; e.g. ewc, replay)")
     args = parser.parse_args()
-    main(args.seeds, args.repeats, args.device, args.threads)
+    main(args.seeds, args.repeats, args.device, args.threads, args.method)

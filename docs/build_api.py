@@ -66,7 +66,7 @@ PUBLIC: dict[str, tuple[str, ...]] = {
         "Method.after_backward", "Method.correct_update", "Method.after_step",
         "Method.after_task", "Method.eval_model", "Method.state_dict",
         "Method.load_state_dict", "Method.extra_bytes", "Context", "ProblemInfo", "Batch",
-        "QuadraticPenalty", "penalty_value"),
+        "QuadraticPenalty", "add_quadratic_gradients", "penalty_value"),
     "engram.metrics": (
         "average_accuracy", "average_accuracy_curve", "learning_accuracy",
         "average_forgetting", "backward_transfer", "forward_transfer", "summarize",

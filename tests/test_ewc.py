@@ -127,7 +127,7 @@ def test_penalty_changes_the_gradient_by_lambda_a_theta_minus_mu(monkeypatch):
     loss = F.cross_entropy(model(task.train.x, task.train.task), task.train.y)
     plain = torch.autograd.grad(loss, params, retain_graph=True)
     loss.backward()
-    finish_gradients(make_ctx(model), ewc)
+    finish_gradients([make_ctx(model)], [ewc])
     differs = False
     for (name, p), g_plain in zip(model.named_parameters(), plain):
         expected = g_plain + 3.0 * ewc.precision[name] * (p.detach() - ewc.anchor[name])
@@ -251,3 +251,27 @@ def test_quadratic_penalty_adds_the_gradient_of_its_value():
     torch.testing.assert_close(params[1].grad, expected[1])
     torch.testing.assert_close(params[2].grad, expected[2])
     assert params[3].grad is None
+
+
+def test_several_quadratic_penalties_add_the_gradient_of_their_sum():
+    """add_quadratic_gradients over penalties of two strengths, two of which pull the same
+    parameter (compose of two L2s, or one seed's and another's in a batched group): the
+    gradient of the sum of their values, each penalty counted."""
+    from engram.methods.base import add_quadratic_gradients
+
+    g = torch.Generator().manual_seed(1)
+    shared = torch.randn(4, generator=g, dtype=torch.float64).requires_grad_()
+    other = torch.randn(2, 3, generator=g, dtype=torch.float64).requires_grad_()
+
+    def penalty(strength, params):
+        return QuadraticPenalty(strength, params,
+                                [torch.rand(p.shape, generator=g, dtype=torch.float64)
+                                 for p in params],
+                                [torch.randn(p.shape, generator=g, dtype=torch.float64)
+                                 for p in params])
+
+    penalties = [penalty(3.0, [shared, other]), penalty(3.0, [shared]), penalty(0.5, [shared])]
+    expected = torch.autograd.grad(sum(q.value() for q in penalties), [shared, other])
+    add_quadratic_gradients(penalties)
+    torch.testing.assert_close(shared.grad, expected[0])
+    torch.testing.assert_close(other.grad, expected[1])

@@ -49,7 +49,7 @@ def test_penalty_value_and_gradient_match_2_lambda_theta_minus_theta_0():
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * 0.3 * (p.detach() - initial[name]))
     model.zero_grad(set_to_none=True)  # what the training loop adds: the same gradient
-    finish_gradients(ctx, method)
+    finish_gradients([ctx], [method])
     for name, p in model.named_parameters():
         torch.testing.assert_close(p.grad, 2 * 0.3 * (p.detach() - initial[name]))
 

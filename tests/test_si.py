@@ -24,7 +24,7 @@ def _run_task(method, model, ctx, a, lr, steps):
         loss = 0.5 * (a * model.theta.pow(2)).sum()
         optimizer.zero_grad()
         loss.backward()
-        finish_gradients(ctx, method)  # SI's penalty gradient, then its after_backward
+        finish_gradients([ctx], [method])  # SI's penalty gradient, then its after_backward
         optimizer.step()
         method.after_step(None, ctx)
     method.after_task(ctx)
@@ -82,5 +82,5 @@ def test_si_penalty_changes_the_gradient():
     torch.testing.assert_close(grad, expected)
     assert grad.abs().sum() > 0
     model.theta.grad = None  # and what the training loop adds: the same gradient
-    finish_gradients(ctx, method)
+    finish_gradients([ctx], [method])
     torch.testing.assert_close(model.theta.grad, expected)

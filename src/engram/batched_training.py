@@ -268,8 +268,7 @@ def train_task_seeds(group: SeedGroup, ctxs: Sequence[Context], methods: Sequenc
                 optimizer.zero_grad(set_to_none=True)
             total.backward()  # each seed's rows of the stack get the gradient of its own loss
             group.hand_out_gradients(active)
-            for s in active:
-                finish_gradients(ctxs[s], methods[s])
+            finish_gradients([ctxs[s] for s in active], [methods[s] for s in active])
             for s in (active[:1] if one_for_all else active):  # seeds sitting out: no step
                 optimizers[s].step()
             loss_sums += losses.detach()

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from engram.data.streams import TensorSet, batches
 from engram.errors import ConfigError, DivergenceError
-from engram.methods.base import Context, Method
+from engram.methods.base import Context, Method, add_quadratic_gradients
 from engram.optimizers import build_optimizer, build_scheduler, is_plateau
 
 EVAL_CHUNK = 4096  # examples per forward pass when evaluating
@@ -128,7 +128,7 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
     scaler = None if precision is None else precision.scaler
     if scaler is None:
         total.backward()
-        finish_gradients(ctx, method)
+        finish_gradients([ctx], [method])
         optimizer.step()
     else:
         scaler.scale(total).backward()
@@ -139,20 +139,23 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
             scaler.step(optimizer)  # skips the update
             scaler.update()  # and lowers the scale
             return
-        finish_gradients(ctx, method)
+        finish_gradients([ctx], [method])
         scaler.step(optimizer)
         scaler.update()
     finish_update(ctx, method, task_batch)
 
 
-def finish_gradients(ctx: Context, method: Method) -> None:
-    """The gradients after the backward pass, before the optimizer's step: the quadratic
-    penalties' gradients added in closed form (EWC, MAS, L2: Method.quadratic_penalties),
-    then the method's own after_backward (projections, SAM), which sees them, as it sees
-    any penalty's (shared with the seed-batched loop, engram.batched_training)."""
-    for quadratic in method.quadratic_penalties(ctx):
-        quadratic.add_gradient()
-    method.after_backward(ctx)
+def finish_gradients(ctxs: Sequence[Context], methods: Sequence[Method]) -> None:
+    """The gradients after the backward pass, before the optimizer's step, of one run
+    (apply_update: one Context and Method) or of the seeds of a batched group
+    (engram.batched_training): the quadratic penalties' gradients added in closed form
+    (EWC, MAS, SI, ...: Method.quadratic_penalties; all seeds' in one set of foreach
+    passes), then each method's own after_backward (projections, SAM), which sees them as
+    it sees any penalty's."""
+    add_quadratic_gradients([quadratic for ctx, method in zip(ctxs, methods)
+                             for quadratic in method.quadratic_penalties(ctx)])
+    for ctx, method in zip(ctxs, methods):
+        method.after_backward(ctx)
 
 
 def finish_update(ctx: Context, method: Method, task_batch: TensorSet) -> None:

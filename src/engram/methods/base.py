@@ -79,22 +79,42 @@ class QuadraticPenalty:
                     for p, a, m in zip(self.params, self.precision, self.anchor))
         return 0.5 * self.strength * (total + self.constant)
 
-    @torch.no_grad()
     def add_gradient(self) -> None:
-        """param.grad += strength * precision * (param - anchor) for every parameter that
-        trains (a frozen one takes no gradient, as with autograd; one without a gradient
-        this step, an unused head, gets this one alone)."""
-        trained = [i for i, p in enumerate(self.params) if p.requires_grad]
-        params = [self.params[i] for i in trained]
-        pull = torch._foreach_sub([p.detach() for p in params], [self.anchor[i] for i in trained])
+        """param.grad += strength * precision * (param - anchor) (add_quadratic_gradients)."""
+        add_quadratic_gradients([self])
+
+
+@torch.no_grad()
+def add_quadratic_gradients(penalties: Sequence[QuadraticPenalty]) -> None:
+    """Add each penalty's gradient, strength * precision * (theta - anchor), to its
+    parameters' .grad: for every parameter that trains (a frozen one takes no gradient, as
+    with autograd; one without a gradient this step, an unused head, gets this one alone).
+    Penalties of one strength share three foreach passes, so the seeds of a batched group
+    (engram.batched_training) cost three passes, not three per seed."""
+    # (strength, [(param, precision, anchor)], ids of its params): a parameter appears at
+    # most once per group, since an in-place foreach over one tensor twice may race on CUDA
+    groups: list[tuple[float, list[tuple[torch.Tensor, ...]], set[int]]] = []
+    for quadratic in penalties:
+        for triple in zip(quadratic.params, quadratic.precision, quadratic.anchor):
+            if not triple[0].requires_grad:
+                continue
+            group = next((g for g in groups if g[0] == quadratic.strength
+                          and id(triple[0]) not in g[2]), None)
+            if group is None:
+                group = (quadratic.strength, [], set())
+                groups.append(group)
+            group[1].append(triple)
+            group[2].add(id(triple[0]))
+    for strength, triples, _ in groups:
+        params, precision, anchor = (list(part) for part in zip(*triples))
+        pull = torch._foreach_sub([p.detach() for p in params], anchor)
         # strength (theta - anchor); a strength beyond float32's range gives inf, as the
         # penalty's autograd gradient did (alpha= would refuse it)
-        torch._foreach_mul_(pull, self.strength)
+        torch._foreach_mul_(pull, strength)
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
-        torch._foreach_addcmul_([p.grad for p in params], pull,
-                                [self.precision[i] for i in trained])  # += pull * precision
+        torch._foreach_addcmul_([p.grad for p in params], pull, precision)  # += pull * A
 
 
 @dataclass
