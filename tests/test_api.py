@@ -319,3 +319,37 @@ def test_optimizer_policy_carry_keeps_the_users_optimizer_across_tasks(tmp_path)
     assert later["fresh"] != later["carry"]  # Adam's moments carried into task 2
     with pytest.raises(ConfigError, match="optimizer_policy"):
         fit(small_sequential(), stream, optimizer_policy="sometimes")
+
+
+def small_cnn(outputs: int = 2) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
+                         nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, outputs))
+
+
+def test_amp_and_channels_last_are_train_settings_of_fit(tmp_path, monkeypatch):
+    """amp= and channels_last= reach the training loop as train.amp / train.channels_last
+    do in a config: the loop autocasts (bfloat16 on the CPU) and keeps the convolution's
+    weights in NHWC order; each is part of the run id only when set; a bad value is one
+    line."""
+    import engram.training as training
+
+    stream = tiny_stream()
+    seen = []
+    real_mixed_precision = training.mixed_precision
+
+    def spy(amp, device, scaler=None):
+        seen.append(amp)
+        return real_mixed_precision(amp, device, scaler)
+
+    monkeypatch.setattr(training, "mixed_precision", spy)
+    plain = fit(small_cnn(), stream, out=tmp_path / "plain")
+    mixed = fit(small_cnn(), stream, amp=True, out=tmp_path / "amp")
+    nhwc = fit(small_cnn(), stream, channels_last=True, out=tmp_path / "nhwc")
+    assert seen == [False] * 2 + [True] * 2 + [False] * 2  # two tasks each
+    # (the second convolution's: a 1-channel weight is contiguous in both orders)
+    assert nhwc.model.body[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not plain.model.body[2].weight.is_contiguous(memory_format=torch.channels_last)
+    assert len({plain.run_id, mixed.run_id, nhwc.run_id}) == 3
+    assert values(mixed.rows.to_dict("records")) != values(plain.rows.to_dict("records"))
+    with pytest.raises(ConfigError, match="amp"):
+        fit(small_cnn(), stream, amp="yes")

@@ -112,6 +112,7 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         scheduler_step: str = "epoch", optimizer_policy: str = "fresh",
         loss: Loss | None = None,
         transform: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None,
+        amp: bool = False, channels_last: bool = False,
         epochs: int = TrainConfig.epochs, batch_size: int = TrainConfig.batch_size,
         seed: int = 0, metrics: Sequence[Callable[[torch.Tensor, torch.Tensor], float]] = (),
         eval_splits: Sequence[str] = ("test",), name: str = "fit",
@@ -140,6 +141,10 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
         examples and what the method mixes in, e.g. replayed ones), never to evaluation:
         data augmentation on the device; draw its randomness from `generator` (the run's,
         so a run repeats and resumes exactly). A replay buffer keeps the raw examples.
+    amp: mixed precision, as train.amp in a config: float16 autocast with one gradient
+        scaler for the run on CUDA (bfloat16 autocast elsewhere, slow on a CPU); a step the
+        scaler skips skips the method's hooks too. channels_last: the model's 4-d weights and
+        4-d inputs in NHWC order (train.channels_last; faster convolutions on recent GPUs).
     epochs, batch_size: per task; seed: model copy's RNG (dropout, widened heads) and the
         run's generator (batch order, method draws).
     metrics: functions (logits, targets) -> float evaluated with accuracy and loss on every
@@ -155,7 +160,8 @@ def fit(model: nn.Module, stream: Stream, method: str | MethodSpec = "naive", *,
     spec = _method_spec(method, method_params)
     train_cfg = parse_dataclass(TrainConfig, {
         "epochs": epochs, "batch_size": batch_size, "eval_splits": list(eval_splits),
-        "scheduler_step": scheduler_step, "optimizer_policy": optimizer_policy}, "fit")
+        "scheduler_step": scheduler_step, "optimizer_policy": optimizer_policy, "amp": amp,
+        "channels_last": channels_last}, "fit")
     if not train_cfg.eval_splits:
         raise ConfigError("fit: eval_splits: give at least one of test, val")
     for what, value in (("optimizer", optimizer), ("scheduler", scheduler), ("loss", loss),
