@@ -178,6 +178,29 @@ def test_a_sweep_batches_the_seeds_of_each_point_and_method(tmp_path):
     assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "group"), 8)
 
 
+def test_the_sweep_command_counts_the_runs_of_seed_groups(tmp_path, capsys):
+    """`engram sweep --dry-run` calls a group done when all of its seeds are, and both
+    summaries count runs, not groups."""
+    import yaml
+
+    from engram.config import config_to_dict
+
+    raw = config_to_dict(tiny_config(seeds=[0, 1, 2], train={"epochs": 1}, batch_seeds=True,
+                                     methods=["naive", {"name": "ewc", "strength": 10.0}]))
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    out = ["--out", str(tmp_path / "out")]
+    assert main(["sweep", str(path), *out, "--dry-run"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("6 runs, 0 already done")
+    assert main(["sweep", str(path), *out, "-q"]) == 0
+    assert "sweep: 6 runs in 2 jobs: 0 jobs were already done, 2 finished now; 0 runs " \
+        "failed" in capsys.readouterr().out
+    assert main(["sweep", str(path), *out, "--dry-run"]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert listing[-1].startswith("6 runs, 6 already done")
+    assert all("  done  " in line for line in listing[:-1]) and len(listing) == 3
+
+
 def test_methods_that_cannot_batch_run_their_seeds_one_at_a_time(tmp_path):
     """lwf is not batchable: with batch_seeds its seeds run as one-seed jobs, the same rows."""
     assert not METHODS.get("lwf").batchable
@@ -617,3 +640,59 @@ def test_a_seed_that_diverged_before_the_kill_fails_again_after_the_resume(
     assert _comparable_rows(tmp_path / "cut") == _comparable_rows(tmp_path / "full")
     failures = [(tmp_path / mode / "failures.jsonl").read_text() for mode in ("full", "cut")]
     assert failures[0] == failures[1] and "diverged on task 2" in failures[0]
+
+
+def test_a_seed_begun_on_the_one_seed_path_goes_on_alone_from_its_checkpoint(tmp_path):
+    """A batch_seeds folder written while a method could not batch holds its seeds'
+    one-seed checkpoints; once the method batches, those seeds go on alone from them, so
+    every row of a run comes from one path: seed 0 (killed in task 3) ends exactly as an
+    uninterrupted one-seed run; seed 1 (not begun) trains batched."""
+    from engram.methods.si import SI
+
+    cfg = tiny_config(seeds=[0, 1], batch_seeds=True, checkpoint_seconds=0.0,
+                      stream={"n_tasks": 3}, methods=["si"])
+    with pytest.MonkeyPatch.context() as patch:  # as before si could batch
+        patch.setattr(SI, "batchable", False)
+        run_experiment(cfg, tmp_path / "one", show_progress=False)
+        import engram.experiments.continual as runner
+        real = runner.train_task
+
+        def stop(ctx, method, on_epoch):
+            if ctx.task.index == 2:
+                raise KeyboardInterrupt
+            real(ctx, method, on_epoch)
+
+        patch.setattr(runner, "train_task", stop)
+        with pytest.raises(KeyboardInterrupt):
+            run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    assert len(list((tmp_path / "cut" / "checkpoints").glob("*.pt"))) == 1  # seed 0's
+    calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        _stop_group_in_task(patch, -1, calls)
+        run_experiment(cfg, tmp_path / "cut", show_progress=False)
+    assert calls == [0, 1, 2]  # seed 1 (no checkpoint, no rows yet) trained in the group
+    cut, one = _comparable_rows(tmp_path / "cut"), _comparable_rows(tmp_path / "one")
+    seed_0 = {row["run_id"] for row in rows_by_key(tmp_path / "one").values()
+              if row["seed"] == "0"}
+    assert {k: v for k, v in cut.items() if k[0] in seed_0} == \
+        {k: v for k, v in one.items() if k[0] in seed_0}  # the one-seed path's, exactly
+    assert_same_rows_of_runs(rows_by_key(tmp_path / "one"), rows_by_key(tmp_path / "cut"), 2)
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+
+
+def test_the_checkpoint_of_a_group_of_other_seeds_is_removed(tmp_path, monkeypatch):
+    """A group killed with seeds [0, 1], rerun with seeds [0, 1, 2] (the folder grows by
+    seeds): the new group finds the old group's checkpoint, starts over, and leaves no
+    checkpoint behind."""
+    small = tiny_config(seeds=[0, 1], batch_seeds=True, checkpoint_seconds=0.0,
+                        stream={"n_tasks": 3})
+    _stop_group_in_task(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(small, tmp_path, show_progress=False)
+    monkeypatch.undo()
+    assert len(list((tmp_path / "checkpoints").glob("group-*.pt"))) == 1
+    calls = []
+    _stop_group_in_task(monkeypatch, -1, calls)
+    run_experiment(dataclasses.replace(small, seeds=[0, 1, 2]), tmp_path, show_progress=False)
+    assert calls == [0, 1, 2]
+    assert not (tmp_path / "checkpoints").exists()

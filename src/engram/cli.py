@@ -533,14 +533,24 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         if (out / "results.csv").is_file():  # read only: another process may be writing it
             done = {row["run_id"] for row in read_rows(out / "results.csv")
                     if row["metric"] == "run_complete"}
+
+        def finished(job) -> bool:  # a group of batched seeds: when each of its runs is
+            return all(run in done for run in job.run_ids or (job.run_id,))
+
         for job in jobs:
-            print(f"{job.run_id}  {'done' if job.run_id in done else 'todo'}  {job.describe()}")
-        print(f"{len(jobs)} runs, {sum(job.run_id in done for job in jobs)} already done in {out}")
+            print(f"{job.run_id}  {'done' if finished(job) else 'todo'}  {job.describe()}")
+        print(f"{sum(job.runs for job in jobs)} runs, "
+              f"{sum(job.runs for job in jobs if finished(job))} already done in {out}")
         return 0
     with _tracked(args, out) as options, _holding(out, "sweep"):  # summary, plots: locked too
         report = run_sweep(args.sweep_file, out, overrides=args.overrides, **options)
-        print(f"sweep: {report.total} runs: {report.skipped} were already done, "
-              f"{report.completed} finished now, {len(report.failures)} failed")
+        if report.runs == report.total:  # one run per job
+            print(f"sweep: {report.total} runs: {report.skipped} were already done, "
+                  f"{report.completed} finished now, {len(report.failures)} failed")
+        else:  # groups of batched seeds: jobs of several runs each
+            print(f"sweep: {report.runs} runs in {report.total} jobs: {report.skipped} jobs "
+                  f"were already done, {report.completed} finished now; "
+                  f"{len(report.failures)} runs failed")
         _print_scenario_table(out, png=True)
     return _report_failures(report)
 

@@ -114,7 +114,9 @@ def apply_update(ctx: Context, method: Method, optimizer: torch.optim.Optimizer,
     Under train.amp (`precision`) the penalty's forward passes (a replay method's memory
     batches) run under the same autocast as the step's. With a gradient scaler (CUDA) the
     backward pass runs on the scaled loss and the gradients are unscaled before
-    after_backward, so the hooks that read or project gradients see their true values. When
+    after_backward, so the hooks that read or project gradients see their true values (the
+    quadratic penalties' gradients, added in closed form after the unscaling, are never
+    scaled, and the scaler's check below does not see them). When
     an unscaled gradient is inf or NaN the scaler skips the update, and so does this: no
     hook after the backward pass runs (SI's path integral, a replay buffer's insertion, ...
     would otherwise read a non-finite gradient or an update that was not made) and ctx.step

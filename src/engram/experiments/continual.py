@@ -169,16 +169,18 @@ def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
     return state
 
 
-def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int) -> str:
+def continual_run_id(cfg: RunConfig, method: MethodSpec, seed: int | None) -> str:
     """The run id (engram.experiments.harness.run_id) of everything that determines one run's
     numbers: data, stream, model, train, the method and its parameters, the seed (not the
     name, plots, threads or device). Train settings added later are hashed only when set
     (config.train_identity, config.data_identity), so configs written before them keep their
-    run ids."""
-    return run_id({
+    run ids. seed=None: the method's identity at this grid point, whichever its seeds (what
+    names a group of batched seeds' checkpoint)."""
+    identity = {
         "data": data_identity(cfg.data), "stream": dataclasses.asdict(cfg.stream),
         "model": dataclasses.asdict(cfg.model), "train": train_identity(cfg.train),
-        "method": {"name": method.name, **params_dict(method.params)}, "seed": seed})
+        "method": {"name": method.name, **params_dict(method.params)}}
+    return run_id(identity if seed is None else {**identity, "seed": seed})
 
 
 def prepare_run(cfg: RunConfig, spec: MethodSpec, seed: int, stream: Stream,
@@ -411,13 +413,14 @@ def run_experiment(cfg: RunConfig, out: str | Path, **run_options: Any) -> Repor
 # shape is refused when its group starts), dropout, train.amp, train.channels_last.
 #
 # A group checkpoints as a one-seed run does (at task ends, at most every
-# checkpoint_seconds: save_group), one file for the group, named by the group job's run id:
-# every seed's network, method, generator and step, the seeds that diverged, and under
-# optimizer_policy carry the optimizer state. A rerun of the same group resumes from it
-# (resume_group) when the rows of the tasks it covers are in the table; otherwise (or for a
-# group of other seeds: the config's seeds changed) the group starts over, rows already
-# written are skipped, and the re-measured ones may differ from them by float rounding if
-# the group's seeds changed.
+# checkpoint_seconds: save_group), one file per method and grid point: every seed's network,
+# method, generator and step, the seeds that diverged, and under optimizer_policy carry the
+# optimizer state. A rerun of the same group resumes from it (resume_group) when the rows of
+# the tasks it covers are in the table; otherwise, or when it holds a group of other seeds
+# (the folder grew by seeds), it is removed and the group starts over: rows already written
+# are skipped, and the re-measured ones may differ from them by float rounding if the
+# group's seeds changed. A seed with a one-seed checkpoint (begun before its method could
+# batch) goes on alone from it (execute_seeds).
 
 
 @dataclass
@@ -511,29 +514,47 @@ def group_finished(job: Job, writer: ResultWriter) -> bool:
 
 def execute_seeds(job: Job, sink: JobSink) -> None:
     """Run one seed group (the harness's execute, through execute_run): build each
-    seed's stream and run as run_one would, train them together, emit each seed's rows."""
+    seed's stream and run as run_one would, train them together, emit each seed's rows.
+    A seed with a one-seed checkpoint (begun in a folder written before its method could
+    batch) goes on alone from it, so that all of its rows come from one path."""
     from engram.data import build_stream, load_source
 
     payload: SeedsPayload = job.payload
     cfg, spec = payload.cfg, payload.method
     device = resolve_device(cfg.device)
     source = load_source(cfg.data.source, cfg.data.path, cfg.data.labels)
-    runs = [prepare_run(cfg, spec, seed, build_stream(source, cfg.data, cfg.stream, seed, device),
-                        device) for seed in payload.seeds]
-    for ident, method, ctx in runs:
+    checkpoints = Path(sink.folder) / "checkpoints"
+    failed: list[tuple[str, int, str, BaseException]] = []
+    together = []
+    for seed, rid in zip(payload.seeds, payload.run_ids):
+        stream = build_stream(source, cfg.data, cfg.stream, seed, device)
+        if not (checkpoints / f"{rid}.pt").exists():
+            together.append(prepare_run(cfg, spec, seed, stream, device))
+            continue
+        try:
+            run_one(cfg, spec, seed, stream, sink, device)
+        except DivergenceError as error:  # as the group reports its own diverged seeds
+            failed.append((rid, seed, spec.label(), error))
+    for ident, method, ctx in together:
         # check_batchable refused engram's kinds with buffers at planning; this catches a
         # plugin kind (or a method's prepare_model) that adds them for the real input shape
         if any(True for _ in ctx.model.buffers()):
             raise ConfigError("batch_seeds: the network keeps buffers (batch norm's running "
                               "statistics), which a stacked forward pass does not update; "
                               "set batch_seeds: false")
-    idents, methods, ctxs = map(list, zip(*runs))
-    checkpoint = Path(sink.folder) / "checkpoints" / f"{job.run_id}.pt"
-    try:
-        train_seeds(idents, methods, ctxs, sink, checkpoint, cfg.checkpoint_seconds)
-    finally:  # (RunsFailed when seeds diverged)
-        for ident in idents:  # a checkpoint left by an earlier one-seed attempt is stale now
-            (Path(sink.folder) / "checkpoints" / f"{ident.run_id}.pt").unlink(missing_ok=True)
+    if together:
+        idents, methods, ctxs = map(list, zip(*together))
+        # one file per method and grid point, whichever its seeds: a group of other seeds
+        # (the folder grew by seeds) finds it, sees it is not its own and removes it
+        checkpoint = checkpoints / f"group-{continual_run_id(cfg, spec, None)}.pt"
+        try:
+            train_seeds(idents, methods, ctxs, sink, checkpoint, cfg.checkpoint_seconds)
+        except RunsFailed as error:
+            failed = error.failures + failed
+    if failed:
+        failed.sort(key=lambda failure: payload.run_ids.index(failure[0]))  # in seed order
+        raise RunsFailed(f"{len(failed)} of {len(payload.seeds)} batched seeds diverged; the "
+                         "others finished", failed)
 
 
 def train_seeds(idents: list, methods: list, ctxs: list, sink: JobSink, checkpoint: Path,
