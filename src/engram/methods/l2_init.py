@@ -42,6 +42,7 @@ class L2Init(Method):
     def __init__(self, params: L2InitParams | None = None) -> None:
         super().__init__(params)
         self.initial: dict[str, torch.Tensor] = {}  # theta_0 by parameter name
+        self._one: torch.Tensor | None = None  # the penalty's precision, a 0-d 1
 
     def prepare_model(self, model: nn.Module, ctx: Context) -> nn.Module:
         self._remember_new_parameters(model)
@@ -59,7 +60,10 @@ class L2Init(Method):
         anchored = [(name, p) for name, p in ctx.model.named_parameters() if name in self.initial]
         if not anchored:
             return []
-        one = torch.ones((), device=anchored[0][1].device)  # every weight counts alike
+        device = anchored[0][1].device
+        if self._one is None or self._one.device != device:  # every weight counts alike
+            self._one = torch.ones((), device=device)
+        one = self._one
         # lambda sum (theta - theta_0)^2 is (lambda' / 2) sum ... with lambda' = 2 lambda
         return [QuadraticPenalty(2 * self.params.strength, [p for _, p in anchored],
                                  [one] * len(anchored),
