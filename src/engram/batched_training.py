@@ -152,8 +152,8 @@ def seed_losses(outputs: torch.Tensor, trained: Sequence[TensorSet | None],
     train_task takes from one seed's step (own_loss), from the stacked `outputs` (S, B, K)
     of the `trained` batches (None: the seed sits out and gets 0). When every seed trains
     on plain cross-entropy (the problem's loss, no method's own batch_loss) this is one
-    cross-entropy over all S x B rows, averaged per seed, instead of three calls per seed:
-    on a GPU the per-seed calls' kernel launches, not their arithmetic, took the time."""
+    cross-entropy over all S x B rows, averaged per seed, instead of three calls per seed
+    (small calls, whose cost is Python and kernel launches rather than arithmetic)."""
     present = [s for s, batch in enumerate(trained) if batch is not None]
     mixed = [trained[s] is not task_batches[s] for s in present]
     if all(ctxs[s].loss_fn is F.cross_entropy and not methods[s].replaces_loss
