@@ -150,14 +150,20 @@ def _unusable(path: Path, reason: str) -> EngramError:
                        "this run from its first task")
 
 
-def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
-    """A resume checkpoint, checked to hold CHECKPOINT_ENTRIES with tasks_done in
-    [0, n_tasks]; EngramError naming the file otherwise (it would fail deep inside run_one)."""
+def _read_checkpoint(path: Path, device: torch.device) -> Any:
+    """What a checkpoint file holds (weights-only load onto `device`); EngramError naming
+    the file when it is not a torch file (a one-seed run's or a seed group's)."""
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise _unusable(path, f"not a torch file: {first_line[:120]}") from None
+
+
+def _load_checkpoint(path: Path, device: torch.device, n_tasks: int) -> dict:
+    """A resume checkpoint, checked to hold CHECKPOINT_ENTRIES with tasks_done in
+    [0, n_tasks]; EngramError naming the file otherwise (it would fail deep inside run_one)."""
+    state = _read_checkpoint(path, device)
     if not isinstance(state, dict):
         raise _unusable(path, f"it holds a {type(state).__name__}, not an engram checkpoint")
     for key, kind in CHECKPOINT_ENTRIES.items():
@@ -657,11 +663,7 @@ def resume_group(path: Path, group, idents: list, methods: list, ctxs: list, sin
     if not path.exists():
         return 0
     cfg = ctxs[0].train_cfg
-    try:
-        state = torch.load(path, map_location=ctxs[0].device, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any failure means the file is unusable
-        first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise _unusable(path, f"not a torch file: {first_line[:120]}") from None
+    state = _read_checkpoint(path, ctxs[0].device)
     ids = [ident.run_id for ident in idents]
     if not isinstance(state, dict) or state.get("group") != ids:
         path.unlink()  # another group's, or not a group checkpoint: start over
